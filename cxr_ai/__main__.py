@@ -1,0 +1,3 @@
+from cxr_ai.cli import main
+
+raise SystemExit(main())

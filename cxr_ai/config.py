@@ -1,0 +1,82 @@
+"""Configuration: embedded defaults (``defaults.toml``), a site TOML file, then environment.
+
+Environment overrides use ``CXR_AI__<SECTION>__<KEY>`` (values parsed as TOML literals when
+they parse, else kept as strings), so containers and systemd units can change one key without
+shipping a file.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cxr_ai.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "CXR_AI__"
+
+
+def default_config() -> dict[str, Any]:
+    """The embedded defaults as a fresh dictionary."""
+    text = resources.files("cxr_ai").joinpath("defaults.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def load_config(
+    path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Defaults, overlaid by ``path`` (TOML) and by ``CXR_AI__SECTION__KEY`` variables.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing or not TOML, or names a section or key that does not exist
+        (a typo must not silently fall back to a default).
+    """
+    config = default_config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing TOML file or omit --config")
+        try:
+            user = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+        _merge(config, user, where=str(p))
+    env = os.environ if env is None else env
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX):].lower().split("__")
+        if len(parts) != 2:
+            raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+        _merge(config, {parts[0]: {parts[1]: _parse_env_value(raw)}}, where=f"environment {name}")
+    return config
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], *, where: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            known = ", ".join(sorted(base)) or "(none)"
+            raise ConfigError(f"{where}: unknown setting {dotted!r}; known here: {known}")
+        if isinstance(base[key], dict) and isinstance(value, Mapping):
+            _merge(base[key], value, where=where, prefix=dotted + ".")
+        elif isinstance(base[key], dict):
+            raise ConfigError(f"{where}: {dotted!r} is a section; give it a table, not {value!r}")
+        else:
+            base[key] = copy.deepcopy(value)

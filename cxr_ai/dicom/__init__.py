@@ -1,0 +1,1 @@
+"""DICOM reading, applicability rules, coded concepts and result-object writers."""

@@ -1,0 +1,227 @@
+"""The applicability gate: may the chest models read this image?
+
+The rules are data (the ``[gate]`` section of the configuration); this module only applies
+them, in a fixed order, and returns a :class:`GateDecision` with a machine-readable reason
+and a sentence a PACS administrator can act on. Metadata rules run before any pixel is
+decoded, so wrong images are rejected cheaply.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cxr_ai.config import default_config
+from cxr_ai.dicom.reader import Radiograph, Source, read_radiograph
+from cxr_ai.errors import ConfigError, ReadError
+
+logger = logging.getLogger(__name__)
+
+
+class GateReason(str, enum.Enum):
+    """Why an image was accepted or rejected (stable strings: they go into job records)."""
+
+    ACCEPTED = "accepted"
+    NOT_DICOM = "not_dicom"
+    TRUNCATED = "truncated"
+    MISSING_UID = "missing_uid"
+    NO_PIXEL_DATA = "no_pixel_data"
+    MODALITY = "modality"
+    SOP_CLASS = "sop_class"
+    BODY_PART = "body_part"
+    VIEW = "view"
+    NOT_GRAYSCALE = "not_grayscale"
+    MULTI_FRAME = "multi_frame"
+    IMAGE_SIZE = "image_size"
+    DECODE_FAILED = "decode_failed"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Outcome of the applicability check."""
+
+    accepted: bool
+    reason: GateReason
+    message: str
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "reason": self.reason.value,
+            "message": self.message,
+            "warnings": list(self.warnings),
+        }
+
+
+def _norm(value: str) -> str:
+    return re.sub(r"[\s_]+", " ", value.strip().upper())
+
+
+@dataclass(frozen=True)
+class GateRules:
+    """The ``[gate]`` configuration section, validated."""
+
+    modalities: frozenset[str]
+    sop_classes: frozenset[str]
+    body_parts: frozenset[str]
+    chest_description_words: frozenset[str]
+    frontal_views: frozenset[str]
+    rejected_views: frozenset[str]
+    lateral_description_words: frozenset[str]
+    accept_unknown_view: bool
+    photometric: frozenset[str]
+    min_side: int
+    max_side: int
+    max_aspect_ratio: float
+    max_frames: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None) -> "GateRules":
+        """Build from a full config (``config['gate']``) or the embedded defaults."""
+        section = (config if config is not None else default_config()).get("gate")
+        if not isinstance(section, Mapping):
+            raise ConfigError("configuration has no [gate] section")
+        try:
+            rules = cls(
+                modalities=frozenset(_norm(v) for v in section["modalities"]),
+                sop_classes=frozenset(str(v) for v in section["sop_classes"]),
+                body_parts=frozenset(_norm(v) for v in section["body_parts"]),
+                chest_description_words=frozenset(v.lower() for v in section["chest_description_words"]),
+                frontal_views=frozenset(_norm(v) for v in section["frontal_views"]),
+                rejected_views=frozenset(_norm(v) for v in section["rejected_views"]),
+                lateral_description_words=frozenset(v.lower() for v in section["lateral_description_words"]),
+                accept_unknown_view=bool(section["accept_unknown_view"]),
+                photometric=frozenset(_norm(v) for v in section["photometric"]),
+                min_side=int(section["min_side"]),
+                max_side=int(section["max_side"]),
+                max_aspect_ratio=float(section["max_aspect_ratio"]),
+                max_frames=int(section["max_frames"]),
+            )
+        except KeyError as exc:
+            raise ConfigError(f"[gate] section lacks the key {exc.args[0]!r}") from exc
+        if not 0 < rules.min_side <= rules.max_side:
+            raise ConfigError("[gate] needs 0 < min_side <= max_side")
+        return rules
+
+
+_WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+
+
+def _words(*texts: str) -> set[str]:
+    return {w.lower() for t in texts for w in _WORD.findall(t or "")}
+
+
+def check_radiograph(rg: Radiograph, rules: GateRules | None = None) -> GateDecision:
+    """Apply the rules to an already-read :class:`Radiograph` (metadata only; no decoding)."""
+    rules = rules or _DEFAULT_RULES.get()
+    src = rg.source
+    warnings = list(rg.warnings)
+
+    def reject(reason: GateReason, message: str) -> GateDecision:
+        return GateDecision(False, reason, f"{src}: {message}", tuple(warnings))
+
+    if rg.modality not in rules.modalities:
+        return reject(
+            GateReason.MODALITY,
+            f"modality {rg.modality or '(empty)'} is not a radiograph the chest models read "
+            f"(accepted: {', '.join(sorted(rules.modalities))}); route only chest CR/DX here.",
+        )
+    if rg.sop_class_uid not in rules.sop_classes:
+        return reject(
+            GateReason.SOP_CLASS,
+            f"SOP class {rg.sop_class_uid} is not accepted for {rg.modality} (accepted: CR Image "
+            "Storage, DX Image Storage - For Presentation); send the For Presentation image.",
+        )
+    descriptions = (rg.study_description, rg.series_description, rg.protocol_name)
+    if rg.body_part:
+        if _norm(rg.body_part) not in rules.body_parts:
+            return reject(
+                GateReason.BODY_PART,
+                f"BodyPartExamined is {rg.body_part!r}, not a chest; the models read chest "
+                "radiographs only.",
+            )
+    elif not (_words(*descriptions) & rules.chest_description_words):
+        return reject(
+            GateReason.BODY_PART,
+            "BodyPartExamined is empty and no study/series description or protocol name says "
+            "chest; set BodyPartExamined=CHEST on chest images.",
+        )
+    view = _norm(rg.view_position)
+    if view:
+        if view in rules.rejected_views or view not in rules.frontal_views:
+            return reject(
+                GateReason.VIEW,
+                f"ViewPosition is {rg.view_position!r}; only frontal (PA or AP) views are read.",
+            )
+    else:
+        if _words(*descriptions) & rules.lateral_description_words:
+            return reject(
+                GateReason.VIEW,
+                "ViewPosition is empty and the descriptions name a lateral or oblique view; "
+                "only frontal (PA or AP) views are read.",
+            )
+        if not rules.accept_unknown_view:
+            return reject(GateReason.VIEW, "ViewPosition is empty; set PA or AP on frontal views.")
+        warnings.append("ViewPosition is empty; assumed frontal")
+    if rg.samples_per_pixel != 1 or _norm(rg.photometric) not in rules.photometric:
+        return reject(
+            GateReason.NOT_GRAYSCALE,
+            f"photometric interpretation {rg.photometric or '(empty)'} with "
+            f"{rg.samples_per_pixel} samples per pixel is not a grayscale radiograph.",
+        )
+    if rg.number_of_frames > rules.max_frames:
+        return reject(
+            GateReason.MULTI_FRAME,
+            f"{rg.number_of_frames} frames; a radiograph has one frame.",
+        )
+    if not rg.has_pixel_data:
+        return reject(GateReason.NO_PIXEL_DATA, "the dataset has no Pixel Data; there is no image to read.")
+    short, long_ = sorted((rg.rows, rg.columns))
+    if short < rules.min_side or long_ > rules.max_side or long_ > rules.max_aspect_ratio * short:
+        return reject(
+            GateReason.IMAGE_SIZE,
+            f"image is {rg.rows}x{rg.columns} pixels; accepted sides are {rules.min_side}-"
+            f"{rules.max_side} with aspect ratio at most {rules.max_aspect_ratio}.",
+        )
+    return GateDecision(True, GateReason.ACCEPTED, f"{src}: frontal chest {rg.modality} accepted.", tuple(warnings))
+
+
+def check_applicability(source: Source | Radiograph, rules: GateRules | None = None) -> tuple[GateDecision, Radiograph | None]:
+    """Read ``source`` if needed and apply the rules; read errors become rejections.
+
+    Returns the decision and the radiograph (None when the input could not be read).
+    """
+    if isinstance(source, Radiograph):
+        return check_radiograph(source, rules), source
+    try:
+        rg = read_radiograph(source)
+    except ReadError as exc:
+        reason = GateReason(exc.reason) if exc.reason in GateReason._value2member_map_ else GateReason.NOT_DICOM
+        return GateDecision(False, reason, str(exc)), None
+    return check_radiograph(rg, rules), rg
+
+
+class _Lazy:
+    def __init__(self) -> None:
+        self._rules: GateRules | None = None
+
+    def get(self) -> GateRules:
+        if self._rules is None:
+            self._rules = GateRules.from_config()
+        return self._rules
+
+
+_DEFAULT_RULES = _Lazy()
+
+
+def reasons(decisions: Iterable[GateDecision]) -> dict[str, int]:
+    """Count decisions by reason (for summaries)."""
+    out: dict[str, int] = {}
+    for d in decisions:
+        out[d.reason.value] = out.get(d.reason.value, 0) + 1
+    return out
