@@ -9,7 +9,7 @@ Steps, in order (each recorded in :class:`PixelPipelineSpec`, which model bundle
 3. **MONOCHROME1 inversion**: pydicom does not invert, so after windowing
    ``y -> (y_min + y_max) - y``, making bone bright and air dark for every input.
 4. **Robust normalisation** to [0, 1]: clip at the ``norm_percentiles`` of the windowed image
-   and scale. Makes the result insensitive to detector gain, bit depth and window choice.
+   (computed on a regular subsample of ~250k pixels) and scale. Makes the result insensitive to detector gain, bit depth and window choice.
 5. **Resize preserving aspect ratio, then pad** (letterbox): the longest side becomes ``size``
    (MONAI ``Resize(size_mode="longest")``, area interpolation, i.e. anti-aliased), the short
    side is padded symmetrically with ``pad_value`` (0 = black, like air). Nothing is cropped:
@@ -118,32 +118,61 @@ class Preprocessed:
     notes: list[str] = field(default_factory=list)
 
 
+def _voi_through_lut(pixels: np.ndarray, dataset: Dataset, *, voi: bool) -> np.ndarray:
+    """Modality LUT (+ VOI LUT when ``voi``) applied through a lookup table.
+
+    Stored values of a radiograph are integers spanning at most 16 bits, so pushing every
+    distinct value through pydicom's ``apply_modality_lut``/``apply_voi_lut`` once and
+    indexing is exact and about five times faster than transforming millions of pixels.
+    """
+    if pixels.dtype.kind not in "iu" or pixels.size < 65536:
+        out = apply_modality_lut(pixels, dataset)
+        return np.asarray(apply_voi_lut(out, dataset, index=0) if voi else out, dtype=np.float32)
+    lo, hi = int(pixels.min()), int(pixels.max())
+    values = np.arange(lo, hi + 1, dtype=pixels.dtype if lo >= 0 or pixels.dtype.kind == "i" else np.int64)
+    table = apply_modality_lut(values, dataset)
+    if voi:
+        table = apply_voi_lut(table, dataset, index=0)
+    table = np.asarray(table, dtype=np.float32)
+    index = pixels if lo == 0 else pixels.astype(np.int32) - lo
+    return np.take(table, index)
+
+
+def _percentiles(arr: np.ndarray, q: tuple[float, float]) -> tuple[float, float]:
+    """Percentiles on a regular subsample of about 250k pixels (deterministic, ~10x faster)."""
+    stride = max(1, int(np.sqrt(arr.size / 250_000)))
+    lo, hi = np.percentile(arr[::stride, ::stride], q)
+    return float(lo), float(hi)
+
+
 def display_array(dataset: Dataset, pixels: np.ndarray, spec: PixelPipelineSpec | None = None) -> tuple[np.ndarray, bool]:
     """Steps 1-4 in the source geometry: float32 in [0, 1], bone bright, air dark.
 
     Returns the image and whether the file's own VOI window/LUT was used.
     """
     spec = spec or PixelPipelineSpec()
-    arr = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float64)
     has_voi = "VOILUTSequence" in dataset or ("WindowCenter" in dataset and "WindowWidth" in dataset)
     used_file_window = False
+    arr: np.ndarray | None = None
     if has_voi:
         try:
-            windowed = np.asarray(apply_voi_lut(arr, dataset, index=0), dtype=np.float64)
+            windowed = _voi_through_lut(pixels, dataset, voi=True)
             if np.ptp(windowed) > 0:
                 arr, used_file_window = windowed, True
         except (ValueError, TypeError, AttributeError, IndexError) as exc:
             logger.debug("VOI LUT not applicable (%s); using the percentile window", exc)
-    if not used_file_window:
-        lo, hi = np.percentile(arr, spec.fallback_window_percentiles)
+    if arr is None:
+        arr = _voi_through_lut(pixels, dataset, voi=False)
+        lo, hi = _percentiles(arr, spec.fallback_window_percentiles)
         arr = np.clip(arr, lo, hi)
     if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         arr = (arr.max() + arr.min()) - arr
-    lo, hi = np.percentile(arr, spec.norm_percentiles)
+    lo, hi = _percentiles(arr, spec.norm_percentiles)
     if hi <= lo:
-        out = np.zeros(arr.shape, dtype=np.float32)
-    else:
-        out = ((np.clip(arr, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+        return np.zeros(arr.shape, dtype=np.float32), used_file_window
+    out = np.clip(arr, lo, hi, dtype=np.float32)
+    out -= np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
     return out, used_file_window
 
 
