@@ -29,6 +29,7 @@ class GateReason(str, enum.Enum):
     NOT_DICOM = "not_dicom"
     TRUNCATED = "truncated"
     MISSING_UID = "missing_uid"
+    INVALID_UID = "invalid_uid"
     NO_PIXEL_DATA = "no_pixel_data"
     MODALITY = "modality"
     SOP_CLASS = "sop_class"
@@ -38,6 +39,7 @@ class GateReason(str, enum.Enum):
     MULTI_FRAME = "multi_frame"
     IMAGE_SIZE = "image_size"
     DECODE_FAILED = "decode_failed"
+    BLANK_IMAGE = "blank_image"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ MSG_TRUNCATED = (
 MSG_MISSING_UID = (
     "{source}: the mandatory attribute {keyword} is missing or empty; the sender must "
     "supply it before this instance can be processed."
+)
+MSG_INVALID_UID = (
+    "{source}: {keyword} {value!r} is not a valid DICOM UID (digits and dots, at most 64 "
+    "characters, PS3.5 9.1); the sender must fix the instance."
 )
 MSG_NO_PIXELS = "{source}: the dataset has no Pixel Data (7FE0,0010); there is no image to read."
 MSG_DECODE = (
@@ -152,7 +157,25 @@ def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> tuple[D
     if truncation or len(ds) == 0:
         detail = truncation[0] if truncation else "no data elements after the file meta header"
         raise ReadError("truncated", MSG_TRUNCATED.format(source=label, detail=detail[:200]))
+    _ensure_transfer_syntax(ds)
     return ds, label
+
+
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """A raw dataset (no file meta, as received on the wire) gets the transfer syntax it was
+    read with, so its pixel data can be decoded."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
+    meta.TransferSyntaxUID = (
+        pydicom.uid.ImplicitVRLittleEndian if implicit
+        else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+    )
 
 
 class _ThreadLocalCapture(logging.Filter):
@@ -217,8 +240,11 @@ def read_radiograph(source: Source, *, decode: bool = False) -> Radiograph:
     """
     ds, label = read_dataset(source)
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        if not _text(ds, keyword):
+        value = _text(ds, keyword)
+        if not value:
             raise ReadError("missing_uid", MSG_MISSING_UID.format(source=label, keyword=keyword))
+        if not is_valid_uid(value):
+            raise ReadError("invalid_uid", MSG_INVALID_UID.format(source=label, keyword=keyword, value=value[:80]))
 
     warnings: list[str] = []
     fm = getattr(ds, "file_meta", None)
@@ -264,6 +290,16 @@ def read_radiograph(source: Source, *, decode: bool = False) -> Radiograph:
 
 
 # --- attribute parsing ----------------------------------------------------------------------
+
+# PS3.5 9.1: components of digits separated by dots, at most 64 characters. Leading zeros in a
+# component are technically invalid but common in real archives, so they are tolerated.
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(value: str) -> bool:
+    """True when ``value`` is a syntactically valid UID (safe to use in a file name)."""
+    return len(value) <= 64 and bool(_UID_RE.match(value))
+
 
 
 def _short(exc: BaseException) -> str:
