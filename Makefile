@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 # CPU machines get the lean CPU wheel. GPU sites: install your CUDA build of torch into
 # $(VENV) first (or set TORCH_SPEC); setup keeps any torch that already imports.
 TORCH_SPEC ?= torch==2.13.0
-DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools nodejs npm
+DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools nodejs npm chromium
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps python-deps node-deps demo test bench demo-bundle clean

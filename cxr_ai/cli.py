@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--details", action="store_true", help="also print the metadata read")
     p.set_defaults(func=_cmd_check)
 
+    from cxr_ai.batch import add_batch_parser
+    from cxr_ai.evaluation.cli import add_evaluate_parser
+    from cxr_ai.worklist import add_worklist_parser
+
+    add_batch_parser(sub)
+    add_worklist_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 

@@ -144,3 +144,17 @@ def test_reads_bytes_and_raw_dataset_without_preamble(rg1_paths: dict[str, Path]
     del ds.file_meta
     ds.save_as(raw, enforce_file_format=False, implicit_vr=True, little_endian=True)
     assert read_radiograph(raw).sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_sanitized_for_outputs_blanks_invalid_values_without_touching_the_source(rg1_paths: dict[str, Path]) -> None:
+    from cxr_ai.dicom.reader import sanitized_for_outputs
+
+    ds = pydicom.dcmread(rg1_paths["RG1_UNCR"], stop_before_pixels=True)
+    same, notes = sanitized_for_outputs(ds)
+    assert same is ds and notes == []
+    ds.PatientSex, ds.StudyDate, ds.StudyTime, ds.PatientAge = "X", "20231345", "256199", "old"
+    clean, notes = sanitized_for_outputs(ds)
+    assert clean is not ds and len(notes) == 4
+    assert (clean.PatientSex, clean.StudyDate, clean.StudyTime, clean.PatientAge) == ("", "", "", "")
+    assert (ds.PatientSex, ds.StudyDate, ds.StudyTime, ds.PatientAge) == ("X", "20231345", "256199", "old")
+    assert clean.SOPInstanceUID == ds.SOPInstanceUID and clean.file_meta is ds.file_meta

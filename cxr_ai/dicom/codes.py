@@ -42,6 +42,67 @@ CHEST = Code("816094009", "SCT", "Chest")
 PROBABILITY = Code("122157", "DCM", "Probability")
 UNITLESS = Code("1", "UCUM", "no units")
 
+# --- Result objects: SR, Parametric Map, FHIR (cxr_ai.dicom.sr / .heatmap, cxr_ai.fhir) ----
+#: SNOMED CT 399208008 |Plain X-ray of chest (procedure)|: TID 1500 "Procedure reported" of the
+#: SR (CID 100 is extensible; it has no chest-radiograph entry).
+PLAIN_XRAY_CHEST = Code("399208008", "SCT", "Plain X-ray of chest")
+
+#: LOINC 36554-4 "XR Chest Single view" (LOINC/RSNA Radiology Playbook): the FHIR
+#: DiagnosticReport code. The models read one frontal image, so the single-view code is the
+#: honest one even when the study also holds a lateral (36643-5 "XR Chest 2V" would claim both).
+XR_CHEST_SINGLE_VIEW = Code("36554-4", "LN", "XR Chest Single view")
+
+#: DCM 123110 "Artificial Intelligence" (PS3.16 CID 7162, the Algorithm Family of TID 4019):
+#: algorithm family in the SR and FHIR ``Observation.method``.
+ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
+
+#: DCM 130404 "Saliency" (PS3.16 CID 7180 / CID 218): the quantity a Grad-CAM Parametric Map holds.
+SALIENCY = Code("130404", "DCM", "Saliency")
+
+#: DCM 121007 "Device" (CID 270 Observer Type): the SR observer is the model, not a person.
+OBSERVER_TYPE_DEVICE = Code("121007", "DCM", "Device")
+
+#: DCM 122411 "Threshold Value": the operating threshold reported next to the probability.
+THRESHOLD_VALUE = Code("122411", "DCM", "Threshold Value")
+
+# FHIR-only concepts. Their scheme designators are local names that :data:`FHIR_SYSTEMS` maps
+# to the HL7 code system URIs (terminology.hl7.org).
+#: observation-category "imaging" (FHIR R4 Observation.category, preferred binding).
+OBSERVATION_CATEGORY_IMAGING = Code("imaging", "HL7-observation-category", "Imaging")
+#: v3 ObservationInterpretation POS / NEG (FHIR R4 Observation.interpretation, extensible).
+INTERPRETATION_POSITIVE = Code("POS", "HL7-v3-ObservationInterpretation", "Positive")
+INTERPRETATION_NEGATIVE = Code("NEG", "HL7-v3-ObservationInterpretation", "Negative")
+#: v2 table 0074 "RAD" Radiology (FHIR R4 DiagnosticReport.category, example binding).
+DIAGNOSTIC_SERVICE_RADIOLOGY = Code("RAD", "HL7-v2-0074", "Radiology")
+#: v2 table 0203 "MR" Medical record number (Identifier.type of the patient identifier).
+IDENTIFIER_TYPE_MR = Code("MR", "HL7-v2-0203", "Medical record number")
+
+#: Scheme designator -> FHIR code system URI (FHIR R4 "Using Codes", DICOM PS3.16 Section 8).
+FHIR_SYSTEMS: dict[str, str] = {
+    "SCT": "http://snomed.info/sct",
+    "LN": "http://loinc.org",
+    "DCM": "http://dicom.nema.org/resources/ontology/DCM",
+    "UCUM": "http://unitsofmeasure.org",
+    "HL7-observation-category": "http://terminology.hl7.org/CodeSystem/observation-category",
+    "HL7-v3-ObservationInterpretation": (
+        "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+    ),
+    "HL7-v2-0074": "http://terminology.hl7.org/CodeSystem/v2-0074",
+    "HL7-v2-0203": "http://terminology.hl7.org/CodeSystem/v2-0203",
+}
+
+
+def fhir_system(code: Code) -> str:
+    """The FHIR code system URI of ``code``'s scheme designator."""
+    try:
+        return FHIR_SYSTEMS[code.scheme_designator]
+    except KeyError:
+        raise KeyError(
+            f"no FHIR code system URI for scheme {code.scheme_designator!r} (code "
+            f"{code.value} {code.meaning!r}); add it to FHIR_SYSTEMS in cxr_ai/dicom/codes.py"
+        ) from None
+
+
 #: Finding key (as used in bundles, logs and tables) -> coded concept.
 FINDING_CODES: dict[str, Code] = {
     "cardiomegaly": CARDIOMEGALY,

@@ -386,6 +386,48 @@ def _parse_spacing(ds: Dataset, warnings: list[str]) -> tuple[float, float] | No
     return None
 
 
+_DATE_KEYWORDS = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "PatientBirthDate")
+_TIME_KEYWORDS = ("StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime", "PatientBirthTime")
+_TIME_RE = re.compile(r"^([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?$")
+
+
+def sanitized_for_outputs(ds: Dataset) -> tuple[Dataset, list[str]]:
+    """A copy of ``ds`` whose invalid Type 2 patient/study values are emptied.
+
+    Result objects copy patient and study attributes from the source, and highdicom (rightly)
+    refuses invalid ones: PatientSex ``X``, a StudyDate of month 13. Such values are blanked
+    (a Type 2 attribute may be empty) rather than failing the whole result. The source is not
+    modified: changed elements are new ``DataElement`` objects in a new dataset.
+
+    Returns the dataset (``ds`` itself when nothing needed fixing) and what was blanked.
+    """
+    fixes: dict[str, str] = {}
+    if _text(ds, "PatientSex") and _parse_sex(_text(ds, "PatientSex")) is None:
+        fixes["PatientSex"] = ""
+    for keyword in _DATE_KEYWORDS:
+        value = _text(ds, keyword)
+        if value and (_parse_date(value) is None or len(value) != 8):
+            fixes[keyword] = ""
+    for keyword in _TIME_KEYWORDS:
+        value = _text(ds, keyword)
+        if value and not _TIME_RE.match(value):
+            fixes[keyword] = ""
+    age = _text(ds, "PatientAge")
+    if age and not re.fullmatch(r"\d{3}[DWMY]", age):
+        fixes["PatientAge"] = ""
+    if not fixes:
+        return ds, []
+    clean = pydicom.dataset.FileDataset(
+        getattr(ds, "filename", None) or "", Dataset(), file_meta=getattr(ds, "file_meta", None), preamble=None
+    ) if hasattr(ds, "file_meta") else Dataset()
+    for elem in ds:
+        clean.add(elem)
+    for keyword, value in fixes.items():
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        clean[tag] = pydicom.DataElement(tag, pydicom.datadict.dictionary_VR(tag), value)
+    return clean, [f"{k} blanked (invalid value)" for k in fixes]
+
+
 def iter_dicom_files(root: str | os.PathLike) -> list[Path]:
     """All regular files under ``root`` (recursively), sorted; DICOMDIR files excluded."""
     root = Path(root)

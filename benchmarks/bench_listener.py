@@ -1,0 +1,304 @@
+"""Listener benchmarks, each a ratio or a latency measured against a reference in the same run.
+
+1. Receive throughput: 50 x RG1_UNCR (7.2 MB CR, distinct SOP Instance UIDs) sent by dcmtk
+   ``storescu`` over one association to (a) cxr-ai's SCP (durable spool + SQLite job store,
+   no workers) and (b) dcmtk ``storescp`` with its defaults, both with TCP_NODELAY
+   (``TCP_NODELAY=1`` for dcmtk). Rounds alternate; medians are compared. Goal: ratio >= 0.8.
+2. End-to-end latency: a real Orthanc with deploy/'s routing script receives RG1 by C-STORE,
+   routes it to the cxr-ai service (real pipeline), and the time from the C-STORE response
+   to the SR being in Orthanc is measured per study (p50, p95). Goal: p50 <= 1.0 s on CPU.
+   Needs the real pipeline (its demo bundle); skipped with a note otherwise.
+
+Usage: python benchmarks/bench_listener.py [--n 50] [--rounds 5] [--trials 10] [--skip-latency]
+       [--bundle DIR] [--quiet SECONDS ...]
+Writes benchmarks/results/listener.json. Runs inside a private network namespace when the
+kernel allows it (Orthanc cannot bind to loopback only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+RESULTS = REPO / "benchmarks" / "results" / "listener.json"
+NETNS_ENV = "CXR_AI_BENCH_IN_NETNS"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def make_copies(src: Path, out: Path, n: int) -> list[Path]:
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(src)
+    files = []
+    for i in range(n):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        p = out / f"rg1_{i:03d}.dcm"
+        ds.save_as(p)
+        files.append(p)
+    return files
+
+
+def storescu(port: int, files: list[Path], called: str) -> float:
+    env = dict(os.environ, TCP_NODELAY="1")
+    t0 = time.perf_counter()
+    r = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+                       env=env, capture_output=True, text=True, timeout=600, check=False)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"storescu failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return dt
+
+
+def run_ours(files: list[Path], root: Path, handler_seconds: list[float]) -> float:
+    from cxr_ai.config import load_config
+    from cxr_ai.net.metrics import ServiceMetrics
+    from cxr_ai.net.scp import ListenerSettings, StorageSCP
+    from cxr_ai.store import JobStore, Spool
+
+    shutil.rmtree(root, ignore_errors=True)
+    spool = Spool(root / "spool")
+    tempfile.tempdir = str(spool.tmp)      # as serve_main does: commit = rename on the same disk
+    try:
+        metrics = ServiceMetrics()
+        scp = StorageSCP(settings=ListenerSettings(port=0, allowed_calling_aes=["STORESCU"], min_free_bytes=0),
+                         spool=spool, quiet_seconds=60, metrics=metrics,
+                         store=JobStore(root / "jobs.sqlite3",
+                                        synchronous=load_config(env={})["store"]["sqlite_synchronous"]))
+        scp.start()
+        try:
+            dt = storescu(scp.port, files, "CXR_AI")
+            assert len(scp.store.instances()) == len(files)
+            handler_seconds.append(metrics.registry.get_sample_value("cxr_ai_stage_seconds_sum", {"stage": "receive"})
+                                   / len(files))
+        finally:
+            scp.stop()
+            scp.store.close()
+    finally:
+        tempfile.tempdir = None
+    return dt
+
+
+def run_dcmtk(files: list[Path], root: Path) -> float:
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    port = free_port()
+    env = dict(os.environ, TCP_NODELAY="1")
+    proc = subprocess.Popen(["storescp", "--output-directory", str(root), str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port)
+        dt = storescu(port, files, "ANY-SCP")
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert len(list(root.iterdir())) == len(files)
+    return dt
+
+
+def bench_receive(n: int, rounds: int, work: Path) -> dict:
+    import data_store
+
+    src = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+    files = make_copies(src, work / "send", n)
+    total = sum(p.stat().st_size for p in files)
+    ours, dcmtk, handler = [], [], []
+    for _ in range(rounds):
+        dcmtk.append(run_dcmtk(files, work / "dcmtk"))
+        ours.append(run_ours(files, work / "ours", handler))
+    mb = total / 1e6
+    res = {
+        "instances": n, "bytes": total, "rounds": rounds,
+        "cxr_ai_seconds": ours, "dcmtk_storescp_seconds": dcmtk,
+        "cxr_ai_mb_s": mb / statistics.median(ours), "dcmtk_storescp_mb_s": mb / statistics.median(dcmtk),
+        # time our C-STORE handler spends per instance (header check, fsync, rename, SQLite)
+        "cxr_ai_handler_ms_per_instance": 1000 * statistics.median(handler),
+        "cxr_ai_ms_per_instance": 1000 * statistics.median(ours) / n,
+        "dcmtk_ms_per_instance": 1000 * statistics.median(dcmtk) / n,
+    }
+    res["ratio_cxr_ai_vs_dcmtk"] = res["cxr_ai_mb_s"] / res["dcmtk_storescp_mb_s"]
+    res["goal_ratio"] = 0.8
+    return res
+
+
+def _pipeline_totals(svc) -> tuple[float, float]:
+    reg = svc.metrics.registry
+    labels = {"stage": "process_per_instance"}
+    return (reg.get_sample_value("cxr_ai_stage_seconds_sum", labels) or 0.0,
+            reg.get_sample_value("cxr_ai_stage_seconds_count", labels) or 0.0)
+
+
+def _latency_run(svc_factory, orthanc, src: Path, trials: int, work: Path, tag: str):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from cxr_ai.net.scu import Peer, send_files
+
+    svc = svc_factory()
+    svc.start()
+    latencies: list[float] = []
+    stages: list[dict] = []
+    try:
+        ds = pydicom.dcmread(src)
+        peer = Peer(host="127.0.0.1", port=orthanc.dicom_port, ae_title="ORTHANC", calling_ae="TESTSCU")
+        for i in range(trials + 1):             # the first study warms up the model
+            ds.StudyInstanceUID = generate_uid()
+            ds.SeriesInstanceUID = generate_uid()
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            f = work / f"lat_{tag}_{i}.dcm"
+            ds.save_as(f)
+            send_files([f], peer)
+            t0 = time.time()
+            deadline = t0 + 120
+            while time.time() < deadline:
+                found = orthanc.post("/tools/find", json.dumps({"Level": "Instance", "Query": {
+                    "StudyInstanceUID": str(ds.StudyInstanceUID), "Modality": "SR"}}))
+                if found:
+                    break
+                time.sleep(0.01)
+            else:
+                raise RuntimeError("SR did not reach Orthanc within 120 s")
+            t1 = time.time()
+            if i == 0:
+                warm = _pipeline_totals(svc)
+            if i > 0:
+                latencies.append(t1 - t0)
+                study = next(s for s in svc.store.studies() if s.study_uid == str(ds.StudyInstanceUID))
+                [inst] = svc.store.instances(study.study_key)
+                stages.append({"orthanc_routing_s": inst.received_at - t0,
+                               "received_to_processed_s": study.processed_at - inst.received_at
+                               if study.processed_at else None,
+                               "processed_to_sr_in_orthanc_s": t1 - study.processed_at if study.processed_at else None})
+        total, n = _pipeline_totals(svc)
+        if n > warm[1]:
+            stages.append({"pipeline_mean_s": (total - warm[0]) / (n - warm[1])})
+    finally:
+        svc.stop(grace=5)
+    return latencies, stages
+
+
+def bench_latency(trials: int, work: Path, *, bundle: str | None, quiet_values: list[float | None]) -> dict:
+    from helpers_orthanc import start_orthanc
+
+    from cxr_ai.config import load_config
+    from cxr_ai.errors import BundleError
+    from cxr_ai.service import Service
+
+    base = load_config(env={})
+    if bundle:
+        base["models"]["bundle"] = bundle
+    try:
+        from cxr_ai.pipeline import Pipeline
+
+        pipeline = Pipeline(config=base)
+    except (BundleError, ImportError) as exc:
+        return {"skipped": f"real pipeline unavailable: {exc}"}
+    import data_store
+
+    src = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+    cxr_port = free_port()
+    orthanc = start_orthanc(work / "orthanc", cxr_ai_port=cxr_port, senders={"modality": "TESTSCU"})
+    runs = []
+    try:
+        for quiet in quiet_values:
+            cfg = load_config(env={})
+            cfg["models"] = base["models"]
+            cfg["listener"].update(port=cxr_port, allowed_calling_aes=["ORTHANC"], min_free_mb=0.0)
+            cfg["store"].update(root=str(work / f"var-{quiet}"))
+            if quiet is not None:
+                cfg["store"]["quiet_seconds"] = quiet
+            cfg["http"].update(port=0)
+            cfg["routing"]["destinations"] = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1",
+                                               "port": orthanc.dicom_port, "ae_title": "ORTHANC"}]
+            lat, stages = _latency_run(lambda cfg=cfg: Service(cfg, pipeline_factory=lambda config=None: pipeline,
+                                                       base_dir=work), orthanc, src, trials, work, str(quiet))
+            q = statistics.quantiles(lat, n=20, method="inclusive")
+            pipeline_mean = stages.pop()["pipeline_mean_s"] if stages and "pipeline_mean_s" in stages[-1] else None
+            med = {k: statistics.median(st[k] for st in stages if st[k] is not None) for k in stages[0]}
+            med["pipeline_mean_s"] = pipeline_mean
+            runs.append({"quiet_seconds": cfg["store"]["quiet_seconds"], "seconds": lat,
+                         "p50_s": statistics.median(lat), "p95_s": q[18], "median_stages_s": med})
+    finally:
+        orthanc.stop()
+    return {"trials": trials, "runs": runs, "goal_p50_s": 1.0, "bundle": bundle or "(default demo bundle)",
+            "model": pipeline.model_info.label,
+            "note": "received_to_processed_s = quiet period + queue + pipeline. C-STORE response from Orthanc -> Orthanc Lua routing job -> cxr-ai (quiet period, "
+                    "pipeline incl. Grad-CAM, SR/SC/PM) -> C-STORE back -> SR found by /tools/find (10 ms polls)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--bundle", default=None, help="model bundle directory (default: the demo bundle)")
+    p.add_argument("--quiet", type=float, action="append", default=None,
+                   help="quiet period(s) to measure latency with (default: the configured one, then 0.1)")
+    args = p.parse_args(argv)
+    if os.environ.get(NETNS_ENV) != "1" and shutil.which("unshare") and subprocess.run(
+            ["unshare", "-rn", "true"], capture_output=True, check=False).returncode == 0:
+        env = dict(os.environ, **{NETNS_ENV: "1"})
+        script = 'ip link set lo up && exec "$0" "$@"'
+        return subprocess.run(["unshare", "-rn", "sh", "-c", script, sys.executable, __file__,
+                               *(argv if argv is not None else sys.argv[1:])], env=env, check=False).returncode
+    with tempfile.TemporaryDirectory(prefix="bench-listener-", dir=REPO / "benchmarks") as tmp:
+        work = Path(tmp)
+        out = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                           "private_netns": os.environ.get(NETNS_ENV) == "1"}}
+        out["receive"] = bench_receive(args.n, args.rounds, work)
+        r = out["receive"]
+        print(f"receive {args.n} x RG1_UNCR: cxr-ai {r['cxr_ai_mb_s']:.0f} MB/s, dcmtk storescp "
+              f"{r['dcmtk_storescp_mb_s']:.0f} MB/s, ratio {r['ratio_cxr_ai_vs_dcmtk']:.2f} (goal >= 0.8); "
+              f"per instance {r['cxr_ai_ms_per_instance']:.0f} ms (handler {r['cxr_ai_handler_ms_per_instance']:.0f} ms) "
+              f"vs {r['dcmtk_ms_per_instance']:.0f} ms")
+        if not args.skip_latency:
+            quiet_values = args.quiet or [None, 0.1]
+            out["latency"] = bench_latency(args.trials, work, bundle=args.bundle, quiet_values=quiet_values)
+            lat = out["latency"]
+            if "skipped" in lat:
+                print(f"latency: skipped ({lat['skipped']})")
+            for run in lat.get("runs", []):
+                print(f"latency last C-STORE -> SR in Orthanc (quiet period {run['quiet_seconds']} s): "
+                      f"p50 {run['p50_s']:.2f} s, p95 {run['p95_s']:.2f} s over {lat['trials']} studies "
+                      f"(goal p50 <= 1.0 s); median stages: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in run["median_stages_s"].items() if v is not None))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=1))
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""DICOM networking: the listener (SCP), the sender (SCU), TLS, routing and metrics."""

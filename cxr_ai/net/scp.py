@@ -1,0 +1,320 @@
+"""The DICOM listener: C-ECHO and C-STORE SCP that spools every instance durably.
+
+* Accepts every storage SOP class pynetdicom knows (CR and DX For Presentation/Processing
+  among them; the others are stored and later marked not applicable by the pipeline) in
+  every transfer syntax pynetdicom knows (JPEG 2000, JPEG lossless, RLE, ...).
+* Receives to disk without decoding (``STORE_RECV_CHUNKED_DATASET``); the handler parses the
+  header only, checks the data set is complete, fsyncs, renames into the spool and records
+  the instance in the job store **before** answering success.
+* TCP_NODELAY on every accepted socket; calling AE titles on an allowlist (others are
+  refused at association: A-ASSOCIATE-RJ rejected-permanent, service-user, "calling-AE-title
+  not recognized", PS3.8 §9.3.4); called AE title checked (reason 7).
+* The C-STORE handler never raises: it answers a named status (see :class:`Status`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from cxr_ai.net.common import (
+    DEFAULT_MAX_PDU,
+    STORAGE_TRANSFER_SYNTAXES,
+    Status,
+    handle_conn_open_nodelay,
+)
+from cxr_ai.net.metrics import ServiceMetrics
+from cxr_ai.store.jobs import JobStore
+from cxr_ai.store.spool import Spool, is_valid_uid, safe_key
+
+logger = logging.getLogger(__name__)
+
+_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+_UNDEFINED = 0xFFFFFFFF
+
+MSG_TRUNCATED = "data set is truncated: element {tag} needs {need} bytes, {have} received"
+MSG_NO_DELIMITER = "data set is truncated: encapsulated element {tag} ends without its sequence delimiter"
+MSG_EMPTY = "data set could not be parsed (no elements read)"
+MSG_DISK_LOW = ("spool %s has %d MiB free, below the %d MiB watermark: C-STORE refused with 0xA700 (out of "
+                "resources); free disk space on the spool or lower [listener] min_free_mb")
+
+
+class DatasetProblem(Exception):
+    """A received data set that cannot be stored; carries the DIMSE status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    size: int
+
+
+def _check_encapsulated(f, start: int, size: int, tag) -> None:
+    """Walk the items of an undefined-length (encapsulated) element up to its delimiter."""
+    pos = start
+    while True:
+        f.seek(pos)
+        head = f.read(8)
+        if len(head) < 8:
+            raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_NO_DELIMITER.format(tag=tag))
+        if head == _SEQ_DELIMITER:
+            return
+        if head[:4] != _ITEM_TAG:
+            raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_NO_DELIMITER.format(tag=tag))
+        length = int.from_bytes(head[4:], "little")
+        pos += 8 + length
+        if pos > size:
+            raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_TRUNCATED.format(tag=tag, need=pos, have=size))
+
+
+def inspect_received(path: str | os.PathLike, *, affected_sop_class: str, affected_sop_instance: str) -> HeaderInfo:
+    """Parse the header of a received Part 10 file (no pixel decoding) and check it.
+
+    Raises :class:`DatasetProblem` with the status to answer when the data set cannot be
+    parsed or is truncated (Cannot understand, PS3.4 B.2.3), or when it does not match the
+    SOP class/instance announced in the C-STORE request or lacks a Type 1 UID (Data Set does
+    not match SOP Class).
+    """
+    size = os.path.getsize(path)
+    try:
+        ds = pydicom.dcmread(path, defer_size=4096)
+        elements = list(ds._dict.items())
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        raise DatasetProblem(Status.CANNOT_UNDERSTAND, f"data set could not be parsed: {exc}") from exc
+    if not elements:
+        raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_EMPTY)
+    with open(path, "rb") as f:
+        for tag, el in elements:
+            if not isinstance(el, RawDataElement):
+                continue
+            if el.length == _UNDEFINED:
+                if el.value is None and el.VR in ("OB", "OW", "UN", None):
+                    _check_encapsulated(f, el.value_tell, size, tag)
+            elif el.value_tell + el.length > size:
+                raise DatasetProblem(Status.CANNOT_UNDERSTAND,
+                                     MSG_TRUNCATED.format(tag=tag, need=el.value_tell + el.length, have=size))
+    try:
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+        study = str(ds.get("StudyInstanceUID", "") or "")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DatasetProblem(Status.CANNOT_UNDERSTAND, f"UID attributes could not be decoded: {exc}") from exc
+    if sop_class != affected_sop_class:
+        raise DatasetProblem(Status.DATASET_DOES_NOT_MATCH,
+                             f"SOP Class UID in the data set ({sop_class or 'missing'}) differs from the "
+                             f"Affected SOP Class UID of the request ({affected_sop_class})")
+    if sop_instance != affected_sop_instance:
+        raise DatasetProblem(Status.DATASET_DOES_NOT_MATCH,
+                             "SOP Instance UID in the data set differs from the Affected SOP Instance UID")
+    if not study:
+        raise DatasetProblem(Status.DATASET_DOES_NOT_MATCH, "Study Instance UID (Type 1) is missing")
+    return HeaderInfo(sop_class, sop_instance, study, size)
+
+
+@dataclass
+class ListenerSettings:
+    """The ``[listener]`` configuration, validated (see :func:`cxr_ai.service.validate_config`)."""
+
+    ae_title: str = "CXR_AI"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aes: Sequence[str] = ("ORTHANC", "STORESCU", "CXR_AI_SCU")
+    require_called_ae: bool = True
+    max_pdu: int = DEFAULT_MAX_PDU
+    max_associations: int = 16
+    min_free_bytes: int = 512 * 1024 * 1024
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+
+
+class StorageSCP:
+    """The listener. ``start()`` binds and returns; ``stop()`` shuts the server down.
+
+    Parameters
+    ----------
+    settings
+        Listener settings.
+    spool, store
+        Where instances go (files) and where they are recorded (job store).
+    quiet_seconds
+        Quiet period after an association ends before its studies are ready.
+    metrics
+        Optional service metrics to update.
+    on_studies_closed
+        Called after an association's studies were given their ready time (wakes workers).
+    """
+
+    def __init__(self, *, settings: ListenerSettings, spool: Spool, store: JobStore, quiet_seconds: float,
+                 metrics: ServiceMetrics | None = None, on_studies_closed=None) -> None:
+        self.on_studies_closed = on_studies_closed
+        self.settings = settings
+        self.spool = spool
+        self.store = store
+        self.quiet_seconds = quiet_seconds
+        self.metrics = metrics
+        self._server = None
+        self._assoc_studies: dict[int, set[str]] = {}
+        self._assoc_counts: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, STORAGE_TRANSFER_SYNTAXES[:3])
+        ae.maximum_pdu_size = int(s.max_pdu)
+        ae.maximum_associations = int(s.max_associations)
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.require_called_aet = bool(s.require_called_ae)
+        allowed = [a.strip() for a in s.allowed_calling_aes]
+        if "*" in allowed:
+            logger.warning("[listener] allowed_calling_aes contains '*': any calling AE title is accepted")
+            ae.require_calling_aet = []
+        else:
+            ae.require_calling_aet = allowed
+        return ae
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        # Receive data sets straight to a temporary file without decoding (DESIGN.md §3).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        handlers = [
+            (evt.EVT_CONN_OPEN, handle_conn_open_nodelay),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_assoc_end),
+            (evt.EVT_ABORTED, self._on_assoc_end),
+            (evt.EVT_CONN_CLOSE, self._on_assoc_end),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        s = self.settings
+        self._server = self.ae.start_server((s.host, int(s.port)), block=False, evt_handlers=handlers,
+                                            ssl_context=s.ssl_context)
+        logger.info("DICOM listener %s on %s:%d (TLS %s, max PDU %d)", s.ae_title, s.host, self.port,
+                    "on" if s.ssl_context else "off", s.max_pdu)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return int(self.settings.port)
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting associations and close open ones."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            logger.info("DICOM listener stopped")
+
+    # -- handlers -------------------------------------------------------------------------
+    def _on_echo(self, event) -> int:
+        return Status.SUCCESS
+
+    def _on_established(self, event) -> None:
+        logger.info("association from %s accepted", event.assoc.requestor.ae_title)
+        if self.metrics is not None:
+            self.metrics.associations.labels("accepted").inc()
+
+    def _on_rejected(self, event) -> None:
+        logger.warning("association from calling AE %r refused", event.assoc.requestor.ae_title)
+        if self.metrics is not None:
+            self.metrics.associations.labels("rejected").inc()
+
+    def _on_assoc_end(self, event) -> None:
+        key = id(event.assoc)
+        with self._lock:
+            studies = self._assoc_studies.pop(key, set())
+            n = self._assoc_counts.pop(key, 0)
+        if not studies and event.event is evt.EVT_CONN_CLOSE:
+            return
+        try:
+            self.store.association_closed(studies, quiet_seconds=self.quiet_seconds)
+        except Exception:  # broad on purpose: studies are released later by release_stale()
+            logger.exception("could not mark %d studies ready after association end", len(studies))
+        if self.on_studies_closed is not None:
+            self.on_studies_closed()
+        if n:
+            logger.info("association from %s ended (%s): %d instances in %d studies",
+                        event.assoc.requestor.ae_title, event.event.name, n, len(studies))
+
+    def _on_store(self, event) -> int:
+        """C-STORE: never raises; answers a status from :class:`Status` (PS3.4 B.2.3)."""
+        t0 = time.perf_counter()
+        status = Status.CANNOT_UNDERSTAND
+        try:
+            status = self._store(event)
+        except Exception:  # broad on purpose: the network boundary must not crash the association
+            logger.exception("unexpected error storing an instance; answered 0x%04X", Status.OUT_OF_RESOURCES)
+            status = Status.OUT_OF_RESOURCES
+        finally:
+            if self.metrics is not None:
+                self.metrics.received.labels(Status.NAMES.get(status, hex(status))).inc()
+                if status == Status.SUCCESS:
+                    self.metrics.stage_seconds.labels("receive").observe(time.perf_counter() - t0)
+        return status
+
+    def _store(self, event) -> int:
+        req = event.request
+        calling = event.assoc.requestor.ae_title
+        free = self.spool.free_bytes()
+        if free < self.settings.min_free_bytes:
+            logger.error(MSG_DISK_LOW, self.spool.root, free // 2**20, self.settings.min_free_bytes // 2**20)
+            return Status.OUT_OF_RESOURCES
+        try:
+            path = Path(event.dataset_path)
+        except AttributeError:  # STORE_RECV_CHUNKED_DATASET turned off by someone else
+            path = self.spool.write_incoming(event.encoded_dataset(include_meta=True))
+        try:
+            info = inspect_received(path, affected_sop_class=str(req.AffectedSOPClassUID),
+                                    affected_sop_instance=str(req.AffectedSOPInstanceUID))
+        except DatasetProblem as exc:
+            logger.warning("C-STORE from %s refused (0x%04X %s): %s", calling, exc.status,
+                           Status.NAMES[exc.status], exc)
+            return exc.status
+        study_key, sop_key = safe_key(info.study_instance_uid), safe_key(info.sop_instance_uid)
+        if not (is_valid_uid(info.study_instance_uid) and is_valid_uid(info.sop_instance_uid)):
+            logger.warning("C-STORE from %s carries a malformed UID; stored under a hashed name", calling)
+        dest = self.spool.commit_file(path, study_uid=info.study_instance_uid, sop_uid=info.sop_instance_uid)
+        try:
+            study = self.store.record_instance(
+                study_key=study_key, study_uid=info.study_instance_uid, sop_key=sop_key,
+                sop_uid=info.sop_instance_uid, sop_class_uid=info.sop_class_uid, path=dest,
+                size=info.size, calling_ae=calling)
+        except Exception:  # broad on purpose: answered as out of resources; the sender retries
+            logger.exception("job store could not record an instance from %s; answered out of resources", calling)
+            return Status.OUT_OF_RESOURCES
+        with self._lock:
+            self._assoc_studies.setdefault(id(event.assoc), set()).add(study_key)
+            self._assoc_counts[id(event.assoc)] = self._assoc_counts.get(id(event.assoc), 0) + 1
+        if self.metrics is not None:
+            self.metrics.received_bytes.inc(info.size)
+        logger.debug("stored SOP instance %s of study %s (job %s), %d bytes", info.sop_instance_uid,
+                     info.study_instance_uid, study.job_id, info.size)
+        return Status.SUCCESS

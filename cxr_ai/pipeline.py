@@ -1,0 +1,205 @@
+"""The core: DICOM instance in -> applicability decision -> model outputs -> result objects.
+
+No sockets, no spool, no globals: the listener (:mod:`cxr_ai.service`) and the batch
+processor (:mod:`cxr_ai.batch`) are two drivers of this one class. Every instance ends in one
+of three states, with a reason:
+
+- ``processed``: the gate accepted it, the models ran, the SR / heatmap SC / Parametric Map /
+  FHIR objects were built;
+- ``not_applicable``: the gate rejected it (wrong modality, body part, view, ...);
+- ``failed``: it could not be read or decoded, or a result object could not be built.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from cxr_ai.dicom.gate import GateDecision, GateReason, GateRules, check_applicability
+from cxr_ai.dicom.reader import Radiograph, Source, sanitized_for_outputs
+from cxr_ai.errors import ReadError
+from cxr_ai.imaging import Preprocessed, display_array, preprocess
+from cxr_ai.results import ImageResult
+
+logger = logging.getLogger(__name__)
+
+#: Gate reasons that mean the data itself is broken (as opposed to "not a chest film").
+BROKEN_INPUT_REASONS = frozenset(
+    {GateReason.NOT_DICOM, GateReason.TRUNCATED, GateReason.MISSING_UID, GateReason.INVALID_UID,
+     GateReason.DECODE_FAILED, GateReason.BLANK_IMAGE}
+)
+
+
+MSG_BLANK = (
+    "{source}: the image is blank after windowing (every pixel has the same value); check the "
+    "pixel data and the Rescale/VOI attributes at the sender."
+)
+
+
+class InstanceStatus(str, enum.Enum):
+    PROCESSED = "processed"
+    NOT_APPLICABLE = "not_applicable"
+    FAILED = "failed"
+
+
+@dataclass
+class InstanceOutcome:
+    """What happened to one instance, and what to send where."""
+
+    source: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    status: InstanceStatus
+    reason: str  # gate reason or failure kind; "" when processed
+    message: str
+    result: ImageResult | None = None
+    radiograph: Radiograph | None = field(default=None, repr=False)
+    datasets: list[Dataset] = field(default_factory=list, repr=False)
+    fhir_bundle: dict[str, Any] | None = field(default=None, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def processed(self) -> bool:
+        return self.status is InstanceStatus.PROCESSED
+
+
+class Pipeline:
+    """Gate, pixel pipeline, models and writers, with the model loaded once.
+
+    Parameters
+    ----------
+    config
+        A loaded configuration (:func:`cxr_ai.config.load_config`); embedded defaults if None.
+    engine
+        An :class:`cxr_ai.models.engine.InferenceEngine`; by default the ``[models]`` bundle
+        (the bundled demo model unless configured), loaded once here.
+    explain
+        Compute Grad-CAM heatmaps (needed for the heatmap SC and the Parametric Map).
+    """
+
+    def __init__(self, *, config: Mapping[str, Any] | None = None, engine: Any | None = None,
+                 explain: bool = True) -> None:
+        from cxr_ai.config import load_config
+
+        self.config = dict(config) if config is not None else load_config()
+        self.rules = GateRules.from_config(self.config)
+        if engine is None:
+            from cxr_ai.models.engine import load_default_engine
+
+            engine = load_default_engine(self.config)
+        self.engine = engine
+        self.explain = explain
+
+    @property
+    def model_info(self):  # noqa: ANN201 - ModelInfo
+        return self.engine.model_info
+
+    def process_instance(self, source: Source) -> InstanceOutcome:
+        """Process one instance (a path, bytes or Dataset)."""
+        return self.process_study([source])[0]
+
+    def process_study(self, sources: Sequence[Source]) -> list[InstanceOutcome]:
+        """Process the instances of a study; accepted images go through the model as one batch."""
+        prepared = [self.prepare(source) for source in sources]
+        self.infer(prepared)
+        for outcome, pre in prepared:
+            if pre is not None and outcome.result is not None and outcome.result.findings:
+                self.build_outputs(outcome)
+        return [outcome for outcome, _ in prepared]
+
+    # --- stages (public so that drivers can overlap decoding with inference) ------------------
+
+    def prepare(self, source: Source) -> tuple[InstanceOutcome, Preprocessed | None]:
+        """Stage 1: read, gate, decode and preprocess. Thread-safe; no model involved.
+
+        Returns the outcome so far and the model input (None when the instance is not
+        applicable or failed; the outcome then says why).
+        """
+        t0 = time.perf_counter()
+        label = str(source) if isinstance(source, (str, os.PathLike)) else "<dataset>"
+        decision, rg = check_applicability(source, self.rules)
+        outcome = InstanceOutcome(
+            source=label,
+            sop_instance_uid=rg.sop_instance_uid if rg else "",
+            study_instance_uid=rg.study_instance_uid if rg else "",
+            status=InstanceStatus.NOT_APPLICABLE,
+            reason=decision.reason.value,
+            message=decision.message,
+            radiograph=rg,
+            result=ImageResult(rg.sop_instance_uid, rg.study_instance_uid, decision) if rg else None,
+        )
+        if not decision.accepted:
+            if decision.reason in BROKEN_INPUT_REASONS:
+                outcome.status = InstanceStatus.FAILED
+            return outcome, None
+        assert rg is not None
+        try:
+            pre = preprocess(rg, self.engine.bundle.pipeline)
+            if not np.ptp(pre.image) > 0:
+                raise ReadError("blank_image", MSG_BLANK.format(source=label))
+        except ReadError as exc:
+            failed = GateDecision(False, GateReason(exc.reason), str(exc), decision.warnings)
+            outcome.status, outcome.reason, outcome.message = InstanceStatus.FAILED, exc.reason, str(exc)
+            outcome.result = ImageResult(rg.sop_instance_uid, rg.study_instance_uid, failed)
+            return outcome, None
+        outcome.timings["read_preprocess_s"] = time.perf_counter() - t0
+        return outcome, pre
+
+    def infer(self, prepared: Sequence[tuple[InstanceOutcome, Preprocessed | None]]) -> None:
+        """Stage 2: one model call for every prepared instance that has a model input."""
+        accepted = [(outcome, pre) for outcome, pre in prepared if pre is not None]
+        if not accepted:
+            return
+        t0 = time.perf_counter()
+        model_outputs = self.engine.predict_preprocessed([pre for _, pre in accepted], explain=self.explain)
+        per_image = (time.perf_counter() - t0) / len(accepted)
+        for (outcome, _pre), out in zip(accepted, model_outputs):
+            assert outcome.result is not None and outcome.radiograph is not None
+            outcome.timings["model_s"] = per_image
+            outcome.result = ImageResult(
+                sop_instance_uid=outcome.sop_instance_uid,
+                study_instance_uid=outcome.study_instance_uid,
+                decision=outcome.result.decision,
+                model=out.model,
+                findings=out.findings,
+                embedding=out.embedding,
+            )
+
+    def build_outputs(self, outcome: InstanceOutcome) -> None:
+        """Stage 3: the SR, heatmap SC, Parametric Map and FHIR objects of an inferred instance."""
+        from cxr_ai.dicom.sr import outputs_for
+
+        t0 = time.perf_counter()
+        rg = outcome.radiograph
+        assert outcome.result is not None and rg is not None
+        source, notes = sanitized_for_outputs(rg.dataset)
+        if notes:
+            logger.info("source attributes blanked for the result objects: %s", "; ".join(notes))
+        try:
+            display = None
+            if any(f.heatmap is not None for f in outcome.result.findings):
+                display, _ = display_array(rg.dataset, rg.pixels())  # already decoded: no re-decode
+            objects = outputs_for(outcome.result, source, display_image=display, config=self.config)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # highdicom validates what it builds and raises these on inconsistent input.
+            outcome.status = InstanceStatus.FAILED
+            outcome.reason = "output_failed"
+            outcome.message = (f"{outcome.source}: the model ran but the result objects could not be "
+                               f"built ({type(exc).__name__}: {exc}); report this with the instance.")
+            logger.warning("result objects failed: %s", type(exc).__name__)
+            return
+        outcome.timings["outputs_s"] = time.perf_counter() - t0
+        outcome.status, outcome.reason = InstanceStatus.PROCESSED, ""
+        outcome.message = f"{outcome.source}: processed"
+        if objects is not None:
+            outcome.datasets = objects.dicom()
+            if objects.fhir_bundle is not None:
+                outcome.fhir_bundle = objects.fhir_bundle.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,20 @@
+"""Durable state of the listener: the spool (files), the job store and its outbox (SQLite)."""
+
+from cxr_ai.store.jobs import (
+    ClaimedStudy,
+    Delivery,
+    DeliveryState,
+    InstanceRecord,
+    InstanceResult,
+    InstanceState,
+    JobStore,
+    NewDelivery,
+    StudyRecord,
+    StudyState,
+)
+from cxr_ai.store.spool import Spool, is_valid_uid, safe_key
+
+__all__ = [
+    "ClaimedStudy", "Delivery", "DeliveryState", "InstanceRecord", "InstanceResult", "InstanceState",
+    "JobStore", "NewDelivery", "Spool", "StudyRecord", "StudyState", "is_valid_uid", "safe_key",
+]

@@ -1,0 +1,659 @@
+"""The job store: instances, studies and the outbox in one embedded SQLite database.
+
+One database file holds everything that must survive a crash, so that a study's move from
+"processing" to "sending" and the creation of its outbox deliveries happen in one
+transaction. Each thread gets its own connection.
+
+Durability: the database runs in WAL mode. With ``synchronous="full"`` (the default) every
+committed change is on disk when a method returns. With ``"normal"`` a commit survives a
+crash of the process (SIGKILL) but the last transactions may roll back after a power loss
+or kernel crash; that is safe here because received files are fsync'ed in the spool first
+and :meth:`JobStore.unrecorded_paths` lets the service re-record any the database lost,
+and every other transaction is redone by the recovery rules (re-processing, re-sending).
+
+Study states::
+
+    received ──(association released + quiet period)──▶ processing ──▶ sending ──▶ results_sent ──▶ done
+        ▲                                                  │  │                        (retention applied)
+        └──────── new instance / restart re-queue ─────────┘  ├─▶ not_applicable (nothing to read)
+                                                               └─▶ failed (pipeline error, dead letter)
+
+Job ids (``J`` + 12 hex digits) are pseudonymous handles for logs and folder names; UIDs and
+patient data never appear at INFO level.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+MSG_NEWER_SCHEMA = (
+    "job store {path} has schema version {found}, newer than this cxr-ai understands "
+    "({expected}); upgrade cxr-ai or point [store] db to another file"
+)
+
+
+class StudyState(str, enum.Enum):
+    """Where a study is in the service (stable strings stored in the database)."""
+
+    RECEIVED = "received"
+    PROCESSING = "processing"
+    SENDING = "sending"
+    RESULTS_SENT = "results_sent"
+    DONE = "done"
+    NOT_APPLICABLE = "not_applicable"
+    FAILED = "failed"
+
+
+class InstanceState(str, enum.Enum):
+    RECEIVED = "received"
+    PROCESSING = "processing"
+    PROCESSED = "processed"
+    NOT_APPLICABLE = "not_applicable"
+    FAILED = "failed"
+
+
+class DeliveryState(str, enum.Enum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+#: States in which a study needs no more work from workers or routing.
+FINAL_STATES = (StudyState.DONE, StudyState.NOT_APPLICABLE, StudyState.FAILED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (
+    study_key        TEXT PRIMARY KEY,
+    study_uid        TEXT NOT NULL,
+    job_id           TEXT NOT NULL UNIQUE,
+    state            TEXT NOT NULL,
+    reason           TEXT NOT NULL DEFAULT '',
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    ready_at         REAL,
+    processed_at     REAL,
+    results_sent_at  REAL,
+    files_removed    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state, ready_at);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_key       TEXT PRIMARY KEY,
+    sop_uid       TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    study_key     TEXT NOT NULL REFERENCES studies(study_key),
+    path          TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    calling_ae    TEXT NOT NULL DEFAULT '',
+    received_at   REAL NOT NULL,
+    state         TEXT NOT NULL,
+    reason        TEXT NOT NULL DEFAULT '',
+    result_json   TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_key, state);
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_key       TEXT NOT NULL REFERENCES studies(study_key),
+    job_id          TEXT NOT NULL,
+    destination     TEXT NOT NULL,
+    items           TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT NOT NULL DEFAULT '',
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    sent_at         REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(destination, state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_key: str
+    sop_uid: str
+    sop_class_uid: str
+    study_key: str
+    path: str
+    size: int
+    calling_ae: str
+    received_at: float
+    state: InstanceState
+    reason: str
+    result: dict[str, Any] | None
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> InstanceRecord:
+        return cls(
+            sop_key=row["sop_key"], sop_uid=row["sop_uid"], sop_class_uid=row["sop_class_uid"],
+            study_key=row["study_key"], path=row["path"], size=row["size"],
+            calling_ae=row["calling_ae"], received_at=row["received_at"],
+            state=InstanceState(row["state"]), reason=row["reason"],
+            result=json.loads(row["result_json"]) if row["result_json"] else None,
+        )
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    study_key: str
+    study_uid: str
+    job_id: str
+    state: StudyState
+    reason: str
+    attempts: int
+    created_at: float
+    updated_at: float
+    last_received_at: float
+    ready_at: float | None
+    processed_at: float | None
+    results_sent_at: float | None
+    files_removed: bool
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> StudyRecord:
+        return cls(
+            study_key=row["study_key"], study_uid=row["study_uid"], job_id=row["job_id"],
+            state=StudyState(row["state"]), reason=row["reason"], attempts=row["attempts"],
+            created_at=row["created_at"], updated_at=row["updated_at"],
+            last_received_at=row["last_received_at"], ready_at=row["ready_at"],
+            processed_at=row["processed_at"], results_sent_at=row["results_sent_at"],
+            files_removed=bool(row["files_removed"]),
+        )
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One outbox row: a batch of result files for one destination."""
+
+    id: int
+    study_key: str
+    job_id: str
+    destination: str
+    items: list[str]
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    created_at: float
+    sent_at: float | None
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> Delivery:
+        return cls(
+            id=row["id"], study_key=row["study_key"], job_id=row["job_id"],
+            destination=row["destination"], items=json.loads(row["items"]),
+            state=DeliveryState(row["state"]), attempts=row["attempts"],
+            next_attempt_at=row["next_attempt_at"], last_error=row["last_error"],
+            created_at=row["created_at"], sent_at=row["sent_at"],
+        )
+
+
+@dataclass(frozen=True)
+class ClaimedStudy:
+    """A study a worker has taken: its record and the instances to process."""
+
+    study: StudyRecord
+    instances: list[InstanceRecord]
+
+
+@dataclass
+class InstanceResult:
+    """What a worker reports for one instance after the pipeline ran."""
+
+    sop_key: str
+    state: InstanceState
+    reason: str = ""
+    result: dict[str, Any] | None = None
+
+
+@dataclass
+class NewDelivery:
+    destination: str
+    items: list[str] = field(default_factory=list)
+
+
+class JobStore:
+    """SQLite-backed record of instances, studies and deliveries (see module docstring).
+
+    Parameters
+    ----------
+    path
+        Database file; its folder is created.
+    clock
+        Time source (seconds); tests pass their own to step through quiet periods.
+    synchronous
+        SQLite ``synchronous`` mode, ``"full"`` or ``"normal"`` (see the module docstring).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, clock=time.time, synchronous: str = "full") -> None:
+        if synchronous.lower() not in ("full", "normal"):
+            raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
+        self.synchronous = synchronous.upper()
+        self.path = Path(path).resolve()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._local = threading.local()
+        # thread -> its connection; connections of finished threads (one per DICOM
+        # association) are closed when the next connection is opened, so they never pile up
+        self._conns: dict[threading.Thread, sqlite3.Connection] = {}
+        self._lock = threading.Lock()
+        self._init_schema()
+
+    # -- connections ----------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+            with self._lock:
+                for thread in [t for t in self._conns if not t.is_alive()]:
+                    self._conns.pop(thread).close()
+                self._conns[threading.current_thread()] = conn
+        return conn
+
+    def open_connections(self) -> int:
+        """How many connections are open (one per live thread that used the store)."""
+        with self._lock:
+            return len(self._conns)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """An IMMEDIATE transaction (takes the write lock at once, so read-then-write is safe)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every connection this store opened (call once all threads are done)."""
+        with self._lock:
+            for c in self._conns.values():
+                c.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+    def _init_schema(self) -> None:
+        with self._tx() as conn:
+            for stmt in _SCHEMA.strip().split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) > SCHEMA_VERSION:
+                raise RuntimeError(MSG_NEWER_SCHEMA.format(path=self.path, found=row["value"], expected=SCHEMA_VERSION))
+            # Older versions would be migrated here, step by step, inside this transaction.
+
+    def schema_version(self) -> int:
+        row = self._conn().execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row["value"])
+
+    # -- receiving ------------------------------------------------------------------------
+    def record_instance(
+        self, *, study_key: str, study_uid: str, sop_key: str, sop_uid: str, sop_class_uid: str,
+        path: str | os.PathLike, size: int, calling_ae: str = "",
+    ) -> StudyRecord:
+        """Record a durably spooled instance and (re)open its study for processing.
+
+        A study that already finished (or is being sent) goes back to ``received`` so the new
+        instance is processed; a study being processed stays ``processing`` and the worker
+        leaves the new instance for the next round. Its readiness clock restarts: the study
+        is not ready until :meth:`association_closed` (or the open-association timeout).
+        """
+        now = self._clock()
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM studies WHERE study_key=?", (study_key,)).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO studies(study_key, study_uid, job_id, state, created_at, updated_at,"
+                    " last_received_at, ready_at) VALUES (?,?,?,?,?,?,?,NULL)",
+                    (study_key, study_uid, _new_job_id(), StudyState.RECEIVED.value, now, now, now),
+                )
+            elif row["state"] == StudyState.PROCESSING.value:
+                conn.execute("UPDATE studies SET last_received_at=?, updated_at=?, ready_at=NULL WHERE study_key=?",
+                             (now, now, study_key))
+            else:
+                conn.execute(
+                    "UPDATE studies SET state=?, reason='', last_received_at=?, updated_at=?, ready_at=NULL,"
+                    " files_removed=0 WHERE study_key=?",
+                    (StudyState.RECEIVED.value, now, now, study_key),
+                )
+            conn.execute(
+                "INSERT INTO instances(sop_key, sop_uid, sop_class_uid, study_key, path, size, calling_ae,"
+                " received_at, state) VALUES (?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(sop_key) DO UPDATE SET sop_uid=excluded.sop_uid,"
+                " sop_class_uid=excluded.sop_class_uid, study_key=excluded.study_key, path=excluded.path,"
+                " size=excluded.size, calling_ae=excluded.calling_ae, received_at=excluded.received_at,"
+                " state=excluded.state, reason='', result_json=NULL",
+                (sop_key, sop_uid, sop_class_uid, study_key, str(path), int(size), calling_ae, now,
+                 InstanceState.RECEIVED.value),
+            )
+            row = conn.execute("SELECT * FROM studies WHERE study_key=?", (study_key,)).fetchone()
+        return StudyRecord._from_row(row)
+
+    def association_closed(self, study_keys: Iterable[str], *, quiet_seconds: float) -> None:
+        """The association that sent these studies ended: they become ready after a quiet period."""
+        keys = list(dict.fromkeys(study_keys))
+        if not keys:
+            return
+        ready = self._clock() + quiet_seconds
+        with self._tx() as conn:
+            conn.executemany(
+                "UPDATE studies SET ready_at=?, updated_at=? WHERE study_key=? AND state IN (?,?)",
+                [(ready, self._clock(), k, StudyState.RECEIVED.value, StudyState.PROCESSING.value) for k in keys],
+            )
+
+    def release_stale(self, *, max_open_seconds: float, quiet_seconds: float) -> int:
+        """Make ready the studies whose association never closed and that got nothing for a while."""
+        now = self._clock()
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE studies SET ready_at=? WHERE state=? AND ready_at IS NULL AND last_received_at<=?",
+                (now, StudyState.RECEIVED.value, now - max_open_seconds - quiet_seconds),
+            )
+            return cur.rowcount
+
+    # -- recovery -------------------------------------------------------------------------
+    def recover(self, *, quiet_seconds: float) -> dict[str, int]:
+        """After a restart: re-queue interrupted work. Returns counts of what was changed.
+
+        * ``processing`` studies (and their instances) go back to ``received``, ready now;
+        * ``received`` studies whose association died with the process get a quiet period.
+        Outbox deliveries need nothing: pending rows are simply retried.
+        """
+        now = self._clock()
+        with self._tx() as conn:
+            n_proc = conn.execute(
+                "UPDATE studies SET state=?, ready_at=?, updated_at=? WHERE state=?",
+                (StudyState.RECEIVED.value, now, now, StudyState.PROCESSING.value),
+            ).rowcount
+            conn.execute("UPDATE instances SET state=? WHERE state=?",
+                         (InstanceState.RECEIVED.value, InstanceState.PROCESSING.value))
+            n_open = conn.execute(
+                "UPDATE studies SET ready_at=?, updated_at=? WHERE state=? AND ready_at IS NULL",
+                (now + quiet_seconds, now, StudyState.RECEIVED.value),
+            ).rowcount
+        if n_proc or n_open:
+            logger.info("recovered after restart: %d studies re-queued from processing, %d whose "
+                        "association had not closed", n_proc, n_open)
+        return {"requeued_processing": n_proc, "reopened_received": n_open}
+
+    # -- workers --------------------------------------------------------------------------
+    def claim_ready(self, *, limit: int = 1) -> list[ClaimedStudy]:
+        """Atomically take up to ``limit`` ready studies (oldest first) for processing."""
+        now = self._clock()
+        claimed: list[ClaimedStudy] = []
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT * FROM studies WHERE state=? AND ready_at IS NOT NULL AND ready_at<=?"
+                " ORDER BY ready_at LIMIT ?",
+                (StudyState.RECEIVED.value, now, int(limit)),
+            ).fetchall()
+            for row in rows:
+                key = row["study_key"]
+                conn.execute("UPDATE studies SET state=?, attempts=attempts+1, updated_at=? WHERE study_key=?",
+                             (StudyState.PROCESSING.value, now, key))
+                conn.execute("UPDATE instances SET state=? WHERE study_key=? AND state=?",
+                             (InstanceState.PROCESSING.value, key, InstanceState.RECEIVED.value))
+                inst = conn.execute(
+                    "SELECT * FROM instances WHERE study_key=? AND state=? ORDER BY received_at, sop_key",
+                    (key, InstanceState.PROCESSING.value),
+                ).fetchall()
+                study = conn.execute("SELECT * FROM studies WHERE study_key=?", (key,)).fetchone()
+                claimed.append(ClaimedStudy(StudyRecord._from_row(study), [InstanceRecord._from_row(r) for r in inst]))
+        return claimed
+
+    def complete_processing(
+        self, study_key: str, *, results: Sequence[InstanceResult], deliveries: Sequence[NewDelivery],
+    ) -> StudyState:
+        """Record a study's pipeline outcome and queue its deliveries, in one transaction.
+
+        Returns the study's new state.
+        """
+        now = self._clock()
+        with self._tx() as conn:
+            current = conn.execute("SELECT state FROM studies WHERE study_key=?", (study_key,)).fetchone()
+            if current is None or current["state"] != StudyState.PROCESSING.value:
+                # re-queued meanwhile (shutdown grace expired): the next claim redoes it
+                logger.warning("results for a study no longer being processed were dropped; it was re-queued")
+                return StudyState(current["state"]) if current else StudyState.RECEIVED
+            for r in results:
+                conn.execute(
+                    "UPDATE instances SET state=?, reason=?, result_json=? WHERE sop_key=? AND state=?",
+                    (r.state.value, r.reason, json.dumps(r.result) if r.result is not None else None,
+                     r.sop_key, InstanceState.PROCESSING.value),
+                )
+            job_id = conn.execute("SELECT job_id FROM studies WHERE study_key=?", (study_key,)).fetchone()["job_id"]
+            for d in deliveries:
+                conn.execute(
+                    "INSERT INTO outbox(study_key, job_id, destination, items, state, next_attempt_at,"
+                    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (study_key, job_id, d.destination, json.dumps(list(d.items)), DeliveryState.PENDING.value,
+                     now, now, now),
+                )
+            state, reason = self._settle(conn, study_key)
+            conn.execute("UPDATE studies SET state=?, reason=?, processed_at=?, updated_at=? WHERE study_key=?",
+                         (state.value, reason, now, now, study_key))
+        return state
+
+    def fail_processing(self, study_key: str, *, reason: str, max_attempts: int) -> StudyState:
+        """The pipeline raised for this study: retry (back to received) or give up (failed)."""
+        now = self._clock()
+        with self._tx() as conn:
+            row = conn.execute("SELECT attempts FROM studies WHERE study_key=?", (study_key,)).fetchone()
+            if row["attempts"] < max_attempts:
+                state = StudyState.RECEIVED
+                conn.execute("UPDATE instances SET state=? WHERE study_key=? AND state=?",
+                             (InstanceState.RECEIVED.value, study_key, InstanceState.PROCESSING.value))
+                conn.execute("UPDATE studies SET state=?, reason=?, ready_at=?, updated_at=? WHERE study_key=?",
+                             (state.value, reason, now, now, study_key))
+            else:
+                state = StudyState.FAILED
+                conn.execute("UPDATE instances SET state=?, reason=? WHERE study_key=? AND state=?",
+                             (InstanceState.FAILED.value, reason, study_key, InstanceState.PROCESSING.value))
+                conn.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_key=?",
+                             (state.value, reason, now, study_key))
+        return state
+
+    def requeue(self, study_keys: Iterable[str]) -> None:
+        """Put studies a worker could not finish (shutdown) back in the queue."""
+        now = self._clock()
+        with self._tx() as conn:
+            for key in study_keys:
+                n = conn.execute("UPDATE studies SET state=?, ready_at=?, updated_at=? WHERE study_key=? AND state=?",
+                                 (StudyState.RECEIVED.value, now, now, key, StudyState.PROCESSING.value)).rowcount
+                if n:
+                    conn.execute("UPDATE instances SET state=? WHERE study_key=? AND state=?",
+                                 (InstanceState.RECEIVED.value, key, InstanceState.PROCESSING.value))
+
+    def _settle(self, conn: sqlite3.Connection, study_key: str) -> tuple[StudyState, str]:
+        """The state a study should be in, given its instances and deliveries."""
+        inst = {r["state"]: r["n"] for r in conn.execute(
+            "SELECT state, COUNT(*) AS n FROM instances WHERE study_key=? GROUP BY state", (study_key,))}
+        if inst.get(InstanceState.PROCESSING.value):
+            return StudyState.PROCESSING, ""
+        if inst.get(InstanceState.RECEIVED.value):
+            return StudyState.RECEIVED, ""
+        out = {r["state"]: r["n"] for r in conn.execute(
+            "SELECT state, COUNT(*) AS n FROM outbox WHERE study_key=? GROUP BY state", (study_key,))}
+        if out.get(DeliveryState.PENDING.value):
+            return StudyState.SENDING, ""
+        if out.get(DeliveryState.DEAD.value):
+            dests = [r["destination"] for r in conn.execute(
+                "SELECT DISTINCT destination FROM outbox WHERE study_key=? AND state=?", (study_key, DeliveryState.DEAD.value))]
+            return StudyState.FAILED, f"delivery dead-lettered for destination(s): {', '.join(dests)}"
+        if inst.get(InstanceState.FAILED.value):
+            return StudyState.FAILED, f"{inst[InstanceState.FAILED.value]} instance(s) failed in the pipeline"
+        if not inst.get(InstanceState.PROCESSED.value):
+            return StudyState.NOT_APPLICABLE, "no instance the models may read"
+        return StudyState.RESULTS_SENT, ""
+
+    # -- outbox ---------------------------------------------------------------------------
+    def due_deliveries(self, destination: str, *, limit: int = 10) -> list[Delivery]:
+        rows = self._conn().execute(
+            "SELECT * FROM outbox WHERE destination=? AND state=? AND next_attempt_at<=? ORDER BY next_attempt_at, id LIMIT ?",
+            (destination, DeliveryState.PENDING.value, self._clock(), int(limit)),
+        ).fetchall()
+        return [Delivery._from_row(r) for r in rows]
+
+    def delivery_succeeded(self, delivery_id: int) -> StudyState:
+        now = self._clock()
+        with self._tx() as conn:
+            conn.execute("UPDATE outbox SET state=?, attempts=attempts+1, sent_at=?, updated_at=?, last_error='' WHERE id=?",
+                         (DeliveryState.SENT.value, now, now, delivery_id))
+            return self._after_delivery(conn, delivery_id, now)
+
+    def delivery_failed(self, delivery_id: int, *, error: str, max_attempts: int,
+                        backoff_initial: float, backoff_max: float) -> tuple[DeliveryState, StudyState]:
+        """Record a failed attempt: schedule the next with exponential backoff, or dead-letter."""
+        now = self._clock()
+        with self._tx() as conn:
+            row = conn.execute("SELECT attempts FROM outbox WHERE id=?", (delivery_id,)).fetchone()
+            attempts = row["attempts"] + 1
+            if attempts >= max_attempts:
+                dstate = DeliveryState.DEAD
+                nxt = now
+            else:
+                dstate = DeliveryState.PENDING
+                nxt = now + min(backoff_max, backoff_initial * (2 ** (attempts - 1)))
+            conn.execute("UPDATE outbox SET state=?, attempts=?, next_attempt_at=?, last_error=?, updated_at=? WHERE id=?",
+                         (dstate.value, attempts, nxt, error[:2000], now, delivery_id))
+            return dstate, self._after_delivery(conn, delivery_id, now)
+
+    def _after_delivery(self, conn: sqlite3.Connection, delivery_id: int, now: float) -> StudyState:
+        key = conn.execute("SELECT study_key FROM outbox WHERE id=?", (delivery_id,)).fetchone()["study_key"]
+        current = StudyState(conn.execute("SELECT state FROM studies WHERE study_key=?", (key,)).fetchone()["state"])
+        if current != StudyState.SENDING:
+            return current  # new instances arrived meanwhile: the worker settles it later
+        state, reason = self._settle(conn, key)
+        if state != current:
+            sent_at = now if state == StudyState.RESULTS_SENT else None
+            conn.execute("UPDATE studies SET state=?, reason=?, results_sent_at=COALESCE(?, results_sent_at),"
+                         " updated_at=? WHERE study_key=?", (state.value, reason, sent_at, now, key))
+        return state
+
+    def retry_dead(self, *, destination: str | None = None) -> int:
+        """Put dead-lettered deliveries back in the queue (operator action after a fix)."""
+        now = self._clock()
+        with self._tx() as conn:
+            q = "SELECT id, study_key FROM outbox WHERE state=?"
+            args: list[Any] = [DeliveryState.DEAD.value]
+            if destination:
+                q += " AND destination=?"
+                args.append(destination)
+            rows = conn.execute(q, args).fetchall()
+            for r in rows:
+                conn.execute("UPDATE outbox SET state=?, attempts=0, next_attempt_at=?, updated_at=? WHERE id=?",
+                             (DeliveryState.PENDING.value, now, now, r["id"]))
+                conn.execute("UPDATE studies SET state=?, reason='', updated_at=? WHERE study_key=? AND state=?",
+                             (StudyState.SENDING.value, now, r["study_key"], StudyState.FAILED.value))
+            return len(rows)
+
+    # -- retention ------------------------------------------------------------------------
+    def finish_sent(self) -> list[StudyRecord]:
+        """Move ``results_sent`` studies to ``done``; returns them (for retention)."""
+        now = self._clock()
+        with self._tx() as conn:
+            rows = conn.execute("SELECT * FROM studies WHERE state=?", (StudyState.RESULTS_SENT.value,)).fetchall()
+            conn.execute("UPDATE studies SET state=?, updated_at=? WHERE state=?",
+                         (StudyState.DONE.value, now, StudyState.RESULTS_SENT.value))
+        return [StudyRecord._from_row(r) for r in rows]
+
+    def expired_files(self, *, keep_seconds: float) -> list[StudyRecord]:
+        """Done / not-applicable studies whose spool files are older than ``keep_seconds``.
+
+        Failed studies keep their files so an operator can fix the cause and retry.
+        """
+        cutoff = self._clock() - keep_seconds
+        rows = self._conn().execute(
+            "SELECT * FROM studies WHERE state IN (?,?) AND files_removed=0 AND updated_at<=?",
+            (StudyState.DONE.value, StudyState.NOT_APPLICABLE.value, cutoff),
+        ).fetchall()
+        return [StudyRecord._from_row(r) for r in rows]
+
+    def mark_files_removed(self, study_key: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE studies SET files_removed=1 WHERE study_key=?", (study_key,))
+
+    # -- queries --------------------------------------------------------------------------
+    def study(self, study_key: str) -> StudyRecord | None:
+        row = self._conn().execute("SELECT * FROM studies WHERE study_key=?", (study_key,)).fetchone()
+        return StudyRecord._from_row(row) if row else None
+
+    def studies(self, *, state: StudyState | None = None) -> list[StudyRecord]:
+        if state is None:
+            rows = self._conn().execute("SELECT * FROM studies ORDER BY created_at").fetchall()
+        else:
+            rows = self._conn().execute("SELECT * FROM studies WHERE state=? ORDER BY created_at",
+                                        (state.value,)).fetchall()
+        return [StudyRecord._from_row(r) for r in rows]
+
+    def instances(self, study_key: str | None = None) -> list[InstanceRecord]:
+        if study_key is None:
+            rows = self._conn().execute("SELECT * FROM instances ORDER BY received_at, sop_key").fetchall()
+        else:
+            rows = self._conn().execute("SELECT * FROM instances WHERE study_key=? ORDER BY received_at, sop_key",
+                                        (study_key,)).fetchall()
+        return [InstanceRecord._from_row(r) for r in rows]
+
+    def deliveries(self, *, state: DeliveryState | None = None, study_key: str | None = None) -> list[Delivery]:
+        q, args = "SELECT * FROM outbox WHERE 1=1", []
+        if state is not None:
+            q += " AND state=?"
+            args.append(state.value)
+        if study_key is not None:
+            q += " AND study_key=?"
+            args.append(study_key)
+        return [Delivery._from_row(r) for r in self._conn().execute(q + " ORDER BY id", args).fetchall()]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Counts by state for studies, instances and outbox (for /metrics and the CLI)."""
+        conn = self._conn()
+        out: dict[str, dict[str, int]] = {}
+        for table, enum_ in (("studies", StudyState), ("instances", InstanceState), ("outbox", DeliveryState)):
+            got = {r["state"]: r["n"] for r in conn.execute(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
+            out[table] = {s.value: int(got.get(s.value, 0)) for s in enum_}
+        return out
+
+    def unrecorded_paths(self, paths: Iterable[str | os.PathLike]) -> list[str]:
+        """Those of ``paths`` that no instance row points to (spool reconciliation)."""
+        known = {r["path"] for r in self._conn().execute("SELECT path FROM instances")}
+        return [str(p) for p in paths if str(p) not in known]
+
+    def next_ready_at(self) -> float | None:
+        row = self._conn().execute("SELECT MIN(ready_at) AS t FROM studies WHERE state=? AND ready_at IS NOT NULL",
+                                   (StudyState.RECEIVED.value,)).fetchone()
+        return row["t"]
+
+
+def _new_job_id() -> str:
+    return "J" + secrets.token_hex(6)

@@ -1,0 +1,431 @@
+"""The triage worklist: studies ranked for reading, kept in SQLite, exported as CSV/JSON/FHIR.
+
+Ranking (``[worklist]`` config)
+-------------------------------
+A study's **score** is the largest ``weight[finding] x probability`` over its *positive*
+findings (probability >= the bundle's threshold), over all its instances; 0 without a positive
+finding. The order is three tiers:
+
+1. **overdue**: unread studies that have waited at least ``ageing_cap_minutes`` since they
+   arrived, longest wait first. Prioritising cuts the mean wait of positives but lengthens the
+   worst case for everything else; the cap bounds that worst case (no starvation): an overdue
+   negative study rises above a brand-new positive one.
+2. **positive**: score descending, then arrival (earlier first);
+3. **routine**: arrival order (first in, first out), then score.
+
+FHIR export (choice)
+--------------------
+One **Task** per unread study (FHIR R4, validated with ``fhir.resources.R4B`` like
+:mod:`cxr_ai.fhir`): ``status`` requested, ``intent`` order, ``priority`` from the request
+priority value set: ``asap`` for overdue, ``urgent`` for positive, ``routine`` otherwise
+(``stat`` is left to clinicians: an AI triage flag is not a stat order). ``focus`` is the
+ImagingStudy by identifier (``urn:dicom:uid`` / ``urn:oid:<StudyInstanceUID>``), ``input``
+lists the AI DiagnosticReports by identifier (the SR SOP Instance UIDs, as :mod:`cxr_ai.fhir`
+identifies them), ``authoredOn`` the arrival, ``restriction.period.end`` the ageing deadline,
+``businessStatus`` the rank. A Task (a work item with a priority) rather than a flag on the
+DiagnosticReport: worklists and RIS integrations consume Tasks, a report stays a report.
+
+The listener calls :meth:`Worklist.upsert_study` as each study's results are made; the batch
+processor can load its results table (:func:`load_results_table`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import enum
+import json
+import logging
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxr_ai.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS: dict[str, float] = {"cardiomegaly": 1.0, "low_ef": 1.5}
+DEFAULT_CAP_MINUTES = 240.0
+
+MSG_BAD_WEIGHT = "[worklist] weights: weight of {key!r} must be a number >= 0, got {value!r}"
+MSG_BAD_CAP = "[worklist] ageing_cap_minutes must be > 0, got {value!r}"
+MSG_BAD_FINDING = (
+    "finding {finding!r} for study {study} lacks {missing}; give key, probability and threshold "
+    "(a cxr_ai.results.FindingResult or a mapping)"
+)
+MSG_NO_DB = "no worklist database given: pass --db or set [worklist] path"
+
+
+class Tier(int, enum.Enum):
+    OVERDUE = 0
+    POSITIVE = 1
+    ROUTINE = 2
+
+
+class TaskPriority(str, enum.Enum):
+    """FHIR request-priority codes (http://hl7.org/fhir/request-priority)."""
+
+    ROUTINE = "routine"
+    URGENT = "urgent"
+    ASAP = "asap"
+    STAT = "stat"
+
+
+TIER_PRIORITY = {Tier.OVERDUE: TaskPriority.ASAP, Tier.POSITIVE: TaskPriority.URGENT, Tier.ROUTINE: TaskPriority.ROUTINE}
+
+
+@dataclass(frozen=True)
+class TriagePolicy:
+    weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    ageing_cap_minutes: float = DEFAULT_CAP_MINUTES
+    default_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for k, v in self.weights.items():
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(MSG_BAD_WEIGHT.format(key=k, value=v))
+        if not isinstance(self.ageing_cap_minutes, (int, float)) or self.ageing_cap_minutes <= 0:
+            raise ConfigError(MSG_BAD_CAP.format(value=self.ageing_cap_minutes))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> "TriagePolicy":
+        section = (config or {}).get("worklist", config or {})
+        return cls(
+            weights=dict(section.get("weights", DEFAULT_WEIGHTS)),
+            ageing_cap_minutes=float(section.get("ageing_cap_minutes", DEFAULT_CAP_MINUTES)),
+            default_weight=float(section.get("default_weight", 1.0)),
+        )
+
+    def weight(self, key: str) -> float:
+        return float(self.weights.get(key, self.default_weight))
+
+
+@dataclass
+class RankedStudy:
+    rank: int
+    study_uid: str
+    tier: Tier
+    priority: TaskPriority
+    score: float
+    wait_minutes: float
+    overdue: bool
+    received_at: float
+    accession: str
+    patient_key: str
+    findings: dict[str, dict[str, Any]]
+    report_uids: list[str]
+
+    def flat(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "rank": self.rank, "study_uid": self.study_uid, "tier": self.tier.name.lower(),
+            "priority": self.priority.value, "score": round(self.score, 6),
+            "wait_minutes": round(self.wait_minutes, 2), "overdue": self.overdue,
+            "received_at": _iso(self.received_at), "accession": self.accession, "patient_key": self.patient_key,
+        }
+        for k, f in sorted(self.findings.items()):
+            row[f"p_{k}"] = f["probability"]
+            row[f"pred_{k}"] = f["positive"]
+        row["report_uids"] = " ".join(self.report_uids)
+        return row
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _ts(value: float | dt.datetime | None) -> float:
+    if value is None:
+        return time.time()
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise ConfigError(f"received_at {value!r} has no time zone; pass an aware datetime or a POSIX time")
+        return value.timestamp()
+    return float(value)
+
+
+def _finding_dict(f: Any, study: str) -> dict[str, Any]:
+    if isinstance(f, Mapping):
+        missing = [k for k in ("key", "probability", "threshold") if k not in f]
+        if missing:
+            raise ValueError(MSG_BAD_FINDING.format(finding=dict(f), study=study, missing=", ".join(missing)))
+        key, p, thr = str(f["key"]), float(f["probability"]), float(f["threshold"])
+    else:
+        key, p, thr = str(f.key), float(f.probability), float(f.threshold)
+    return {"key": key, "probability": p, "threshold": thr, "positive": p >= thr}
+
+
+class Worklist:
+    """The persistent triage worklist (SQLite; safe across threads and processes).
+
+    Parameters
+    ----------
+    path
+        Database file (created with its folder).
+    policy
+        Weights and ageing cap; :class:`TriagePolicy` defaults if None.
+    """
+
+    def __init__(self, path: str | Path, *, policy: TriagePolicy | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.policy = policy or TriagePolicy()
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            """CREATE TABLE IF NOT EXISTS studies (
+                   study_uid TEXT PRIMARY KEY, received_at REAL NOT NULL, accession TEXT NOT NULL,
+                   patient_key TEXT NOT NULL, findings_json TEXT NOT NULL, reports_json TEXT NOT NULL,
+                   read_at REAL, updated_at REAL NOT NULL)"""
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "Worklist":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def upsert_study(self, study_uid: str, findings: Iterable[Any], *, received_at: float | dt.datetime | None = None,
+                     accession: str = "", patient_key: str = "", report_uid: str = "") -> None:
+        """Add a study, or merge more results into it (another instance, a re-run).
+
+        Per finding the highest probability over the study's instances is kept. The arrival
+        time is the earliest one seen, so a late instance does not reset the study's wait.
+        ``findings`` are :class:`cxr_ai.results.FindingResult` or mappings with ``key``,
+        ``probability``, ``threshold``. ``report_uid`` is the SR SOP Instance UID (also the
+        FHIR DiagnosticReport identifier).
+        """
+        new = {f["key"]: f for f in (_finding_dict(f, study_uid) for f in findings)}
+        ts = _ts(received_at)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT received_at, accession, patient_key, findings_json, reports_json FROM studies WHERE study_uid=?",
+                    (study_uid,)).fetchone()
+                if row is not None:
+                    old = json.loads(row[3])
+                    for k, f in new.items():
+                        if k not in old or f["probability"] > old[k]["probability"]:
+                            old[k] = f
+                    reports = json.loads(row[4])
+                    ts = min(ts, row[0])
+                    accession = accession or row[1]
+                    patient_key = patient_key or row[2]
+                    new = old
+                else:
+                    reports = []
+                if report_uid and report_uid not in reports:
+                    reports.append(report_uid)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO studies (study_uid, received_at, accession, patient_key, findings_json,"
+                    " reports_json, read_at, updated_at) VALUES (?,?,?,?,?,?,"
+                    " (SELECT read_at FROM studies WHERE study_uid=?),?)",
+                    (study_uid, ts, accession, patient_key, json.dumps(new, sort_keys=True), json.dumps(reports),
+                     study_uid, time.time()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def mark_read(self, study_uid: str, *, at: float | None = None) -> None:
+        """Take a study off the worklist (it stays in the database)."""
+        with self._lock:
+            self._db.execute("UPDATE studies SET read_at=? WHERE study_uid=?", (_ts(at), study_uid))
+
+    def ranked(self, *, now: float | dt.datetime | None = None, include_read: bool = False) -> list[RankedStudy]:
+        """Unread studies in reading order (see the module docstring)."""
+        t_now = _ts(now)
+        cap_s = self.policy.ageing_cap_minutes * 60.0
+        sql = "SELECT study_uid, received_at, accession, patient_key, findings_json, reports_json FROM studies"
+        if not include_read:
+            sql += " WHERE read_at IS NULL"
+        entries = []
+        for uid, received, acc, pkey, fj, rj in self._db.execute(sql):
+            findings = json.loads(fj)
+            score = max((self.policy.weight(k) * f["probability"] for k, f in findings.items() if f["positive"]),
+                        default=0.0)
+            wait = max(0.0, t_now - received)
+            overdue = wait >= cap_s
+            tier = Tier.OVERDUE if overdue else Tier.POSITIVE if score > 0 else Tier.ROUTINE
+            if tier is Tier.OVERDUE:
+                key = (tier.value, -wait, -score, uid)
+            elif tier is Tier.POSITIVE:
+                key = (tier.value, -score, received, uid)
+            else:
+                key = (tier.value, received, -score, uid)
+            entries.append((key, RankedStudy(0, uid, tier, TIER_PRIORITY[tier], score, wait / 60.0, overdue,
+                                             received, acc, pkey, findings, json.loads(rj))))
+        entries.sort(key=lambda e: e[0])
+        out = []
+        for i, (_, r) in enumerate(entries, start=1):
+            r.rank = i
+            out.append(r)
+        return out
+
+    # --- exports ------------------------------------------------------------------------------
+
+    def to_frame(self, **kw: Any):  # noqa: ANN201 - pandas.DataFrame
+        import pandas as pd
+
+        return pd.DataFrame([r.flat() for r in self.ranked(**kw)])
+
+    def export_csv(self, path: str | Path, **kw: Any) -> Path:
+        p = Path(path)
+        self.to_frame(**kw).to_csv(p, index=False)
+        return p
+
+    def export_json(self, path: str | Path, **kw: Any) -> Path:
+        p = Path(path)
+        p.write_text(json.dumps([r.flat() for r in self.ranked(**kw)], indent=1), encoding="utf-8")
+        return p
+
+    def fhir_tasks(self, **kw: Any) -> list[Any]:
+        """One validated R4 Task per unread study (``fhir.resources.R4B`` objects)."""
+        return [task_for(r, cap_minutes=self.policy.ageing_cap_minutes) for r in self.ranked(**kw)]
+
+    def export_fhir(self, path: str | Path, **kw: Any) -> Path:
+        """A FHIR ``collection`` Bundle of the Tasks, in rank order (JSON)."""
+        from fhir.resources.R4B.bundle import Bundle
+
+        tasks = self.fhir_tasks(**kw)
+        bundle = Bundle.model_validate({
+            "resourceType": "Bundle", "type": "collection", "timestamp": _iso(_ts(kw.get("now"))),
+            "entry": [{"fullUrl": f"urn:uuid:{_task_uuid(t.identifier[0].value)}",
+                       "resource": t.model_dump(mode="json", exclude_none=True)} for t in tasks],
+        })
+        p = Path(path)
+        p.write_text(bundle.model_dump_json(exclude_none=True), encoding="utf-8")
+        return p
+
+
+def _task_uuid(study_uid: str) -> str:
+    import uuid
+
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, f"cxr-ai-worklist-task:{study_uid}"))
+
+
+def task_for(r: RankedStudy, *, cap_minutes: float) -> Any:
+    """The FHIR R4 Task of a ranked study (validated by ``fhir.resources.R4B``)."""
+    from fhir.resources.R4B.task import Task
+
+    from cxr_ai.fhir import DICOM_UID_SYSTEM, uid_identifier
+
+    positives = [k for k, f in sorted(r.findings.items()) if f["positive"]]
+    description = (f"AI triage rank {r.rank}: " + (", ".join(positives) + " suspected" if positives else "no AI finding")
+                   + (f"; waiting {r.wait_minutes:.0f} min, past the {cap_minutes:.0f} min cap" if r.overdue else ""))
+    data: dict[str, Any] = {
+        "resourceType": "Task",
+        "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{r.study_uid}"}],
+        "status": "requested",
+        "intent": "order",
+        "priority": r.priority.value,
+        "description": description,
+        "businessStatus": {"text": f"rank {r.rank}"},
+        "focus": {"type": "ImagingStudy", "identifier": uid_identifier(r.study_uid)},
+        "authoredOn": _iso(r.received_at),
+        "restriction": {"period": {"start": _iso(r.received_at), "end": _iso(r.received_at + cap_minutes * 60)}},
+        "input": [
+            {"type": {"text": "AI DiagnosticReport"},
+             "valueReference": {"type": "DiagnosticReport",
+                                "identifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}}}
+            for uid in r.report_uids
+        ],
+    }
+    if not data["input"]:
+        del data["input"]
+    return Task.model_validate(data)
+
+
+def load_results_table(worklist: Worklist, table: Any, *, received_at: float | None = None) -> int:
+    """Upsert the processed studies of a batch results table (DataFrame or CSV/Parquet path)."""
+    import pandas as pd
+
+    if not isinstance(table, pd.DataFrame):
+        p = Path(table)
+        table = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    keys = [c[2:] for c in table.columns if c.startswith("p_")]
+    n = 0
+    for study, group in table[table["status"] == "processed"].groupby("study_uid"):
+        findings = []
+        for _, row in group.iterrows():
+            for k in keys:
+                if pd.notna(row.get(f"p_{k}")) and pd.notna(row.get(f"thr_{k}")):
+                    findings.append({"key": k, "probability": float(row[f"p_{k}"]), "threshold": float(row[f"thr_{k}"])})
+        worklist.upsert_study(str(study), findings, received_at=received_at,
+                              patient_key=str(group["patient_key"].iloc[0] if "patient_key" in group else "") or "")
+        n += 1
+    return n
+
+
+# ============================================================================================
+# CLI
+# ============================================================================================
+
+
+def add_worklist_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``worklist`` sub-command to a ``cxr-ai`` sub-parser set."""
+    p = subparsers.add_parser("worklist", help="show / export the triage worklist (CSV, JSON, FHIR Tasks)")
+    _fill_parser(p)
+    p.set_defaults(func=_cmd_worklist)
+    return p
+
+
+def _fill_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default="", help="worklist database (default: [worklist] path)")
+    p.add_argument("--config", default=None, help="site config TOML")
+    p.add_argument("--load", default=None, help="add the processed studies of a batch results.csv/.parquet")
+    p.add_argument("--csv", default=None, help="write the ranked list as CSV")
+    p.add_argument("--json", default=None, help="write the ranked list as JSON")
+    p.add_argument("--fhir", default=None, help="write a FHIR R4 Bundle of Tasks (one per study)")
+    p.add_argument("--mark-read", action="append", default=[], help="Study Instance UID read (repeatable)")
+    p.add_argument("--limit", type=int, default=20, help="rows to print (default 20)")
+
+
+def _cmd_worklist(args: argparse.Namespace) -> int:
+    from cxr_ai.config import load_config
+
+    cfg = load_config(args.config)
+    path = args.db or str(cfg.get("worklist", {}).get("path", "") or "")
+    if not path:
+        raise ConfigError(MSG_NO_DB)
+    with Worklist(path, policy=TriagePolicy.from_config(cfg)) as wl:
+        if args.load:
+            n = load_results_table(wl, args.load)
+            print(f"loaded {n} studies from {args.load}")
+        for uid in args.mark_read:
+            wl.mark_read(uid)
+        if args.csv:
+            wl.export_csv(args.csv)
+        if args.json:
+            wl.export_json(args.json)
+        if args.fhir:
+            wl.export_fhir(args.fhir)
+        for r in wl.ranked()[: args.limit]:
+            pos = ",".join(k for k, f in sorted(r.findings.items()) if f["positive"]) or "-"
+            print(f"{r.rank:4d} {r.priority.value:8s} score={r.score:.3f} wait={r.wait_minutes:7.1f} min "
+                  f"{pos:20s} {r.study_uid}")
+    return 0
+
+
+def worklist_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cxr-ai worklist", description="The triage worklist.")
+    _fill_parser(parser)
+    args = parser.parse_args(argv)
+    try:
+        return _cmd_worklist(args)
+    except ConfigError as exc:
+        print(f"cxr-ai worklist: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(worklist_main())

@@ -1,0 +1,78 @@
+"""The pipeline core on real radiographs with the shipped demo model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cxr_ai.dicom.sr import read_sr_findings
+from cxr_ai.pipeline import InstanceStatus, Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Pipeline:
+    return Pipeline()
+
+
+def test_rg1_processed_with_all_outputs(pipeline: Pipeline, rg1_paths: dict[str, Path]) -> None:
+    outcome = pipeline.process_instance(rg1_paths["RG1_J2KR"])
+    assert outcome.status is InstanceStatus.PROCESSED, outcome.message
+    source = pydicom.dcmread(rg1_paths["RG1_J2KR"], stop_before_pixels=True)
+    keys = {f.key for f in outcome.result.findings}
+    assert keys == {"cardiomegaly", "low_ef"}
+    for f in outcome.result.findings:
+        assert 0.0 <= f.probability <= 1.0
+        assert f.heatmap is not None and f.heatmap.shape == (source.Rows, source.Columns)
+    sops = {ds.SOPClassUID for ds in outcome.datasets}
+    assert pydicom.uid.Comprehensive3DSRStorage in sops
+    assert pydicom.uid.SecondaryCaptureImageStorage in sops
+    assert pydicom.uid.ParametricMapStorage in sops
+    for ds in outcome.datasets:
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    sr = next(ds for ds in outcome.datasets if ds.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage)
+    found = {f["key"]: f for f in read_sr_findings(sr)}
+    for f in outcome.result.findings:
+        assert found[f.key]["probability"] == pytest.approx(f.probability, abs=1e-4)
+    assert outcome.fhir_bundle["resourceType"] == "Bundle"
+
+
+def test_study_batch_equals_one_by_one(pipeline: Pipeline, rg1_paths: dict[str, Path]) -> None:
+    paths = [rg1_paths["RG1_UNCR"], rg1_paths["RG1_UNCI"]]
+    batch = pipeline.process_study(paths)
+    single = [pipeline.process_instance(p) for p in paths]
+    for a, b in zip(batch, single):
+        for fa, fb in zip(a.result.findings, b.result.findings):
+            assert fa.probability == pytest.approx(fb.probability, abs=1e-5)
+
+
+def test_lossless_encodings_give_identical_probabilities(pipeline: Pipeline, rg1_paths: dict[str, Path]) -> None:
+    a, b = pipeline.process_study([rg1_paths["RG1_UNCR"], rg1_paths["RG1_J2KR"]])
+    assert [f.probability for f in a.result.findings] == [f.probability for f in b.result.findings]
+
+
+def test_rejections_and_failures_have_reasons(pipeline: Pipeline, rg3_paths: dict[str, Path],
+                                              data_store_dir: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 300)
+    outcomes = pipeline.process_study([rg3_paths["RG3_UNCR"], data_store_dir / "693_UNCR.dcm", junk])
+    assert [(o.status, o.reason) for o in outcomes] == [
+        (InstanceStatus.NOT_APPLICABLE, "body_part"),
+        (InstanceStatus.NOT_APPLICABLE, "modality"),
+        (InstanceStatus.FAILED, "not_dicom"),
+    ]
+    for o in outcomes:
+        assert o.datasets == [] and o.fhir_bundle is None and o.message
+
+
+def test_undecodable_pixels_fail_with_reason(pipeline: Pipeline, rg1_paths: dict[str, Path], tmp_path: Path) -> None:
+    ds = pydicom.dcmread(rg1_paths["RG1_UNCR"])
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    path = tmp_path / "short.dcm"
+    ds.save_as(path)
+    (outcome,) = pipeline.process_study([path])
+    assert outcome.status is InstanceStatus.FAILED and outcome.reason == "decode_failed"
+    assert "short.dcm" in outcome.message and outcome.datasets == []
