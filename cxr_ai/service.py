@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import copy
 import io
 import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -71,6 +73,7 @@ class ServiceSettings:
     listener: ListenerSettings
     spool_dir: Path
     db_path: Path
+    store_root: Path
     quiet_seconds: float
     max_open_seconds: float
     keep_seconds: float | None  # None keeps spool files forever
@@ -149,6 +152,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
     root = root if root.is_absolute() else base / root
     spool_dir = Path(st.get("spool_dir") or root / "spool")
     db_path = Path(st.get("db") or root / "jobs.sqlite3")
+    store_root = root
     keep_hours = _get(st, "store", "keep_hours", float, "hours >= 0, or -1 to keep files forever",
                       check=lambda v: v >= 0 or v == -1)
     policy = RetryPolicy(
@@ -169,6 +173,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
         listener=listener,
         spool_dir=spool_dir if spool_dir.is_absolute() else base / spool_dir,
         db_path=db_path if db_path.is_absolute() else base / db_path,
+        store_root=store_root,
         quiet_seconds=_get(st, "store", "quiet_seconds", float, "seconds >= 0", check=nonneg),
         max_open_seconds=_get(st, "store", "max_open_seconds", float, "seconds > 0", check=pos),
         keep_seconds=None if keep_hours == -1 else keep_hours * 3600.0,
@@ -257,6 +262,57 @@ def _kind_prefix(ds: Dataset) -> str:
     return "".join(c for c in str(ds.get("Modality", "") or "OBJ") if c.isalnum())[:8] or "OBJ"
 
 
+class ResultRecorder:
+    """After a study is processed: the prediction log (``[monitoring]``) and the triage
+    worklist (``[worklist]``). Both are secondary records: a failure here is logged and
+    counted, and never fails the study or loses its results."""
+
+    def __init__(self, config: Mapping[str, Any], settings: ServiceSettings) -> None:
+        from cxr_ai.monitoring.log import PredictionLog, resolve_pseudonym_key
+        from cxr_ai.worklist import TriagePolicy, Worklist
+
+        # Relative monitoring paths follow the service's resolved store root.
+        cfg = copy.deepcopy(dict(config))
+        cfg.setdefault("store", {})["root"] = str(settings.store_root)
+        mon = cfg.get("monitoring", {})
+        self.log: Any = None
+        if mon.get("enabled", True):
+            folder = Path(mon.get("dir") or settings.store_root / "monitoring")
+            self.log = PredictionLog(folder / mon.get("prediction_log", "predictions.jsonl"),
+                                     key=resolve_pseudonym_key(cfg))
+        wl_path = Path(cfg.get("worklist", {}).get("path") or settings.store_root / "worklist.sqlite3")
+        self.worklist = Worklist(wl_path, policy=TriagePolicy.from_config(cfg))
+        self.errors = 0
+
+    def record(self, outcomes: Sequence[Any], received_at: float | None) -> None:
+        study_uid, findings, report_uid, pkey, accession = "", [], "", "", ""
+        for o in outcomes:
+            rg, result = getattr(o, "radiograph", None), getattr(o, "result", None)
+            if rg is None or result is None:
+                continue
+            try:
+                if self.log is not None:
+                    record = self.log.log_prediction(rg, result, source="listener")
+                    pkey = pkey or record.get("patient_key", "")
+            except (OSError, ValueError, TypeError) as exc:
+                self.errors += 1
+                logger.error("prediction log write failed (%s); the study's results are unaffected", type(exc).__name__)
+            if result.findings:
+                study_uid = study_uid or rg.study_instance_uid
+                accession = accession or rg.accession_number
+                findings.extend(result.findings)
+                sr = next((ds for ds in getattr(o, "datasets", []) if str(ds.get("Modality", "")) == "SR"), None)
+                report_uid = report_uid or (str(sr.SOPInstanceUID) if sr is not None else "")
+        if not findings:
+            return
+        try:
+            self.worklist.upsert_study(study_uid, findings, received_at=received_at, accession=accession,
+                                       patient_key=pkey, report_uid=report_uid)
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            self.errors += 1
+            logger.error("worklist update failed (%s); the study's results are unaffected", type(exc).__name__)
+
+
 class WorkerPool:
     """Threads that take ready studies from the job store and run the pipeline on them."""
 
@@ -276,6 +332,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._pipelines: dict[int, Any] = {}
         self.errors: list[str] = []
+        self.recorder = ResultRecorder(config, settings)
 
     def start(self) -> None:
         for i in range(self.settings.workers):
@@ -393,7 +450,7 @@ class WorkerPool:
         files: list[Path] = []
         results: list[InstanceResult] = []
         counts: dict[str, int] = {}
-        for n, (inst, outcome) in enumerate(pairs):
+        for inst, outcome in pairs:
             if outcome is None:
                 results.append(InstanceResult(inst.sop_key, InstanceState.FAILED, "pipeline returned no outcome"))
                 counts["failed"] = counts.get("failed", 0) + 1
@@ -420,6 +477,7 @@ class WorkerPool:
             if items:
                 deliveries.append(NewDelivery(name, items))
         state = self.store.complete_processing(claim.study.study_key, results=results, deliveries=deliveries)
+        self.recorder.record([o for _, o in pairs if o is not None], received_at=claim.study.created_at)
         for outcome_name, n in counts.items():
             self.metrics.instances_processed.labels(outcome_name).inc(n)
         if state in (StudyState.NOT_APPLICABLE, StudyState.FAILED):

@@ -15,7 +15,7 @@ def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("phantoms", "check", "batch", "worklist", "evaluate"):
+    for command in ("serve", "jobs", "demo", "phantoms", "check", "batch", "worklist", "evaluate"):
         assert command in out
 
 
