@@ -170,7 +170,15 @@ def _header_item(path: Path) -> WorkItem | None:
     """A work item from the file's header, or None when the file is not DICOM (no preamble)."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except (InvalidDicomError, EOFError, OSError):
+    except InvalidDicomError:
+        # No preamble/'DICM': a raw data set (which the reader accepts) or not DICOM at all.
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+        except Exception:  # noqa: BLE001 - not parseable: not DICOM
+            return None
+        if not is_valid_uid(str(ds.get("SOPInstanceUID", "") or "")):
+            return None
+    except (EOFError, OSError):
         return None
     except Exception:  # noqa: BLE001 - a malformed header: let the pipeline report why
         return WorkItem(str(path), "", "")
@@ -434,6 +442,7 @@ def outcome_row(outcome: Any, *, model: Any, key: bytes, finding_keys: Sequence[
         sex=(rg.sex or "") if rg else "",
         age=float(rg.age_years) if rg and rg.age_years is not None else None,
         ethnic_group=(rg.ethnic_group or "") if rg else "",
+        study_date=rg.study_date.isoformat() if rg and rg.study_date else "",
         n_outputs=n_outputs,
     )
     return row
@@ -642,6 +651,15 @@ def _pseudonym_key(config: Mapping[str, Any], out_dir: Path) -> bytes:
     return resolve_pseudonym_key(config)  # the site key the listener's prediction log uses
 
 
+def _prediction_log(config: Mapping[str, Any]) -> Any:
+    """The site's live prediction log (``[monitoring]``), or None when monitoring is off."""
+    if not config.get("monitoring", {}).get("enabled", True):
+        return None
+    from cxr_ai.monitoring.log import PredictionLog
+
+    return PredictionLog.from_config(config)
+
+
 def _clean_tmp(out_dir: Path) -> int:
     n = 0
     studies = out_dir / STUDIES_DIR
@@ -745,8 +763,12 @@ def run_batch(
         bar = _progress(total=len(todo), enabled=options.progress)
         sent_lock = threading.Lock()
 
+        plog = _prediction_log(cfg)
+
         def on_finished(fin: Finished) -> None:
             state.record(key=fin.key, row=fin.row, outputs=fin.outputs, run_id=run_id)
+            if plog is not None and fin.row.get("sop_uid"):
+                plog.append(plog.record_from_row(fin.row, source="batch"))
             status = fin.row["status"]
             if status == "processed":
                 summary.processed += 1

@@ -279,3 +279,27 @@ def test_dask_local_cluster_gives_the_same_table(phantoms, config, pipeline, tmp
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-7)
     names = lambda root: sorted(p.relative_to(root) for p in _outputs(root))  # noqa: E731
     assert names(tmp_path / "local") == names(tmp_path / "dask")
+
+
+def test_batch_feeds_the_live_prediction_log(phantoms, config, pipeline, tmp_path: Path) -> None:
+    """Batch runs log every instance like the listener does: same schema, same site key."""
+    import copy
+
+    from cxr_ai.monitoring.log import PredictionLog
+
+    root, labels = phantoms
+    cfg = copy.deepcopy(config)
+    cfg["monitoring"]["dir"] = str(tmp_path / "mon")
+    batch.run_batch(batch.scan_inputs([root]), options=batch.BatchOptions(out_dir=tmp_path / "out", progress=False,
+                                                                          write_outputs=False), config=cfg,
+                    pipeline=pipeline)
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    logged = pd.DataFrame(PredictionLog.from_config(cfg).records())
+    assert sorted(logged["sop_uid"]) == sorted(table["sop_uid"]) == sorted(labels["sop_uid"])
+    merged = logged.merge(table, on="sop_uid", suffixes=("_log", "_table"))
+    assert (merged["patient_key_log"] == merged["patient_key_table"]).all()
+    accepted = merged[merged["gate_accepted_table"]]
+    probs = accepted["findings"].map(lambda f: f["cardiomegaly"]["p"])
+    assert probs.to_numpy() == pytest.approx(accepted["p_cardiomegaly"].to_numpy(), abs=1e-6)
+    text = (tmp_path / "mon" / "predictions.jsonl").read_text()
+    assert not any(str(pid) in text for pid in labels["patient_id"])

@@ -140,14 +140,48 @@ class PredictionLog:
                                  "positive": bool(f.positive)} for f in image_result.findings},
         }
 
+    def record_from_row(self, row: Mapping[str, Any], *, source: str = "batch",
+                        logged_at: dt.datetime | None = None) -> dict[str, Any]:
+        """The same record built from a ``cxr-ai batch`` results-table row (whose
+        ``patient_key`` was made with this site key), so batch runs feed the live log too."""
+        findings = {}
+        for name, value in row.items():
+            if name.startswith("p_") and value is not None and value == value:  # not NaN
+                key = name[2:]
+                findings[key] = {"p": float(value), "threshold": float(row[f"thr_{key}"]),
+                                 "positive": bool(row[f"pred_{key}"])}
+        ethnic = row.get("ethnic_group") or None
+        return {
+            "schema": SCHEMA_VERSION,
+            "logged_at": _iso(logged_at),
+            "study_date": row.get("study_date") or None,
+            "source": source,
+            "sop_uid": row["sop_uid"],
+            "study_uid": row["study_uid"],
+            "patient_key": row.get("patient_key", ""),
+            "sex": normalise_sex(row.get("sex") or None),
+            "age_band": age_band(row.get("age"), edges=self._age_edges),
+            "ethnic_group": ethnic,
+            "race": normalise_race(ethnic) if ethnic else UNKNOWN,
+            "model_name": row.get("model_name"),
+            "model_version": row.get("model_version"),
+            "gate_accepted": bool(row.get("gate_accepted")),
+            "gate_reason": row.get("gate_reason", ""),
+            "findings": findings,
+        }
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Append one record (as built by :meth:`record_for` or :meth:`record_from_row`)."""
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+
     def log_prediction(self, radiograph: Any, image_result: Any, *, source: str = "listener",
                        logged_at: dt.datetime | None = None) -> dict[str, Any]:
         """Append one record for ``image_result`` (a :class:`cxr_ai.results.ImageResult`) read
         from ``radiograph`` (a :class:`cxr_ai.dicom.reader.Radiograph`); returns it."""
         record = self.record_for(radiograph, image_result, source=source, logged_at=logged_at)
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line)
+        self.append(record)
         return record
 
     def records(self) -> Iterator[dict[str, Any]]:
