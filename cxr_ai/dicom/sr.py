@@ -427,13 +427,13 @@ def outputs_for(
     from cxr_ai.dicom import heatmap
 
     if not result.applicable:
-        logger.info(
+        logger.debug(
             "no result objects for instance %s: rejected (%s)",
             result.sop_instance_uid, result.decision.reason.value,
         )
         return None
     if not result.findings:
-        logger.info("no result objects for instance %s: no findings", result.sop_instance_uid)
+        logger.debug("no result objects for instance %s: no findings", result.sop_instance_uid)
         return None
     if result.model is None:
         raise ValueError(MSG_NO_MODEL.format(sop=result.sop_instance_uid))
