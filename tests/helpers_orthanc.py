@@ -81,6 +81,10 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=20) as r:
             return json.loads(r.read())
@@ -99,11 +103,14 @@ class Orthanc:
         _stop(self.process)
 
 
-def orthanc_config(root: Path, *, dicom_port: int, http_port: int, cxr_ai_port: int,
-                   senders: dict[str, str], aet: str = "ORTHANC") -> dict:
+def orthanc_config(root: Path, *, dicom_port: int, http_port: int, cxr_ai_port: int | None,
+                   senders: dict[str, str], aet: str = "ORTHANC",
+                   query_retrieve: tuple[str, int] | None = None) -> dict:
     """deploy/orthanc/orthanc.json, pointed at temp folders and loopback ports.
 
     ``senders`` maps modality names to AE titles allowed to store (besides cxr-ai).
+    ``cxr_ai_port`` None: no auto-routing (Orthanc as a plain PACS). ``query_retrieve``:
+    (AE title, C-MOVE destination port) of a client allowed C-FIND/C-GET/C-MOVE.
     """
     cfg = json.loads((DEPLOY_ORTHANC / "orthanc.json").read_text())
     storage = root / "db"
@@ -113,23 +120,32 @@ def orthanc_config(root: Path, *, dicom_port: int, http_port: int, cxr_ai_port: 
         DicomAet=aet, DicomPort=dicom_port, HttpPort=http_port, RemoteAccessAllowed=False,
         AuthenticationEnabled=False, RegisteredUsers={}, DicomAlwaysAllowStore=False,
         DicomCheckModalityHost=True, StableAge=1,
-        LuaScripts=[str(DEPLOY_ORTHANC / "route-to-cxr-ai.lua")],
+        LuaScripts=[str(DEPLOY_ORTHANC / "route-to-cxr-ai.lua")] if cxr_ai_port else [],
         Plugins=[str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
     )
-    cfg["DicomModalities"] = {"cxr-ai": {"AET": "CXR_AI", "Host": "127.0.0.1", "Port": cxr_ai_port,
-                                         "AllowStore": True, "AllowEcho": True}}
+    cfg["DicomModalities"] = {}
+    if cxr_ai_port:
+        cfg["DicomModalities"]["cxr-ai"] = {"AET": "CXR_AI", "Host": "127.0.0.1", "Port": cxr_ai_port,
+                                            "AllowStore": True, "AllowEcho": True}
+    if query_retrieve:
+        ae, move_port = query_retrieve
+        cfg["DicomModalities"]["qr-client"] = {
+            "AET": ae, "Host": "127.0.0.1", "Port": move_port, "AllowStore": True, "AllowEcho": True,
+            "AllowFind": True, "AllowGet": True, "AllowMove": True}
+        cfg.update(DicomWeb={"Enable": True, "Root": "/dicom-web/"})
     for name, ae in senders.items():
         cfg["DicomModalities"][name] = {"AET": ae, "Host": "127.0.0.1", "Port": free_port(), "AllowStore": True}
     return cfg
 
 
-def start_orthanc(root: Path, *, cxr_ai_port: int, senders: dict[str, str], aet: str = "ORTHANC") -> Orthanc:
+def start_orthanc(root: Path, *, cxr_ai_port: int | None, senders: dict[str, str] | None = None,
+                  aet: str = "ORTHANC", query_retrieve: tuple[str, int] | None = None) -> Orthanc:
     """Start Debian's Orthanc from a generated config; returns once its REST API answers."""
     assert ORTHANC_BIN, "Debian's orthanc package is required (apt-get install orthanc orthanc-dicomweb)"
     root.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_port(), free_port()
     cfg = orthanc_config(root, dicom_port=dicom_port, http_port=http_port, cxr_ai_port=cxr_ai_port,
-                         senders=senders, aet=aet)
+                         senders=senders or {}, aet=aet, query_retrieve=query_retrieve)
     cfg_path = root / "orthanc.json"
     cfg_path.write_text(json.dumps(cfg, indent=1))
     log = open(root / "orthanc.log", "wb")  # noqa: SIM115 - handed to the Orthanc process

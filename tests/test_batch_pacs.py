@@ -10,10 +10,10 @@ import pytest
 from cxr_ai import batch
 from cxr_ai.net.scu import Peer, send_files
 from cxr_ai.phantoms import PhantomConfig, generate_studies
-from orthanc_batch import ORTHANC_BIN, free_port, start_orthanc
+from helpers_orthanc import free_port, start_orthanc
 from test_batch import config, pipeline, tiny_bundle  # noqa: F401 - shared fixtures
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(ORTHANC_BIN is None, reason="Orthanc not installed")]
+pytestmark = [pytest.mark.slow]
 
 SCU_AET = "CXR_AI_TEST"
 
@@ -22,7 +22,7 @@ SCU_AET = "CXR_AI_TEST"
 def pacs(tmp_path_factory):
     root = tmp_path_factory.mktemp("orthanc")
     move_port = free_port()
-    server = start_orthanc(root / "srv", scu_aet=SCU_AET, scu_move_port=move_port)
+    server = start_orthanc(root / "srv", cxr_ai_port=None, query_retrieve=(SCU_AET, move_port))
     labels = generate_studies(root / "ph", PhantomConfig(n_studies=5, seed=21, size=256, fraction_lateral=0.5,
                                                          fraction_non_chest=0.0))
     peer = Peer(host="127.0.0.1", port=server.dicom_port, ae_title=server.aet, calling_ae=SCU_AET)
