@@ -58,6 +58,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from cxr_ai.dicom.reader import is_valid_uid
 from cxr_ai.errors import ConfigError, CxrAiError
 
 logger = logging.getLogger(__name__)

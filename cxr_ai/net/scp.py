@@ -19,6 +19,7 @@ import os
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -103,6 +105,15 @@ def inspect_received(path: str | os.PathLike, *, affected_sop_class: str, affect
         raise DatasetProblem(Status.CANNOT_UNDERSTAND, f"data set could not be parsed: {exc}") from exc
     if not elements:
         raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_EMPTY)
+    deflated = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
+    if deflated:
+        # Element offsets are positions in the inflated stream, not in the file: parse it all
+        # instead (pydicom inflates in memory); a damaged stream fails here.
+        try:
+            pydicom.dcmread(path).walk(lambda _ds, _el: None)
+        except (zlib.error, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise DatasetProblem(Status.CANNOT_UNDERSTAND, f"deflated data set could not be inflated: {exc}") from exc
+        elements = []
     with open(path, "rb") as f:
         for tag, el in elements:
             if not isinstance(el, RawDataElement):

@@ -392,6 +392,22 @@ class JobStore:
         """
         now = self._clock()
         with self._tx() as conn:
+            # A row whose state this version does not know (a corrupted or foreign database)
+            # would break every listing: fail the study visibly instead, with the state found.
+            known = [s.value for s in StudyState]
+            marks = ",".join("?" * len(known))
+            n_bad = conn.execute(
+                f"UPDATE studies SET reason='job store row had an unknown state ' || quote(state) ||"
+                f" '; marked failed at start', state=?, updated_at=? WHERE state NOT IN ({marks})",
+                (StudyState.FAILED.value, now, *known),
+            ).rowcount
+            known_i = [s.value for s in InstanceState]
+            conn.execute(
+                f"UPDATE instances SET reason='unknown state ' || quote(state), state=? "
+                f"WHERE state NOT IN ({','.join('?' * len(known_i))})",
+                (InstanceState.FAILED.value, *known_i))
+            if n_bad:
+                logger.error("%d studies had an unknown state in the job store; marked failed", n_bad)
             n_proc = conn.execute(
                 "UPDATE studies SET state=?, ready_at=?, updated_at=? WHERE state=?",
                 (StudyState.RECEIVED.value, now, now, StudyState.PROCESSING.value),
