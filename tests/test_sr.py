@@ -178,7 +178,7 @@ def test_rejected_image_gets_no_result_objects(data_store_dir, caplog):
         sop_instance_uid="1.2.3", study_instance_uid="1.2", decision=decision, model=DEMO,
         findings=_findings(),  # even if a caller filled findings, a rejection produces nothing
     )
-    with caplog.at_level(logging.INFO, logger="cxr_ai.dicom.sr"):
+    with caplog.at_level(logging.DEBUG, logger="cxr_ai.dicom.sr"):
         assert outputs_for(result, pydicom.dcmread(tibia, stop_before_pixels=True)) is None
     assert decision.reason.value in caplog.text
     # The reason lives in the result record, for the listener and batch to report.
