@@ -11,7 +11,10 @@ PIP := $(PY) -m pip
 # CPU machines get the lean CPU wheel. GPU sites: install your CUDA build of torch into
 # $(VENV) first (or set TORCH_SPEC); setup keeps any torch that already imports.
 TORCH_SPEC ?= torch==2.13.0
-DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools nodejs npm chromium
+DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools chromium
+# Node.js and npm come from Debian only where the machine has none (images often ship their
+# own Node, whose bundled npm conflicts with Debian's npm package).
+NODE_PACKAGES := nodejs npm
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps python-deps node-deps demo test bench demo-bundle clean
@@ -22,6 +25,7 @@ system-deps:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
+	command -v node >/dev/null && command -v npm >/dev/null || missing="$$missing $(NODE_PACKAGES)"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

@@ -54,6 +54,13 @@ MSG_EMPTY = "data set could not be parsed (no elements read)"
 MSG_DISK_LOW = ("spool %s has %d MiB free, below the %d MiB watermark: C-STORE refused with 0xA700 (out of "
                 "resources); free disk space on the spool or lower [listener] min_free_mb")
 
+MSG_REJECT_CALLING = ("A-ASSOCIATE-RJ rejected-permanent, service-user, calling AE title not recognized: add it to "
+                      "[listener] allowed_calling_aes")
+MSG_REJECT_CALLED = ("A-ASSOCIATE-RJ rejected-permanent, service-user, called AE title not recognized: the caller "
+                     "must use our [listener] ae_title")
+MSG_REJECT_LIMIT = ("A-ASSOCIATE-RJ rejected-transient, service-provider, local limit exceeded: {limit} associations "
+                    "already open; the sender should retry, or raise [listener] max_associations")
+
 
 class DatasetProblem(Exception):
     """A received data set that cannot be stored; carries the DIMSE status to answer."""
@@ -152,7 +159,7 @@ class ListenerSettings:
     allowed_calling_aes: Sequence[str] = ("ORTHANC", "STORESCU", "CXR_AI_SCU")
     require_called_ae: bool = True
     max_pdu: int = DEFAULT_MAX_PDU
-    max_associations: int = 16
+    max_associations: int = 32
     min_free_bytes: int = 512 * 1024 * 1024
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -253,8 +260,20 @@ class StorageSCP:
         if self.metrics is not None:
             self.metrics.associations.labels("accepted").inc()
 
+    def rejection_reason(self, *, calling_ae: str, called_ae: str) -> str:
+        """Why pynetdicom refused an association (its EVT_REJECTED carries no reason)."""
+        ae = self.ae
+        if ae.require_calling_aet and calling_ae.strip() not in [a.strip() for a in ae.require_calling_aet]:
+            return MSG_REJECT_CALLING
+        if ae.require_called_aet and called_ae.strip() != ae.ae_title.strip():
+            return MSG_REJECT_CALLED
+        return MSG_REJECT_LIMIT.format(limit=ae.maximum_associations)
+
     def _on_rejected(self, event) -> None:
-        logger.warning("association from calling AE %r refused", event.assoc.requestor.ae_title)
+        req = event.assoc.requestor
+        logger.warning("association from calling AE %r refused: %s", req.ae_title,
+                       self.rejection_reason(calling_ae=str(req.ae_title),
+                                             called_ae=str(getattr(req.primitive, "called_ae_title", "") or "")))
         if self.metrics is not None:
             self.metrics.associations.labels("rejected").inc()
 
