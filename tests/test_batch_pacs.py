@@ -80,7 +80,7 @@ def test_find_by_accession_and_date(pacs) -> None:
 
 
 def test_dicomweb_retrieve(pacs, tmp_path: Path) -> None:
-    pytest.importorskip("dicomweb_client")
+    import dicomweb_client  # noqa: F401 - a dependency of cxr-ai
     server, peer, labels, _ = pacs
     uid = sorted(labels["study_uid"].unique())[-1]
     wl = batch.retrieve_studies(out_dir=tmp_path, dicomweb=server.dicomweb_url, studies=[{"StudyInstanceUID": uid}])

@@ -102,7 +102,7 @@ def test_metadata_is_monai_bundle_metadata(bundle_dir: Path) -> None:
 
 def test_metadata_validates_against_monai_schema_rules(bundle_dir: Path) -> None:
     """The field types MONAI's meta_schema_20240725 asks for (jsonschema, offline copy of its rules)."""
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
     tensor = {
         "type": "object",
         "required": ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range"],

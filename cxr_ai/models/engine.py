@@ -23,6 +23,7 @@ import contextlib
 import copy
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -186,6 +187,8 @@ class InferenceEngine:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._cam_model: torch.nn.Module | None = None
         self._gradcam: Any = None
+        # MONAI's CAM keeps activations/gradients on the wrapper: one explanation at a time
+        self._explain_lock = threading.Lock()
         logger.info(
             "inference engine: %s on %s (amp=%s, channels_last=%s, threads=%d, batch=%d)",
             self.model_info.label,
@@ -267,7 +270,11 @@ class InferenceEngine:
         return self._cam_model
 
     def explain(self, images: np.ndarray, *, method: str | None = None) -> np.ndarray:
-        """Heatmaps (B, F, S, S) in [0, 1] in model-input geometry, one per finding."""
+        """Heatmaps (B, F, S, S) in [0, 1] in model-input geometry, one per finding.
+
+        Thread-safe (serialised: the CAM hooks hold per-call state); :meth:`predict` runs
+        concurrently from several threads.
+        """
         from monai.visualize import GradCAM, SmoothGrad
 
         method = method or self.explain_method
@@ -278,7 +285,7 @@ class InferenceEngine:
         n_f = len(self.finding_keys)
         out = np.zeros((arr.shape[0], n_f, self.size, self.size), dtype=np.float32)
         # gradients are needed even when the caller runs under torch.inference_mode()
-        with torch.inference_mode(False), torch.enable_grad():
+        with self._explain_lock, torch.inference_mode(False), torch.enable_grad():
             if method == "gradcam":
                 if self._gradcam is None:
                     self._gradcam = GradCAM(nn_module=wrapped, target_layers=GRADCAM_LAYER, postprocessing=_normalise01)
