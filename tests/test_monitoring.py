@@ -1,8 +1,9 @@
 """Live monitoring: pseudonymous prediction log, ground-truth feed (CSV, FHIR), rolling
 subgroup metrics equal to the offline evaluator's, and gap / drift alerts.
 
-Probabilities are SIMULATED from the phantom truth (no trained bundle ships yet); the images,
-their DICOM headers, the applicability gate and the result objects are real.
+Probabilities here are SIMULATED from the phantom truth, so that gaps of known size can be
+injected; the images, their DICOM headers, the applicability gate and the result objects are
+real. The same chain with the real listener and the shipped model is tests/test_fairness_live.py.
 """
 
 from __future__ import annotations
