@@ -15,9 +15,7 @@ writes ``benchmarks/results/embedding_heads.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import time
 from pathlib import Path
 
@@ -25,6 +23,8 @@ import numpy as np
 import torch
 
 from training.embeddings import ALL_HEADS, TORCH_HEADS, train_heads
+
+from _common import machine_info, write_result
 
 
 def make_data(n: int, d: int, *, random_state: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,11 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
         "dim": args.dim,
         "threads": torch.get_num_threads(),
         "reference_linear_pass_s": round(ref, 4),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine_info(),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, result)
     return result
 
 

@@ -18,8 +18,6 @@ Run: ``.venv/bin/python benchmarks/bench_models.py [--repeats N]``; writes
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +30,8 @@ from cxr_ai.imaging import PixelPipelineSpec
 from cxr_ai.models.bundle import FindingSpec, load_bundle, save_bundle
 from cxr_ai.models.engine import InferenceEngine, default_bundle_path
 from cxr_ai.models.networks import NetworkConfig, build_network
+
+from _common import machine_info, write_result
 
 
 def _median_rate(fn, n_images: int, repeats: int) -> float:
@@ -111,11 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "models",
         "goal": "engine/bare ratio >= 0.95",
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+        "machine": machine_info(),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, result)
     return result
 
 

@@ -13,8 +13,6 @@ Run: ``.venv/bin/python benchmarks/bench_training.py``; writes
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from cxr_ai.models.networks import NetworkConfig, build_network
 from training.augment import chest_augmentation
 from training.data import ManifestDataset
 from training.train import run_epoch
+
+from _common import machine_info, write_result
 
 
 def bench(cfg: NetworkConfig, *, n: int, batch_size: int) -> dict:
@@ -76,11 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     result = {
         "benchmark": "training",
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+        "machine": machine_info(),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, result)
     return result
 
 
