@@ -155,6 +155,8 @@ class WorkItem:
 class Worklist:
     items: list[WorkItem] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # files that are not DICOM
+    #: files whose SOP Instance UID another file in the worklist already has: (kept, duplicate)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
 
     def studies(self) -> dict[str, list[WorkItem]]:
         """Items grouped by study (files without a study UID each form their own group)."""
@@ -229,14 +231,18 @@ def scan_inputs(inputs: Sequence[str | os.PathLike], *, threads: int = 4) -> Wor
         part = scan_dicomdir(p) if p.is_file() and p.name.upper() == "DICOMDIR" else scan_folder(p, threads=threads)
         wl.items.extend(part.items)
         wl.ignored.extend(part.ignored)
-    seen: set[str] = set()
+    kept: dict[str, WorkItem] = {}
     unique = []
     for it in sorted(wl.items, key=lambda i: (i.study_uid, i.sop_uid, i.path)):
-        if it.key in seen:  # the same instance twice (copies) is processed once
+        if it.key in kept:  # the same SOP Instance UID twice: processed once, reported
+            wl.duplicates.append((kept[it.key].path, it.path))
             continue
-        seen.add(it.key)
+        kept[it.key] = it
         unique.append(it)
     wl.items = unique
+    if wl.duplicates:
+        logger.warning("%d files repeat a SOP Instance UID already in the worklist; each is processed "
+                       "once (see the summary)", len(wl.duplicates))
     return wl
 
 
@@ -588,6 +594,7 @@ class BatchSummary:
     not_applicable: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)
     ignored_files: int = 0
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (kept, not processed)
     elapsed_s: float = 0.0
     table_csv: str = ""
     table_parquet: str = ""
@@ -613,6 +620,9 @@ class BatchSummary:
         ]
         if self.ignored_files:
             lines.append(f"  ignored (not DICOM): {self.ignored_files} files")
+        if self.duplicates:
+            lines.append(f"  duplicate SOP Instance UID (not processed; the first file was): {len(self.duplicates)} files"
+                         + "".join(f"\n    {dup} (same instance as {kept})" for kept, dup in self.duplicates[:20]))
         if self.sent or self.send_errors:
             lines.append(f"  sent to PACS: {self.sent} objects, {len(self.send_errors)} errors")
         if self.table_csv:
@@ -731,7 +741,8 @@ def run_batch(
     cfg = dict(config) if config is not None else load_config()
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = BatchSummary(total=len(worklist.items), ignored_files=len(worklist.ignored), dry_run=options.dry_run)
+    summary = BatchSummary(total=len(worklist.items), ignored_files=len(worklist.ignored),
+                           duplicates=list(worklist.duplicates), dry_run=options.dry_run)
     bcfg = batch_section(cfg)
     threads = options.threads or int(bcfg.get("threads", 0) or 0) or max(2, _cores())
     use_dask = bool(options.workers or options.scheduler)

@@ -303,3 +303,18 @@ def test_batch_feeds_the_live_prediction_log(phantoms, config, pipeline, tmp_pat
     assert probs.to_numpy() == pytest.approx(accepted["p_cardiomegaly"].to_numpy(), abs=1e-6)
     text = (tmp_path / "mon" / "predictions.jsonl").read_text()
     assert not any(str(pid) in text for pid in labels["patient_id"])
+
+
+def test_duplicate_sop_instance_uids_are_reported_not_dropped_silently(phantoms, tmp_path: Path) -> None:
+    import shutil
+
+    root, labels = phantoms
+    first = root / labels["file"].iloc[0]
+    copy_dir = tmp_path / "copies"
+    copy_dir.mkdir()
+    shutil.copyfile(first, copy_dir / "again.dcm")
+    wl = batch.scan_inputs([root, copy_dir])
+    assert len(wl.items) == len(labels)  # the instance is processed once
+    assert len(wl.duplicates) == 1 and {Path(p).name for p in wl.duplicates[0]} == {first.name, "again.dcm"}
+    summary = batch.BatchSummary(total=len(wl.items), duplicates=wl.duplicates)
+    assert "duplicate SOP Instance UID" in summary.text() and "again.dcm" in summary.text()
