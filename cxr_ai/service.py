@@ -81,6 +81,7 @@ class ServiceSettings:
     workers: int
     max_batch_studies: int
     worker_poll_seconds: float
+    pipeline_retry_seconds: float
     max_attempts: int
     pipeline: str
     shutdown_grace_seconds: float
@@ -182,6 +183,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
         workers=_get(wk, "workers", "count", int, "a positive integer", check=pos),
         max_batch_studies=_get(wk, "workers", "max_batch_studies", int, "a positive integer", check=pos),
         worker_poll_seconds=_get(wk, "workers", "poll_seconds", float, "seconds > 0", check=pos),
+        pipeline_retry_seconds=_get(wk, "workers", "pipeline_retry_seconds", float, "seconds > 0", check=pos),
         max_attempts=_get(wk, "workers", "max_attempts", int, "a positive integer", check=pos),
         pipeline=pipeline,
         shutdown_grace_seconds=_get(wk, "workers", "shutdown_grace_seconds", float, "seconds >= 0", check=nonneg),
@@ -365,12 +367,34 @@ class WorkerPool:
             self._pipelines[ident] = self.factory(config=self.config)
         return self._pipelines[ident]
 
+    def _build_pipeline(self) -> Any | None:
+        """Build this worker's pipeline, retrying with backoff until it works or we stop.
+
+        While it fails, the error is on ``/healthz`` and studies stay queued (nothing is lost);
+        once it works (e.g. the model bundle is back) the error is cleared.
+        """
+        delay = self.settings.pipeline_retry_seconds
+        while not self._stop.is_set():
+            try:
+                pipeline = self._pipeline()
+            except Exception as exc:  # broad on purpose: reported on /healthz; receiving goes on
+                message = f"pipeline could not be built: {type(exc).__name__}: {exc}"
+                with self._lock:
+                    if message not in self.errors:
+                        self.errors.append(message)
+                logger.error("worker could not build the pipeline (%s); studies stay queued; retrying in %.0f s",
+                             type(exc).__name__, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 600.0)
+                continue
+            with self._lock:
+                self.errors[:] = [e for e in self.errors if not e.startswith("pipeline could not be built")]
+            return pipeline
+        return None
+
     def _run(self) -> None:
-        try:
-            pipeline = self._pipeline()
-        except Exception as exc:  # broad on purpose: reported on /healthz; receiving goes on
-            logger.exception("worker could not build the pipeline; studies stay queued")
-            self.errors.append(f"pipeline could not be built: {type(exc).__name__}: {exc}")
+        pipeline = self._build_pipeline()
+        if pipeline is None:
             return
         while not self._stop.is_set():
             try:
