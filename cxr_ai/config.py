@@ -49,7 +49,7 @@ def load_config(
             user = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
-        _merge(config, user, where=str(p))
+        merge_settings(config, user, where=str(p))
     env = os.environ if env is None else env
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX):
@@ -57,7 +57,7 @@ def load_config(
         parts = name[len(ENV_PREFIX):].lower().split("__")
         if len(parts) != 2:
             raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
-        _merge(config, {parts[0]: {parts[1]: _parse_env_value(raw)}}, where=f"environment {name}")
+        merge_settings(config, {parts[0]: {parts[1]: _parse_env_value(raw)}}, where=f"environment {name}")
     return config
 
 
@@ -68,15 +68,21 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any], *, where: str, prefix: str = "") -> None:
+def merge_settings(base: dict[str, Any], update: Mapping[str, Any], *, where: str, prefix: str = "",
+                   noun: str = "setting", open_tables: frozenset[str] = frozenset()) -> None:
+    """Overlay ``update`` on ``base`` in place, refusing keys ``base`` does not have.
+
+    Tables named in ``open_tables`` (e.g. a network's free-form ``kwargs``) are replaced whole
+    instead of being checked key by key. ``noun`` names the kind of setting in messages.
+    """
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if key not in base:
             known = ", ".join(sorted(base)) or "(none)"
-            raise ConfigError(f"{where}: unknown setting {dotted!r}; known here: {known}")
-        if isinstance(base[key], dict) and isinstance(value, Mapping):
-            _merge(base[key], value, where=where, prefix=dotted + ".")
-        elif isinstance(base[key], dict):
-            raise ConfigError(f"{where}: {dotted!r} is a section; give it a table, not {value!r}")
+            raise ConfigError(f"{where}: unknown {noun} {dotted!r}; known here: {known}")
+        if isinstance(base[key], dict) and key not in open_tables:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: {dotted!r} is a section; give it a table, not {value!r}")
+            merge_settings(base[key], value, where=where, prefix=dotted + ".", noun=noun, open_tables=open_tables)
         else:
             base[key] = copy.deepcopy(value)

@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from cxr_ai.config import merge_settings
 from cxr_ai.errors import ConfigError
 
 DEFAULTS: dict[str, Any] = {
@@ -85,17 +86,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any], where: str, prefix: str = "") -> None:
-    for key, value in update.items():
-        dotted = f"{prefix}{key}"
-        if key not in base:
-            raise ConfigError(f"{where}: unknown training setting {dotted!r}; known here: {', '.join(sorted(base))}")
-        if isinstance(base[key], dict) and key != "kwargs":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {dotted!r} is a section; give it a table")
-            _merge(base[key], value, where, dotted + ".")
-        else:
-            base[key] = copy.deepcopy(value)
+def _merge(base: dict[str, Any], update: dict[str, Any], where: str) -> None:
+    # network kwargs are free-form (they go to the MONAI constructor as they are)
+    merge_settings(base, update, where=where, noun="training setting", open_tables=frozenset({"kwargs"}))
 
 
 def load_train_config(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
