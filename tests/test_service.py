@@ -238,7 +238,7 @@ def test_dead_letter_after_max_attempts_is_visible(tmp_path: Path, rg1_paths, ca
     finally:
         svc.stop(grace=2)
     # the CLI shows it and can queue it again
-    from cxr_ai.service import jobs_main
+    from cxr_ai.service_cli import jobs_main
 
     toml = write_toml(tmp_path / "c.toml", {"store": {"root": str(tmp_path / "var")},
                                             "routing": {"destinations": cfg["routing"]["destinations"]}})
@@ -503,7 +503,7 @@ def test_serve_starts_with_no_config_at_all(tmp_path: Path, rg1_paths) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path, capsys) -> None:
-    from cxr_ai.service import demo_main
+    from cxr_ai.service_cli import demo_main
 
     assert demo_main(["--n", "2", "--size", "512", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -589,7 +589,7 @@ def test_broken_pipeline_makes_health_fail_but_receiving_goes_on(tmp_path: Path,
 def test_service_subcommands_plug_into_the_cli_parser(tmp_path: Path, capsys) -> None:
     import argparse
 
-    from cxr_ai.service import add_service_parsers
+    from cxr_ai.service_cli import add_service_parsers
 
     parser = argparse.ArgumentParser(prog="cxr-ai")
     parser.add_argument("-v", "--verbose", action="count", default=0)

@@ -1,0 +1,203 @@
+"""The ``serve``, ``jobs`` and ``demo`` commands: argument parsing and console output for the
+listener. The service itself is :mod:`cxr_ai.service`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cxr_ai.config import load_config
+from cxr_ai.errors import ConfigError
+from cxr_ai.service import JsonLogFormatter, Service, configure_logging, run_service, validate_config
+from cxr_ai.store.jobs import DeliveryState, InstanceState, JobStore
+
+logger = logging.getLogger(__name__)
+
+def _fill_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="site TOML file (default: embedded defaults)")
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # tests: written once listening
+
+
+def _fill_jobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="site TOML file (default: embedded defaults)")
+    p.add_argument("--retry-dead", action="store_true", help="put dead-lettered deliveries back in the queue")
+    p.add_argument("--destination", default=None, help="only this destination (with --retry-dead)")
+
+
+def _fill_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n", type=int, default=4, help="number of phantom studies (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
+    p.add_argument("--out", default=None, help="folder for everything (default: a new temp folder)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for results")
+
+
+def add_service_parsers(subparsers: Any) -> None:
+    """Add ``serve``, ``jobs`` and ``demo`` to a ``cxr-ai`` sub-parser set (``cxr_ai.cli``)."""
+    p = subparsers.add_parser("serve", help="run the DICOM listener service (C-STORE in, results out)",
+                              description="Run the DICOM listener: receive studies, process them, send "
+                              "results. Starts with embedded defaults when no --config is given.")
+    _fill_serve(p)
+    p.set_defaults(func=_cmd_serve)
+    p = subparsers.add_parser("jobs", help="show the listener's job store; retry dead-lettered deliveries")
+    _fill_jobs(p)
+    p.set_defaults(func=_cmd_jobs)
+    p = subparsers.add_parser("demo", help="phantom studies -> listener -> results, with the triage order",
+                              description="Generate phantom studies, send them to a listener started for "
+                              "the purpose, wait for the results and print the triage order.")
+    _fill_demo(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _service_logging(args: argparse.Namespace) -> None:
+    """Under ``cxr-ai``: the service logs at INFO by default; ``--log-json`` switches format."""
+    root = logging.getLogger()
+    if not root.handlers:
+        configure_logging(verbosity=getattr(args, "verbose", 0), json_lines=args.log_json)
+        return
+    if args.log_json:
+        for h in root.handlers:
+            h.setFormatter(JsonLogFormatter())
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    if getattr(args, "verbose", 0) < 2:
+        for name in ("pynetdicom", "highdicom"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _service_logging(args)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+
+    def ready(service: Service) -> None:
+        if args.ready_file:
+            tmp = Path(args.ready_file + ".tmp")
+            tmp.write_text(json.dumps({"dicom_port": service.dicom_port, "http_port": service.http_port,
+                                       "pid": os.getpid()}))
+            os.replace(tmp, args.ready_file)
+
+    try:
+        return run_service(config, ready=ready)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    settings = validate_config(load_config(args.config))
+    store = JobStore(settings.db_path)
+    try:
+        if args.retry_dead:
+            n = store.retry_dead(destination=args.destination)
+            print(f"{n} dead-lettered deliveries queued again")
+        print(json.dumps(store.counts(), indent=1))
+        for d in store.deliveries(state=DeliveryState.DEAD):
+            print(f"DEAD job {d.job_id} -> {d.destination}: {d.attempts} attempts; last error: {d.last_error}")
+    finally:
+        store.close()
+    return 0
+
+
+def _standalone(prog: str, fill: Callable[[argparse.ArgumentParser], None], description: str,
+                argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    fill(p)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v, -vv)")
+    return p.parse_args(argv)
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """``cxr-ai serve [--config FILE] [--log-json]``: run the listener service."""
+    args = _standalone("cxr-ai serve", _fill_serve, "Run the DICOM listener service.", argv)
+    configure_logging(verbosity=args.verbose, json_lines=args.log_json)
+    return _cmd_serve(args)
+
+
+def jobs_main(argv: Sequence[str] | None = None) -> int:
+    """``cxr-ai jobs [--config FILE] [--retry-dead [--destination NAME]]``."""
+    return _cmd_jobs(_standalone("cxr-ai jobs", _fill_jobs, "Show the job store; retry dead letters.", argv))
+
+
+# -- demo -------------------------------------------------------------------------------------
+def _phantom_truth(labels_csv: Path) -> dict[str, str]:
+    """Study UID -> "cardiomegaly=.. low_ef=.." from the phantoms' labels.csv (for the demo)."""
+    import csv
+
+    if not labels_csv.is_file():
+        return {}
+    out: dict[str, str] = {}
+    with labels_csv.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("study_uid") and "cardiomegaly" in row and "low_ef" in row:
+                out.setdefault(row["study_uid"], f"cardiomegaly={row['cardiomegaly']} low_ef={row['low_ef']}")
+    return out
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    """``cxr-ai demo``: phantom studies -> listener (C-STORE) -> results; prints the triage order."""
+    args = _standalone("cxr-ai demo", _fill_demo, "Run the whole loop on phantom studies.", argv)
+    configure_logging(verbosity=args.verbose - 1)
+    return _cmd_demo(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cxr_ai.net.scu import Peer, send_files
+    from cxr_ai.phantoms import PhantomConfig, generate_studies
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="cxr-ai-demo-")).resolve()
+    studies_dir = out / "phantoms"
+    generate_studies(studies_dir, PhantomConfig(n_studies=args.n, seed=args.seed, size=args.size))
+    files = sorted(studies_dir.rglob("*.dcm"))
+    config = load_config()
+    config["listener"].update(port=0, allowed_calling_aes=["CXR_AI_DEMO"])
+    config["store"].update(root=str(out / "var"), quiet_seconds=0.2)
+    config["http"].update(port=0)
+    config["routing"]["destinations"] = [{"name": "folder", "kind": "folder", "path": str(out / "results")}]
+    service = Service(config, base_dir=out)
+    service.start()
+    try:
+        print(f"cxr-ai listening as {service.settings.listener.ae_title} on 127.0.0.1:{service.dicom_port}; "
+              f"sending {len(files)} instances of {args.n} phantom studies by C-STORE ...")
+        send_files(files, Peer(host="127.0.0.1", port=service.dicom_port,
+                               ae_title=service.settings.listener.ae_title, calling_ae="CXR_AI_DEMO"))
+        if not service.wait_idle(timeout=args.timeout, expected_instances=len(files)):
+            print(f"results not complete after {args.timeout:.0f} s; see {out}/var", file=sys.stderr)
+            return 1
+        truth = _phantom_truth(studies_dir / "labels.csv")
+        rows = []
+        for study in service.store.studies():
+            best, parts, reasons = -1.0, [], []
+            for inst in service.store.instances(study.study_key):
+                if inst.state is not InstanceState.PROCESSED:
+                    reasons.append(inst.reason or inst.state.value)
+                for f in (inst.result or {}).get("findings", []):
+                    best = max(best, f["probability"])
+                    parts.append(f"{f['display']} {f['probability']:.2f}{'+' if f['positive'] else ''}")
+            label = "; ".join(parts) if parts else f"not applicable ({', '.join(sorted(set(reasons)))})"
+            rows.append((best, study, label))
+        rows.sort(key=lambda r: -r[0])
+        print("\nTriage order (highest model probability first; + = above the operating threshold):")
+        for rank, (_best, study, label) in enumerate(rows, 1):
+            known = truth.get(study.study_uid)
+            print(f"{rank:>3}. job {study.job_id}  {study.state.value:<15} {label}"
+                  + (f"   [phantom truth: {known}]" if known else ""))
+            folder = out / "results" / study.job_id
+            if folder.is_dir():
+                kinds = sorted({f.name.split("-")[0].split(".")[0] for f in folder.iterdir()})
+                print(f"     outputs: {folder}  ({', '.join(kinds)})")
+        print(f"\nEverything is under {out}")
+        return 0
+    finally:
+        service.stop(grace=5.0)
