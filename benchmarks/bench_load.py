@@ -33,6 +33,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
+from cxr_ai.config import config_to_toml
+
 REPO = Path(__file__).resolve().parents[1]
 _STUDY, _SERIES, _SOP = Tag(0x0020, 0x000D), Tag(0x0020, 0x000E), Tag(0x0008, 0x0018)
 sys.path.insert(0, str(REPO / "tests"))
@@ -43,21 +45,6 @@ def _vm(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def _toml(sections: dict[str, dict]) -> str:
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
-
-    return "".join(f"[{n}]\n" + "".join(f"{k} = {val(v)}\n" for k, v in s.items()) for n, s in sections.items())
 
 
 def run_load(*, assocs: int, instances: int, workdir: Path, bundle: Path | None = None, size: int = 512,
@@ -71,7 +58,7 @@ def run_load(*, assocs: int, instances: int, workdir: Path, bundle: Path | None 
 
         bundle = make_tiny_bundle(workdir / "bundle")
     cfg = workdir / "cxr-ai.toml"
-    cfg.write_text(_toml({
+    cfg.write_text(config_to_toml({
         # max_associations: the shipped default (the senders plus the C-ECHO prober must fit).
         "listener": {"port": 0, "allowed_calling_aes": ["LOADSCU"], "min_free_mb": 0.0},
         "store": {"root": "var", "quiet_seconds": 0.2, "keep_hours": -1.0},

@@ -8,13 +8,15 @@ shipping a file.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
-import tomllib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from cxr_ai.errors import ConfigError
 
@@ -59,6 +61,30 @@ def load_config(
             raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
         merge_settings(config, {parts[0]: {parts[1]: _parse_env_value(raw)}}, where=f"environment {name}")
     return config
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as a TOML value")
+
+
+def config_to_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """A site config file (``[section]`` tables of plain values) that :func:`load_config` reads
+    back; for tools and tests that start a service with settings of their own."""
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _parse_env_value(raw: str) -> Any:

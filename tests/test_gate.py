@@ -154,3 +154,12 @@ def test_config_typo_is_an_error(tmp_path: Path) -> None:
         load_config(cfg)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_written_site_config_reads_back(tmp_path: Path) -> None:
+    from cxr_ai.config import config_to_toml
+
+    path = tmp_path / "site.toml"
+    path.write_text(config_to_toml({"gate": {"min_side": 512, "modalities": ["DX"], "accept_unknown_view": False}}))
+    rules = GateRules.from_config(load_config(path))
+    assert (rules.min_side, rules.modalities, rules.accept_unknown_view) == (512, frozenset({"DX"}), False)

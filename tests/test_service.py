@@ -27,7 +27,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from cxr_ai.config import load_config
+from cxr_ai.config import config_to_toml, load_config
 from cxr_ai.dicom.gate import check_applicability
 from cxr_ai.errors import ConfigError
 from cxr_ai.net.routing import MSG_MISSING_KEY, MSG_UNKNOWN_KIND
@@ -321,26 +321,8 @@ def _wait_ready(proc: subprocess.Popen, ready: Path) -> dict:
     raise AssertionError("service did not start within 60 s")
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
 def write_toml(path: Path, sections: dict[str, dict]) -> Path:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(config_to_toml(sections))
     return path
 
 
