@@ -9,10 +9,11 @@ decoded, so wrong images are rejected cheaply.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cxr_ai.config import default_config
@@ -120,7 +121,7 @@ def _words(*texts: str) -> set[str]:
 
 def check_radiograph(rg: Radiograph, rules: GateRules | None = None) -> GateDecision:
     """Apply the rules to an already-read :class:`Radiograph` (metadata only; no decoding)."""
-    rules = rules or _DEFAULT_RULES.get()
+    rules = rules or _default_rules()
     src = rg.source
     warnings = list(rg.warnings)
 
@@ -208,17 +209,10 @@ def check_applicability(source: Source | Radiograph, rules: GateRules | None = N
     return check_radiograph(rg, rules), rg
 
 
-class _Lazy:
-    def __init__(self) -> None:
-        self._rules: GateRules | None = None
-
-    def get(self) -> GateRules:
-        if self._rules is None:
-            self._rules = GateRules.from_config()
-        return self._rules
-
-
-_DEFAULT_RULES = _Lazy()
+@functools.cache
+def _default_rules() -> GateRules:
+    """The embedded defaults, read once (on first use, not at import)."""
+    return GateRules.from_config()
 
 
 def reasons(decisions: Iterable[GateDecision]) -> dict[str, int]:

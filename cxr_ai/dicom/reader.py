@@ -417,9 +417,9 @@ def sanitized_for_outputs(ds: Dataset) -> tuple[Dataset, list[str]]:
         fixes["PatientAge"] = ""
     if not fixes:
         return ds, []
-    clean = pydicom.dataset.FileDataset(
-        getattr(ds, "filename", None) or "", Dataset(), file_meta=getattr(ds, "file_meta", None), preamble=None
-    ) if hasattr(ds, "file_meta") else Dataset()
+    clean = Dataset()
+    if hasattr(ds, "file_meta"):
+        clean.file_meta = ds.file_meta  # the transfer syntax, for decoding the shared pixel data
     for elem in ds:
         clean.add(elem)
     for keyword, value in fixes.items():
