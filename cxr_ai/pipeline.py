@@ -16,8 +16,8 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from cxr_ai.dicom.gate import GateDecision, GateReason, GateRules, check_applica
 from cxr_ai.dicom.reader import Radiograph, Source, sanitized_for_outputs
 from cxr_ai.errors import ReadError
 from cxr_ai.imaging import Preprocessed, display_array, preprocess
-from cxr_ai.results import ImageResult
+from cxr_ai.results import HEATMAP_PARTS, OUTPUT_PARTS, RESULT_PARTS, ImageResult
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +106,35 @@ class Pipeline:
         """Process one instance (a path, bytes or Dataset)."""
         return self.process_study([source])[0]
 
-    def process_study(self, sources: Sequence[Source]) -> list[InstanceOutcome]:
-        """Process the instances of a study; accepted images go through the model as one batch."""
+    def process_study(self, sources: Sequence[Source], *,
+                      on_results: Callable[[list[InstanceOutcome]], None] | None = None) -> list[InstanceOutcome]:
+        """Process the instances of a study; accepted images go through the model as one batch.
+
+        With ``on_results``, the findings go out first: the model runs without heatmaps, the
+        SR and FHIR objects are built, and ``on_results`` gets the outcomes (their
+        ``datasets`` hold the SRs) so that the caller can send them; then the Grad-CAM maps
+        are computed and the heatmap SC / Parametric Map objects are appended to the same
+        outcomes. The objects are identical either way; only their order in time differs.
+        """
         prepared = [self.prepare(source) for source in sources]
-        self.infer(prepared)
-        for outcome, pre in prepared:
-            if pre is not None and outcome.result is not None and outcome.result.findings:
-                self.build_outputs(outcome)
+        if on_results is None or not self.explain:
+            self.infer(prepared)
+            for outcome, pre in prepared:
+                if pre is not None and outcome.result is not None and outcome.result.findings:
+                    self.build_outputs(outcome)
+            if on_results is not None:
+                on_results([outcome for outcome, _ in prepared])
+            return [outcome for outcome, _ in prepared]
+        self.infer(prepared, explain=False)
+        inferred = [(o, pre) for o, pre in prepared
+                    if pre is not None and o.result is not None and o.result.findings]
+        for outcome, _ in inferred:
+            self.build_outputs(outcome, parts=RESULT_PARTS)
+        on_results([outcome for outcome, _ in prepared])
+        self.add_heatmaps([(o, pre) for o, pre in inferred if o.status is InstanceStatus.PROCESSED])
+        for outcome, _ in inferred:
+            if outcome.status is InstanceStatus.PROCESSED:
+                self.build_outputs(outcome, parts=HEATMAP_PARTS)
         return [outcome for outcome, _ in prepared]
 
     # --- stages (public so that drivers can overlap decoding with inference) ------------------
@@ -153,13 +175,19 @@ class Pipeline:
         outcome.timings["read_preprocess_s"] = time.perf_counter() - t0
         return outcome, pre
 
-    def infer(self, prepared: Sequence[tuple[InstanceOutcome, Preprocessed | None]]) -> None:
-        """Stage 2: one model call for every prepared instance that has a model input."""
+    def infer(self, prepared: Sequence[tuple[InstanceOutcome, Preprocessed | None]], *,
+              explain: bool | None = None) -> None:
+        """Stage 2: one model call for every prepared instance that has a model input.
+
+        ``explain`` (default: the pipeline's) adds the Grad-CAM heatmaps in the same call;
+        :meth:`add_heatmaps` adds them later.
+        """
         accepted = [(outcome, pre) for outcome, pre in prepared if pre is not None]
         if not accepted:
             return
+        explain = self.explain if explain is None else explain
         t0 = time.perf_counter()
-        model_outputs = self.engine.predict_preprocessed([pre for _, pre in accepted], explain=self.explain)
+        model_outputs = self.engine.predict_preprocessed([pre for _, pre in accepted], explain=explain)
         per_image = (time.perf_counter() - t0) / len(accepted)
         for (outcome, _pre), out in zip(accepted, model_outputs):
             assert outcome.result is not None and outcome.radiograph is not None
@@ -173,8 +201,26 @@ class Pipeline:
                 embedding=out.embedding,
             )
 
-    def build_outputs(self, outcome: InstanceOutcome) -> None:
-        """Stage 3: the SR, heatmap SC, Parametric Map and FHIR objects of an inferred instance."""
+    def add_heatmaps(self, inferred: Sequence[tuple[InstanceOutcome, Preprocessed]]) -> None:
+        """Stage 2b: the Grad-CAM map of each finding of instances inferred without them."""
+        todo = [(o, pre) for o, pre in inferred if o.result is not None and o.result.findings]
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        maps = self.engine.heatmaps_preprocessed([pre for _, pre in todo])
+        per_image = (time.perf_counter() - t0) / len(todo)
+        for (outcome, _), per_finding in zip(todo, maps):
+            assert outcome.result is not None
+            outcome.timings["heatmaps_s"] = per_image
+            outcome.result.findings = [replace(f, heatmap=m) for f, m in zip(outcome.result.findings, per_finding)]
+
+    def build_outputs(self, outcome: InstanceOutcome, *, parts: Collection[str] = OUTPUT_PARTS) -> None:
+        """Stage 3: the SR, heatmap SC, Parametric Map and FHIR objects of an inferred instance.
+
+        ``parts`` selects a subset (see :data:`cxr_ai.results.OUTPUT_PARTS`); the objects are
+        appended to ``outcome.datasets`` (SR first) and the FHIR bundle set, so that calling
+        it with the result parts and then the heatmap parts gives what one call gives.
+        """
         from cxr_ai.dicom.sr import outputs_for
 
         t0 = time.perf_counter()
@@ -185,9 +231,10 @@ class Pipeline:
             logger.info("source attributes blanked for the result objects: %s", "; ".join(notes))
         try:
             display = None
-            if any(f.heatmap is not None for f in outcome.result.findings):
+            if any(f.heatmap is not None for f in outcome.result.findings) and set(parts) & set(HEATMAP_PARTS):
                 display, _ = display_array(rg.dataset, rg.pixels())  # already decoded: no re-decode
-            objects = outputs_for(outcome.result, source, display_image=display, config=self.config)
+            objects = outputs_for(outcome.result, source, display_image=display, config=self.config,
+                                  include=parts)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # highdicom validates what it builds and raises these on inconsistent input.
             outcome.status = InstanceStatus.FAILED
@@ -196,10 +243,10 @@ class Pipeline:
                                f"built ({type(exc).__name__}: {exc}); report this with the instance.")
             logger.warning("result objects failed: %s", type(exc).__name__)
             return
-        outcome.timings["outputs_s"] = time.perf_counter() - t0
+        outcome.timings["outputs_s"] = outcome.timings.get("outputs_s", 0.0) + time.perf_counter() - t0
         outcome.status, outcome.reason = InstanceStatus.PROCESSED, ""
         outcome.message = f"{outcome.source}: processed"
         if objects is not None:
-            outcome.datasets = objects.dicom()
+            outcome.datasets = outcome.datasets + objects.dicom()
             if objects.fhir_bundle is not None:
                 outcome.fhir_bundle = objects.fhir_bundle.model_dump(mode="json", exclude_none=True)

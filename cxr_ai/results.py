@@ -31,6 +31,13 @@ class ModelInfo:
         return f"{self.name} {self.version}"
 
 
+#: The result parts of one image: the findings (SR, FHIR) need only the model's probabilities;
+#: the heatmap objects (SC, Parametric Map) need the Grad-CAM maps too.
+RESULT_PARTS: tuple[str, ...] = ("sr", "fhir")
+HEATMAP_PARTS: tuple[str, ...] = ("heatmap_sc", "parametric_map")
+OUTPUT_PARTS: tuple[str, ...] = RESULT_PARTS + HEATMAP_PARTS
+
+
 @dataclass(frozen=True)
 class FindingResult:
     """One finding's output for one image."""

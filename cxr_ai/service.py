@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import copy
 import io
+import inspect
 import json
 import logging
 import os
@@ -428,15 +429,30 @@ class WorkerPool:
                     self._inflight.pop(threading.get_ident(), None)
 
     def process(self, pipeline: Any, claims: Sequence[ClaimedStudy]) -> None:
-        """Run the pipeline over the claimed studies (one batch) and record the outcomes."""
+        """Run the pipeline over the claimed studies (one batch) and record the outcomes.
+
+        A pipeline that takes ``on_results`` (the default one) hands over each image's SR and
+        FHIR objects as soon as they are built; they are written and queued for delivery at
+        once, while the heatmap objects are still being computed (they follow with the rest).
+        """
         now = time.time()
         for c in claims:
             if c.study.ready_at:
                 self.metrics.stage_seconds.labels("queue_wait").observe(max(0.0, now - c.study.ready_at))
         paths = [Path(i.path) for c in claims for i in c.instances]
+        early: dict[str, set[str]] = {}  # job id -> result file names already queued
+
+        def on_results(outcomes: Sequence[Any]) -> None:
+            self._queue_first_results(claims, outcomes, early)
+
         t0 = time.perf_counter()
         try:
-            outcomes = list(pipeline.process_study(paths)) if paths else []
+            if not paths:
+                outcomes = []
+            elif _takes_on_results(pipeline):
+                outcomes = list(pipeline.process_study(paths, on_results=on_results))
+            else:
+                outcomes = list(pipeline.process_study(paths))
         except Exception as exc:  # broad on purpose: a pipeline bug must not stop the worker
             if len(claims) > 1:
                 logger.warning("batch of %d studies failed (%s); retrying them one by one",
@@ -455,19 +471,53 @@ class WorkerPool:
         elapsed = time.perf_counter() - t0
         if paths:
             self.metrics.stage_seconds.labels("process_per_instance").observe(elapsed / len(paths))
-        by_index = outcomes if len(outcomes) == len(paths) else None
-        by_uid = {str(getattr(o, "sop_instance_uid", "")): o for o in outcomes}
-        k = 0
-        for c in claims:
-            pairs = []
-            for inst in c.instances:
-                o = by_index[k] if by_index is not None else by_uid.get(inst.sop_uid)
-                k += 1
-                pairs.append((inst, o))
-            self._finish_study(c, pairs)
+        for c, pairs in _pair(claims, outcomes):
+            self._finish_study(c, pairs, skip=early.get(c.study.job_id, set()))
         self.router.wake()
 
-    def _finish_study(self, claim: ClaimedStudy, pairs: list[tuple[Any, Any]]) -> None:
+    def _result_files(self, job: str, inst_key: str, outcome: Any, skip: set[str]) -> list[Path]:
+        """Write an outcome's result objects into the job's result folder (names not in ``skip``)."""
+        files: list[Path] = []
+        for ds in getattr(outcome, "datasets", None) or []:
+            name = f"{_kind_prefix(ds)}-{safe_key(str(ds.SOPInstanceUID))}.dcm"
+            if name not in skip:
+                files.append(self.spool.write_result(job, name, _dataset_bytes(ds)))
+        bundle = getattr(outcome, "fhir_bundle", None)
+        name = f"fhir-{inst_key}.json"
+        if bundle and name not in skip:
+            files.append(self.spool.write_result(job, name, json.dumps(bundle, indent=1).encode("utf-8")))
+        return files
+
+    def _deliveries(self, files: Sequence[Path]) -> list[NewDelivery]:
+        deliveries = []
+        for name in self.router.destinations:
+            items = self.router.items_for(name, files)
+            if items:
+                deliveries.append(NewDelivery(name, items))
+        return deliveries
+
+    def _queue_first_results(self, claims: Sequence[ClaimedStudy], outcomes: Sequence[Any],
+                             early: dict[str, set[str]]) -> None:
+        """Write and queue the SR / FHIR objects built so far; the study stays processing.
+
+        A failure here only delays those objects: they are written and queued again with the
+        rest of the study's results.
+        """
+        try:
+            for c, pairs in _pair(claims, outcomes):
+                job = c.study.job_id
+                files = [f for inst, o in pairs if o is not None for f in self._result_files(job, inst.sop_key, o, set())]
+                if not files:
+                    continue
+                self.store.queue_deliveries(c.study.study_key, self._deliveries(files))
+                early.setdefault(job, set()).update(f.name for f in files)
+                self.metrics.stage_seconds.labels("received_to_first_results").observe(
+                    max(0.0, time.time() - c.study.last_received_at))
+            self.router.wake()
+        except Exception:  # broad on purpose: e.g. spool full; everything goes out with the rest
+            logger.exception("first results could not be queued early; they go with the study's other results")
+
+    def _finish_study(self, claim: ClaimedStudy, pairs: list[tuple[Any, Any]], *, skip: set[str] = frozenset()) -> None:
         job = claim.study.job_id
         files: list[Path] = []
         results: list[InstanceResult] = []
@@ -480,33 +530,47 @@ class WorkerPool:
             state = _status_of(outcome)
             counts[state.value] = counts.get(state.value, 0) + 1
             reason = str(getattr(outcome, "reason", "") or "")
-            for ds in getattr(outcome, "datasets", None) or []:
-                name = f"{_kind_prefix(ds)}-{safe_key(str(ds.SOPInstanceUID))}.dcm"
-                files.append(self.spool.write_result(job, name, _dataset_bytes(ds)))
-            bundle = getattr(outcome, "fhir_bundle", None)
-            if bundle:
-                files.append(self.spool.write_result(job, f"fhir-{inst.sop_key}.json",
-                                                     json.dumps(bundle, indent=1).encode("utf-8")))
+            files.extend(self._result_files(job, inst.sop_key, outcome, skip))
             results.append(InstanceResult(inst.sop_key, state, reason[:500], _result_summary(outcome)))
-        if files:
+        if files or skip:
             summary = {"job_id": job, "instances": [
                 {"instance": i, "state": r.state.value, "reason": r.reason, "result": r.result}
                 for i, r in enumerate(results)]}
             files.append(self.spool.write_result(job, "summary.json", json.dumps(summary, indent=1).encode()))
-        deliveries = []
-        for name in self.router.destinations:
-            items = self.router.items_for(name, files)
-            if items:
-                deliveries.append(NewDelivery(name, items))
+        deliveries = self._deliveries(files)
         state = self.store.complete_processing(claim.study.study_key, results=results, deliveries=deliveries)
         self.recorder.record([o for _, o in pairs if o is not None], received_at=claim.study.created_at)
         for outcome_name, n in counts.items():
             self.metrics.instances_processed.labels(outcome_name).inc(n)
         if state in (StudyState.NOT_APPLICABLE, StudyState.FAILED):
             self.metrics.studies_finished.labels(state.value).inc()
-        logger.info("job %s: %d instances processed (%s); %d result files for %d destinations; study %s",
-                    job, len(pairs), ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), len(files),
-                    len(deliveries), state.value)
+        logger.info("job %s: %d instances processed (%s); %d result files (%d sent ahead) for %d destinations; "
+                    "study %s", job, len(pairs), ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+                    len(files) + len(skip), len(skip), len(deliveries), state.value)
+
+
+def _pair(claims: Sequence[ClaimedStudy], outcomes: Sequence[Any]) -> list[tuple[ClaimedStudy, list[tuple[Any, Any]]]]:
+    """Each claimed study with its (instance, outcome) pairs: by position, else by SOP Instance UID."""
+    n = sum(len(c.instances) for c in claims)
+    by_index = outcomes if len(outcomes) == n else None
+    by_uid = {str(getattr(o, "sop_instance_uid", "")): o for o in outcomes}
+    k = 0
+    paired = []
+    for c in claims:
+        pairs = []
+        for inst in c.instances:
+            pairs.append((inst, by_index[k] if by_index is not None else by_uid.get(inst.sop_uid)))
+            k += 1
+        paired.append((c, pairs))
+    return paired
+
+
+def _takes_on_results(pipeline: Any) -> bool:
+    """Whether ``pipeline.process_study`` accepts ``on_results`` (custom pipelines may not)."""
+    try:
+        return "on_results" in inspect.signature(pipeline.process_study).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # -- HTTP -------------------------------------------------------------------------------------

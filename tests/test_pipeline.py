@@ -49,6 +49,40 @@ def test_study_batch_equals_one_by_one(pipeline: Pipeline, rg1_paths: dict[str, 
             assert fa.probability == pytest.approx(fb.probability, abs=1e-5)
 
 
+_CREATION_TIMES = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+                   "DateOfSecondaryCapture", "TimeOfSecondaryCapture"}
+
+
+def _without_times(ds: pydicom.Dataset) -> dict:
+    return {el.keyword: el.value for el in ds if el.keyword not in _CREATION_TIMES and el.VR != "SQ"}
+
+
+def test_results_first_then_heatmaps_gives_the_same_objects(pipeline: Pipeline, rg1_paths: dict[str, Path],
+                                                             rg3_paths: dict[str, Path]) -> None:
+    paths = [rg1_paths["RG1_UNCR"], rg3_paths["RG3_UNCR"], rg1_paths["RG1_UNCI"]]
+    at_once = pipeline.process_study(paths)
+    handed: list[list[tuple[str, list[str], bool]]] = []
+
+    def on_results(outcomes) -> None:
+        handed.append([(o.status.value, [str(ds.Modality) for ds in o.datasets], o.fhir_bundle is not None)
+                       for o in outcomes])
+        assert all(f.heatmap is None for o in outcomes if o.result for f in o.result.findings)
+
+    phased = pipeline.process_study(paths, on_results=on_results)
+    # the callback ran once, with the SR and FHIR of each accepted image and no heatmap object yet
+    assert handed == [[("processed", ["SR"], True), ("not_applicable", [], False), ("processed", ["SR"], True)]]
+    for a, b in zip(at_once, phased):
+        assert a.status is b.status and a.reason == b.reason
+        assert [ds.SOPInstanceUID for ds in a.datasets] == [ds.SOPInstanceUID for ds in b.datasets]
+        for da, db in zip(a.datasets, b.datasets):
+            assert _without_times(da) == _without_times(db)
+        if a.result and a.result.findings:
+            for fa, fb in zip(a.result.findings, b.result.findings):
+                assert fa.probability == fb.probability
+                assert (fa.heatmap == fb.heatmap).all()
+    assert [str(ds.Modality) for ds in phased[0].datasets] == ["SR", "OT", "OT", "OT", "OT"]
+
+
 def test_lossless_encodings_give_identical_probabilities(pipeline: Pipeline, rg1_paths: dict[str, Path]) -> None:
     a, b = pipeline.process_study([rg1_paths["RG1_UNCR"], rg1_paths["RG1_J2KR"]])
     assert [f.probability for f in a.result.findings] == [f.probability for f in b.result.findings]

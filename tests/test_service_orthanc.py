@@ -88,7 +88,7 @@ def _netns_or_run(request, body) -> None:
     body()
 
 
-def _roundtrip(tmp_path: Path, rg1: Path, pipeline_factory) -> None:
+def _roundtrip(tmp_path: Path, rg1: Path, pipeline_factory, *, results_first: bool = False) -> None:
     fhir = start_fhir_server()
     cxr_port = free_port()
     orthanc = start_orthanc(tmp_path / "orthanc", cxr_ai_port=cxr_port, senders={"modality": "TESTSCU"})
@@ -142,6 +142,15 @@ def _roundtrip(tmp_path: Path, rg1: Path, pipeline_factory) -> None:
         n_obs = sum(1 for b in posted for e in b["entry"] if e["resource"]["resourceType"] == "Observation")
         found = fhir.get("Observation")
         assert found["resourceType"] == "Bundle" and len(found.get("entry", [])) == n_obs >= 1
+        # every result file went to each destination exactly once; with a pipeline that hands
+        # over its findings first, the SR went out in an earlier delivery than the heatmaps
+        for dest in ("pacs", "ehr", "files"):
+            rows = [[Path(i).name for i in d.items] for d in svc.store.deliveries(study_key=study.study_key)
+                    if d.destination == dest]
+            names = [n for r in rows for n in r]
+            assert len(names) == len(set(names)), rows
+            if dest == "pacs" and results_first:
+                assert [n[:3] for n in rows[0]] == ["SR-"] and all(n[:3] in ("SC-", "PM-") for n in rows[1]), rows
     finally:
         svc.stop(grace=5)
         orthanc.stop()
@@ -158,7 +167,8 @@ def test_orthanc_roundtrip_with_the_real_pipeline(request, tmp_path: Path, rg1_p
     from cxr_ai.pipeline import Pipeline
 
     pipeline = Pipeline()  # the shipped demo bundle
-    _netns_or_run(request, lambda: _roundtrip(tmp_path, rg1_paths["RG1_J2KR"], lambda config=None: pipeline))
+    _netns_or_run(request, lambda: _roundtrip(tmp_path, rg1_paths["RG1_J2KR"], lambda config=None: pipeline,
+                                              results_first=True))
 
 
 def _stow(tmp_path: Path, rg1: Path) -> None:

@@ -266,6 +266,53 @@ def test_late_results_after_requeue_are_dropped(tmp_path: Path) -> None:
     assert [i.sop_key for i in c.instances] == ["5.1.1"]
 
 
+def test_first_results_go_out_while_the_study_is_still_processing(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    spool = Spool(tmp_path / "spool")
+    _record(store, spool, "6.1", "6.1.1")
+    assert store.queue_deliveries("6.1", [NewDelivery("pacs", ["/r/sr.dcm"])]) == 0   # not claimed yet
+    store.association_closed(["6.1"], quiet_seconds=0)
+    store.claim_ready()
+    assert store.queue_deliveries("6.1", [NewDelivery("pacs", ["/r/sr.dcm"]),
+                                          NewDelivery("fhir", ["/r/fhir.json"])]) == 2
+    assert store.study("6.1").state is StudyState.PROCESSING
+    [d] = store.due_deliveries("pacs")
+    assert d.items == ["/r/sr.dcm"]
+    # sent before the heatmaps exist: the study waits for them, still processing
+    assert store.delivery_succeeded(d.id) is StudyState.PROCESSING
+    assert store.study("6.1").state is StudyState.PROCESSING
+    state = store.complete_processing("6.1", results=[InstanceResult("6.1.1", InstanceState.PROCESSED)],
+                                      deliveries=[NewDelivery("pacs", ["/r/sc.dcm", "/r/pm.dcm"]),
+                                                  NewDelivery("fhir", ["/r/fhir.json"])])
+    assert state is StudyState.SENDING
+    # the FHIR file already waiting in the outbox is not queued a second time
+    assert [x.items for x in store.deliveries(study_key="6.1", state=DeliveryState.PENDING)] == [
+        ["/r/fhir.json"], ["/r/sc.dcm", "/r/pm.dcm"]]
+    for dest in ("pacs", "fhir"):
+        for x in store.due_deliveries(dest):
+            store.delivery_succeeded(x.id)
+    assert store.study("6.1").state is StudyState.RESULTS_SENT
+
+
+def test_first_results_queued_before_a_crash_are_not_sent_twice(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    spool = Spool(tmp_path / "spool")
+    _record(store, spool, "7.1", "7.1.1")
+    store.association_closed(["7.1"], quiet_seconds=0)
+    store.claim_ready()
+    store.queue_deliveries("7.1", [NewDelivery("pacs", ["/r/sr.dcm"])])   # PACS down: stays pending
+    store.close()
+    store = JobStore(tmp_path / "jobs.sqlite3")                          # restart after a kill
+    store.recover(quiet_seconds=0)
+    [c] = store.claim_ready()
+    assert [i.sop_key for i in c.instances] == ["7.1.1"]
+    assert store.queue_deliveries("7.1", [NewDelivery("pacs", ["/r/sr.dcm"])]) == 0
+    store.complete_processing("7.1", results=[InstanceResult("7.1.1", InstanceState.PROCESSED)],
+                              deliveries=[NewDelivery("pacs", ["/r/sr.dcm", "/r/sc.dcm"])])
+    items = [i for d in store.deliveries(study_key="7.1") for i in d.items]
+    assert sorted(items) == ["/r/sc.dcm", "/r/sr.dcm"]
+
+
 def test_connections_of_finished_threads_are_closed(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs.sqlite3")
     store.counts()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -47,7 +47,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from cxr_ai import __version__
 from cxr_ai.dicom import codes
-from cxr_ai.results import FindingResult, ImageResult, ModelInfo
+from cxr_ai.results import OUTPUT_PARTS, FindingResult, ImageResult, ModelInfo
 
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time to keep import cheap
     from fhir.resources.R4B.bundle import Bundle
@@ -361,6 +361,8 @@ def _threshold(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> float | No
 
 # --- all outputs of one image ----------------------------------------------------------------
 
+MSG_UNKNOWN_PARTS = "unknown output part(s) {parts}; choose from {known}"
+
 
 @dataclass
 class ImageOutputs:
@@ -399,6 +401,7 @@ def outputs_for(
     display_image: np.ndarray | None = None,
     config: dict[str, Any] | None = None,
     instance_number: int = 1,
+    include: Collection[str] = OUTPUT_PARTS,
 ) -> ImageOutputs | None:
     """Build the SR, heatmap SCs, Parametric Maps and FHIR bundle for one image result.
 
@@ -421,6 +424,10 @@ def outputs_for(
     instance_number
         Instance Number of the SR; heatmap SCs and Parametric Maps count up from it, one per
         finding with a heatmap.
+    include
+        Which parts to build (a subset of :data:`cxr_ai.results.OUTPUT_PARTS`): the listener builds the
+        ``RESULT_PARTS`` (SR, FHIR) first and sends them while the heatmaps are computed,
+        then the ``HEATMAP_PARTS``. Each part is also subject to the ``[outputs]`` switches.
     """
     from cxr_ai import fhir
     from cxr_ai.config import default_config
@@ -441,14 +448,17 @@ def outputs_for(
     out_cfg = cfg["outputs"]
     model, findings = result.model, result.findings
 
+    unknown = set(include) - set(OUTPUT_PARTS)
+    if unknown:
+        raise ValueError(MSG_UNKNOWN_PARTS.format(parts=sorted(unknown), known=OUTPUT_PARTS))
     outputs = ImageOutputs(sr=None)
-    if out_cfg["sr"]:
+    if out_cfg["sr"] and "sr" in include:
         outputs.sr = build_sr(
             source_ds, model, findings,
             series_number=int(out_cfg["sr_series_number"]), instance_number=instance_number,
         )
     with_maps = [f for f in findings if f.heatmap is not None]
-    if with_maps and out_cfg["heatmap_sc"]:
+    if with_maps and out_cfg["heatmap_sc"] and "heatmap_sc" in include:
         if display_image is None:
             from cxr_ai.imaging import display_array
 
@@ -466,14 +476,15 @@ def outputs_for(
             )
             for i, f in enumerate(with_maps)
         ]
-    if with_maps and out_cfg["parametric_map"]:
+    if with_maps and out_cfg["parametric_map"] and "parametric_map" in include:
         outputs.parametric_maps = heatmap.build_parametric_maps(
             source_ds, with_maps, model,
             series_number=int(out_cfg["pm_series_number"]),
             first_instance_number=instance_number,
             transfer_syntax_uid=str(out_cfg["pm_transfer_syntax"]),
         )
-    outputs.fhir_bundle = fhir.build_bundle(
-        source_ds, model, findings, options=fhir.FhirOptions.from_config(cfg)
-    )
+    if "fhir" in include:
+        outputs.fhir_bundle = fhir.build_bundle(
+            source_ds, model, findings, options=fhir.FhirOptions.from_config(cfg)
+        )
     return outputs

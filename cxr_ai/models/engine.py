@@ -309,29 +309,41 @@ class InferenceEngine:
 
     # --- radiographs --------------------------------------------------------------------------
 
+    def heatmaps_preprocessed(self, items: Sequence[Preprocessed]) -> list[list[np.ndarray]]:
+        """Heatmaps in source geometry (float32 in [0, 1]): one list per item, one map per finding."""
+        if not items:
+            return []
+        batch = np.stack([p.image for p in items]).astype(np.float32, copy=False)
+        maps = self.explain(batch)
+        return [
+            [np.clip(pre.letterbox.to_source(maps[i, k]), 0.0, 1.0).astype(np.float32)
+             for k in range(len(self.bundle.findings))]
+            for i, pre in enumerate(items)
+        ]
+
     def predict_preprocessed(self, items: Sequence[Preprocessed], *, explain: bool = True) -> list[ModelOutput]:
-        """Model outputs for images already run through the bundle's pixel pipeline."""
+        """Model outputs for images already run through the bundle's pixel pipeline.
+
+        With ``explain``, each finding carries its heatmap in source geometry (see
+        :meth:`heatmaps_preprocessed`, which adds them later to outputs made without).
+        """
         if not items:
             return []
         batch = np.stack([p.image for p in items]).astype(np.float32, copy=False)
         pred = self.predict(batch)
-        maps = self.explain(batch) if explain else None
+        maps = self.heatmaps_preprocessed(items) if explain else None
         outputs = []
         for i, pre in enumerate(items):
-            findings = []
-            for k, spec in enumerate(self.bundle.findings):
-                heat = None
-                if maps is not None:
-                    heat = np.clip(pre.letterbox.to_source(maps[i, k]), 0.0, 1.0).astype(np.float32)
-                findings.append(
-                    FindingResult(
-                        key=spec.key,
-                        display=spec.display,
-                        probability=float(pred.probabilities[i, k]),
-                        threshold=float(spec.threshold),
-                        heatmap=heat,
-                    )
+            findings = [
+                FindingResult(
+                    key=spec.key,
+                    display=spec.display,
+                    probability=float(pred.probabilities[i, k]),
+                    threshold=float(spec.threshold),
+                    heatmap=maps[i][k] if maps is not None else None,
                 )
+                for k, spec in enumerate(self.bundle.findings)
+            ]
             outputs.append(ModelOutput(findings=findings, embedding=pred.embeddings[i], model=self.model_info, notes=list(pre.notes)))
         return outputs
 

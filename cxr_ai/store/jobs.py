@@ -468,18 +468,50 @@ class JobStore:
                     (r.state.value, r.reason, json.dumps(r.result) if r.result is not None else None,
                      r.sop_key, InstanceState.PROCESSING.value),
                 )
-            job_id = conn.execute("SELECT job_id FROM studies WHERE study_key=?", (study_key,)).fetchone()["job_id"]
-            for d in deliveries:
-                conn.execute(
-                    "INSERT INTO outbox(study_key, job_id, destination, items, state, next_attempt_at,"
-                    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                    (study_key, job_id, d.destination, json.dumps(list(d.items)), DeliveryState.PENDING.value,
-                     now, now, now),
-                )
+            self._insert_deliveries(conn, study_key, deliveries, now)
             state, reason = self._settle(conn, study_key)
             conn.execute("UPDATE studies SET state=?, reason=?, processed_at=?, updated_at=? WHERE study_key=?",
                          (state.value, reason, now, now, study_key))
         return state
+
+    def queue_deliveries(self, study_key: str, deliveries: Sequence[NewDelivery]) -> int:
+        """Queue deliveries of a study that is still processing (its first results).
+
+        The study stays ``processing``; the routing threads send these at once. Returns how
+        many rows were queued: none if the study is no longer being processed (re-queued at
+        shutdown; the next claim redoes it), and none for items already waiting in the outbox
+        for that destination (a study processed again after a crash).
+        """
+        now = self._clock()
+        with self._tx() as conn:
+            current = conn.execute("SELECT state FROM studies WHERE study_key=?", (study_key,)).fetchone()
+            if current is None or current["state"] != StudyState.PROCESSING.value:
+                return 0
+            return self._insert_deliveries(conn, study_key, deliveries, now)
+
+    def _insert_deliveries(self, conn: sqlite3.Connection, study_key: str, deliveries: Sequence[NewDelivery],
+                           now: float) -> int:
+        """Insert outbox rows, skipping items a pending row of the destination already carries.
+
+        A pending row sends the file as it is when it goes, so a second row for the same file
+        would only send it twice.
+        """
+        job_id = conn.execute("SELECT job_id FROM studies WHERE study_key=?", (study_key,)).fetchone()["job_id"]
+        n = 0
+        for d in deliveries:
+            waiting = {item for r in conn.execute(
+                "SELECT items FROM outbox WHERE study_key=? AND destination=? AND state=?",
+                (study_key, d.destination, DeliveryState.PENDING.value)) for item in json.loads(r["items"])}
+            items = [i for i in d.items if i not in waiting]
+            if not items:
+                continue
+            conn.execute(
+                "INSERT INTO outbox(study_key, job_id, destination, items, state, next_attempt_at,"
+                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                (study_key, job_id, d.destination, json.dumps(items), DeliveryState.PENDING.value, now, now, now),
+            )
+            n += 1
+        return n
 
     def fail_processing(self, study_key: str, *, reason: str, max_attempts: int) -> StudyState:
         """The pipeline raised for this study: retry (back to received) or give up (failed)."""
