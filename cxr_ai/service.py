@@ -81,6 +81,7 @@ class ServiceSettings:
     max_batch_studies: int
     worker_poll_seconds: float
     pipeline_retry_seconds: float
+    idle_start: bool
     max_attempts: int
     pipeline: str
     shutdown_grace_seconds: float
@@ -183,6 +184,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
         max_batch_studies=_get(wk, "workers", "max_batch_studies", int, "a positive integer", check=pos),
         worker_poll_seconds=_get(wk, "workers", "poll_seconds", float, "seconds > 0", check=pos),
         pipeline_retry_seconds=_get(wk, "workers", "pipeline_retry_seconds", float, "seconds > 0", check=pos),
+        idle_start=_get(wk, "workers", "idle_start", bool, "true or false"),
         max_attempts=_get(wk, "workers", "max_attempts", int, "a positive integer", check=pos),
         pipeline=pipeline,
         shutdown_grace_seconds=_get(wk, "workers", "shutdown_grace_seconds", float, "seconds >= 0", check=nonneg),
@@ -398,6 +400,8 @@ class WorkerPool:
         while not self._stop.is_set():
             try:
                 claims = self.store.claim_ready(limit=self.settings.max_batch_studies)
+                if not claims and self.settings.idle_start:
+                    claims = self.store.claim_ready(limit=self.settings.max_batch_studies, within_quiet=True)
             except Exception:  # broad on purpose: e.g. database locked longer than busy_timeout; retried
                 logger.exception("could not claim studies; retrying")
                 claims = []

@@ -266,6 +266,24 @@ def test_late_results_after_requeue_are_dropped(tmp_path: Path) -> None:
     assert [i.sop_key for i in c.instances] == ["5.1.1"]
 
 
+def test_idle_worker_may_start_within_the_quiet_period_and_late_instances_make_a_new_round(tmp_path: Path) -> None:
+    clock = Clock()
+    store = JobStore(tmp_path / "jobs.sqlite3", clock=clock)
+    spool = Spool(tmp_path / "spool")
+    _record(store, spool, "8.1", "8.1.1")
+    assert store.claim_ready(within_quiet=True) == []          # association still open: never
+    store.association_closed(["8.1"], quiet_seconds=5.0)
+    assert store.claim_ready() == []                           # a normal claim waits out the quiet period
+    [c] = store.claim_ready(within_quiet=True)                 # an idle worker need not
+    assert [i.sop_key for i in c.instances] == ["8.1.1"]
+    _record(store, spool, "8.1", "8.1.2")                      # arrives while processing
+    store.complete_processing("8.1", results=[InstanceResult("8.1.1", InstanceState.PROCESSED)], deliveries=[])
+    assert store.study("8.1").state is StudyState.RECEIVED
+    store.association_closed(["8.1"], quiet_seconds=5.0)
+    [c] = store.claim_ready(within_quiet=True)
+    assert [i.sop_key for i in c.instances] == ["8.1.2"]
+
+
 def test_first_results_go_out_while_the_study_is_still_processing(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs.sqlite3")
     spool = Spool(tmp_path / "spool")

@@ -424,15 +424,20 @@ class JobStore:
         return {"requeued_processing": n_proc, "reopened_received": n_open}
 
     # -- workers --------------------------------------------------------------------------
-    def claim_ready(self, *, limit: int = 1) -> list[ClaimedStudy]:
-        """Atomically take up to ``limit`` ready studies (oldest first) for processing."""
+    def claim_ready(self, *, limit: int = 1, within_quiet: bool = False) -> list[ClaimedStudy]:
+        """Atomically take up to ``limit`` ready studies (oldest first) for processing.
+
+        With ``within_quiet``, a study whose association has been released is taken before
+        its quiet period is over (an idle worker need not wait; an instance that arrives later
+        is processed in another round).
+        """
         now = self._clock()
         claimed: list[ClaimedStudy] = []
         with self._tx() as conn:
             rows = conn.execute(
-                "SELECT * FROM studies WHERE state=? AND ready_at IS NOT NULL AND ready_at<=?"
+                "SELECT * FROM studies WHERE state=? AND ready_at IS NOT NULL AND (ready_at<=? OR ?)"
                 " ORDER BY ready_at LIMIT ?",
-                (StudyState.RECEIVED.value, now, int(limit)),
+                (StudyState.RECEIVED.value, now, bool(within_quiet), int(limit)),
             ).fetchall()
             for row in rows:
                 key = row["study_key"]
