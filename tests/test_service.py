@@ -274,6 +274,9 @@ def test_config_validation_errors_are_clear(tmp_path: Path) -> None:
     bad = base_config(tmp_path, [], store={"quiet_seconds": "soon"})
     with pytest.raises(ConfigError, match=r"\[store\] quiet_seconds must be seconds >= 0, got 'soon'"):
         validate_config(bad, base_dir=tmp_path)
+    bad = base_config(tmp_path, [], workers={"idle_start": "yes"})
+    with pytest.raises(ConfigError, match=r"\[workers\] idle_start must be true or false, got 'yes'"):
+        validate_config(bad, base_dir=tmp_path)
     bad = base_config(tmp_path, [{"name": "ehr", "kind": "fhir", "url": "http://127.0.0.1:1/", "token_env": "NOPE_NOT_SET"}])
     with pytest.raises(ConfigError, match="NOPE_NOT_SET"):
         validate_config(bad, base_dir=tmp_path)
