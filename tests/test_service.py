@@ -90,6 +90,43 @@ class StubPipeline:
             transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
 
 
+class PhasedStubPipeline(StubPipeline):
+    """Like :class:`StubPipeline`, but hands over a first object per image through
+    ``on_results`` (as the real pipeline does with the SR) before the second one is made.
+
+    Output UIDs derive from the source instance, as the real ones do. While
+    ``CXR_AI_TEST_SLOW_FILE`` exists, it holds *after* the first results were handed over.
+    """
+
+    def process_study(self, paths, on_results=None):
+        out = []
+        for p in paths:
+            decision, rg = check_applicability(p)
+            if rg is None or not decision.accepted:
+                out.append(StubOutcome(rg.sop_instance_uid if rg else "", "not_applicable" if rg else "failed",
+                                       decision.reason.value))
+                continue
+            out.append(StubOutcome(rg.sop_instance_uid, "processed", "", datasets=[self._numbered(rg, 1)]))
+        if on_results is not None:
+            on_results(out)
+        gate_file = os.environ.get("CXR_AI_TEST_SLOW_FILE")
+        while gate_file and Path(gate_file).exists():
+            time.sleep(0.05)
+        for o, p in zip(out, paths):
+            if o.status == "processed":
+                o.datasets = o.datasets + [self._numbered(check_applicability(p)[1], 2)]
+        return out
+
+    @staticmethod
+    def _numbered(rg, n: int):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ds = StubPipeline._derived(rg)
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[rg.sop_instance_uid, str(n)])
+        ds.InstanceNumber = n
+        return ds
+
+
 # -- helpers ----------------------------------------------------------------------------------
 def wait_for(pred, *, timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
@@ -412,6 +449,54 @@ def test_sigkill_mid_study_then_restart_loses_nothing(tmp_path: Path, rg1_paths)
             assert p.stat().st_size > 1000
         assert len(list((tmp_path / "var" / "spool" / "instances").rglob("*.dcm"))) == 5
         # graceful stop
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        pacs.stop()
+
+
+@pytest.mark.slow
+def test_sigkill_after_the_first_results_went_out_loses_nothing(tmp_path: Path, rg1_paths) -> None:
+    pacs = start_pacs(tmp_path)
+    slow = tmp_path / "hold-after-first-results"
+    cfg = write_toml(tmp_path / "cxr-ai.toml", {
+        "listener": {"port": free_port(), "allowed_calling_aes": ["TESTSCU"], "min_free_mb": 0.0},
+        "store": {"root": "var", "quiet_seconds": 0.1, "keep_hours": -1.0},
+        "workers": {"pipeline": "test_service:PhasedStubPipeline", "poll_seconds": 0.05},
+        "routing": {"poll_seconds": 0.1, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 0.5,
+                    "destinations": [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port,
+                                      "ae_title": "PACS"}]},
+        "http": {"port": 0},
+    })
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+               CXR_AI_TEST_SLOW_FILE=str(slow))
+    env = {k: v for k, v in env.items() if not k.startswith("CXR_AI__")}
+    db = tmp_path / "var" / "jobs.sqlite3"
+    ready = tmp_path / "ready.json"
+    slow.write_text("hold")
+    proc = _spawn(cfg, ready, env)
+    try:
+        port = _wait_ready(proc, ready)["dicom_port"]
+        assert send(port, [rg1_paths["RG1_UNCR"]]) == [0]
+        # the first result reaches the PACS while the study is still being processed
+        wait_for(lambda: len(pacs.store.instances()) == 1, what="first result in the PACS")
+        assert _db_rows(db, "SELECT state FROM studies") == [("processing",)]
+        [first] = pacs.store.instances()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        slow.unlink()
+        proc = _spawn(cfg, ready, env)
+        _wait_ready(proc, ready)
+        wait_for(lambda: _db_rows(db, "SELECT state FROM studies") == [("done",)], what="study done after restart")
+        # both results are in the PACS, the first one under the same UID as before the crash
+        uids = sorted(str(pydicom.dcmread(r.path, stop_before_pixels=True).InstanceNumber) + ":" + r.sop_uid
+                      for r in pacs.store.instances())
+        assert [u.split(":")[0] for u in uids] == ["1", "2"] and first.sop_uid in {u.split(":")[1] for u in uids}
+        assert _db_rows(db, "SELECT state, COUNT(*) FROM outbox GROUP BY state") in ([("sent", 2)], [("sent", 3)])
+        assert _db_rows(db, "SELECT state FROM instances") == [("processed",)]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
