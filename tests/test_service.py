@@ -371,14 +371,13 @@ def _db_rows(db: Path, sql: str) -> list[tuple]:
         return c.execute(sql).fetchall()
 
 
-@pytest.mark.slow
-def test_sigkill_mid_study_then_restart_loses_nothing(tmp_path: Path, rg1_paths) -> None:
-    pacs = start_pacs(tmp_path)
-    slow = tmp_path / "hold-processing"
+def _crash_setup(tmp_path: Path, pacs, slow: Path, *, pipeline: str) -> tuple[Path, dict, Path, Path]:
+    """Site config (one PACS destination), environment, job store path and ready file of a
+    service subprocess that a crash test kills."""
     cfg = write_toml(tmp_path / "cxr-ai.toml", {
         "listener": {"port": free_port(), "allowed_calling_aes": ["TESTSCU"], "min_free_mb": 0.0},
         "store": {"root": "var", "quiet_seconds": 0.1, "keep_hours": -1.0},
-        "workers": {"pipeline": "test_service:StubPipeline", "poll_seconds": 0.05},
+        "workers": {"pipeline": f"test_service:{pipeline}", "poll_seconds": 0.05},
         "routing": {"poll_seconds": 0.1, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 0.5,
                     "destinations": [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port,
                                       "ae_title": "PACS"}]},
@@ -387,8 +386,14 @@ def test_sigkill_mid_study_then_restart_loses_nothing(tmp_path: Path, rg1_paths)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
                CXR_AI_TEST_SLOW_FILE=str(slow))
     env = {k: v for k, v in env.items() if not k.startswith("CXR_AI__")}
-    db = tmp_path / "var" / "jobs.sqlite3"
-    ready = tmp_path / "ready.json"
+    return cfg, env, tmp_path / "var" / "jobs.sqlite3", tmp_path / "ready.json"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_study_then_restart_loses_nothing(tmp_path: Path, rg1_paths) -> None:
+    pacs = start_pacs(tmp_path)
+    slow = tmp_path / "hold-processing"
+    cfg, env, db, ready = _crash_setup(tmp_path, pacs, slow, pipeline="StubPipeline")
     # Study A: three phantom-free real instances (RG1 in three SOP instances), then released.
     study_a = []
     for i in range(3):
@@ -462,20 +467,7 @@ def test_sigkill_mid_study_then_restart_loses_nothing(tmp_path: Path, rg1_paths)
 def test_sigkill_after_the_first_results_went_out_loses_nothing(tmp_path: Path, rg1_paths) -> None:
     pacs = start_pacs(tmp_path)
     slow = tmp_path / "hold-after-first-results"
-    cfg = write_toml(tmp_path / "cxr-ai.toml", {
-        "listener": {"port": free_port(), "allowed_calling_aes": ["TESTSCU"], "min_free_mb": 0.0},
-        "store": {"root": "var", "quiet_seconds": 0.1, "keep_hours": -1.0},
-        "workers": {"pipeline": "test_service:PhasedStubPipeline", "poll_seconds": 0.05},
-        "routing": {"poll_seconds": 0.1, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 0.5,
-                    "destinations": [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port,
-                                      "ae_title": "PACS"}]},
-        "http": {"port": 0},
-    })
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]),
-               CXR_AI_TEST_SLOW_FILE=str(slow))
-    env = {k: v for k, v in env.items() if not k.startswith("CXR_AI__")}
-    db = tmp_path / "var" / "jobs.sqlite3"
-    ready = tmp_path / "ready.json"
+    cfg, env, db, ready = _crash_setup(tmp_path, pacs, slow, pipeline="PhasedStubPipeline")
     slow.write_text("hold")
     proc = _spawn(cfg, ready, env)
     try:
