@@ -11,9 +11,15 @@ Same core as the listener (:class:`cxr_ai.pipeline.Pipeline`), other driver. A r
    state database ``<out>/batch-state.sqlite`` keyed by SOP Instance UID + model name +
    model version. ``processed`` and ``not_applicable`` are final; ``failed`` is retried on the
    next run; ``force=True`` reprocesses everything;
-3. **processes** the rest: decoding, the applicability gate and the pixel pipeline run in a
-   thread pool (pydicom's decoders and numpy release the GIL) while the engine runs batches
-   (on the GPU when there is one); result objects are built and written by a second pool;
+3. **processes** the rest (:func:`run_items`): a pool of worker processes (``[batch] pool``;
+   each holds the pipeline, inherited by fork or loaded once) reads, gates, decodes and
+   preprocesses each instance and hands only the small model input to the driver, which runs
+   the model on batches made in worklist order (on the GPU when there is one; on the CPU in
+   one single-threaded "lane" per core, :func:`model_plan`); the worker that prepared an
+   instance then computes its Grad-CAM maps (CPU models), builds its result objects, writes
+   them and makes its table row — no Python work competes with the model loop for the GIL and
+   no full-resolution image crosses between processes. A thread pool does the same where
+   processes cannot start, and for results-table-only runs (``pool = "auto"``);
 4. **writes** per instance the SR / heatmap SC / Parametric Map / FHIR bundle into
    ``<out>/studies/<StudyInstanceUID>/`` under deterministic names
    (``<SOPInstanceUID>_<kind><n>.dcm``, ``<SOPInstanceUID>_fhir.json``): each file is written
@@ -39,10 +45,11 @@ import argparse
 import concurrent.futures as cf
 import csv
 import dataclasses
+import gc
 import hashlib
-import hmac
 import json
 import logging
+import logging.handlers
 import os
 import secrets
 import sqlite3
@@ -341,27 +348,75 @@ class BatchState:
 # ============================================================================================
 
 
+#: Kinds of stage pool beside the inference loop (``[batch] pool``); "auto" = worker processes
+#: when result objects are built, threads for a results-table-only run (see :func:`pool_kind`).
+POOL_KINDS: tuple[str, ...] = ("auto", "processes", "threads")
+#: ``[batch] start_method``: "auto" = fork on Linux (workers share the driver's loaded pipeline),
+#: else spawn (each worker loads the pipeline from the configuration once).
+START_METHODS: tuple[str, ...] = ("auto", "fork", "forkserver", "spawn")
+
+MSG_BAD_POOL = '[batch] pool = {value!r} is not one of {known}; use "auto" (default), "processes" or "threads"'
+MSG_BAD_START_METHOD = "[batch] start_method = {value!r} is not one of {known}"
+MSG_POOL_FALLBACK = "batch worker processes not used ({why}); decoding and result objects run in threads instead"
+MSG_WORKER_MODEL = (
+    "a batch worker process loaded model {got!r}, not the driver's {want!r}: the driver's pipeline was not "
+    "built from its configuration"
+)
+MSG_WORKER_DIED = (
+    "a batch worker process died ({detail}); the instances finished so far are recorded: run the same "
+    "command again to resume (if a worker dies again on the same input, --pool threads runs everything "
+    "in one process, where the failing instance's error shows)"
+)
+
+
+class BatchWorkerError(CxrAiError):
+    """A worker process of the batch stage pool died (killed, out of memory, crashed decoder)."""
+
+
 @dataclass
 class Prepared:
-    """An instance after the gate and the pixel pipeline (``pre`` is None unless accepted)."""
+    """An instance after the gate and the pixel pipeline (``pre`` is None unless accepted).
+
+    ``ticket`` identifies the instance inside one :func:`run_items` call (its position); with a
+    process pool, the worker that prepared it keeps the full outcome (radiograph, decoded
+    pixels) under that ticket and ``outcome`` here is a light copy without pixel data.
+    """
 
     item: WorkItem
     outcome: Any  # cxr_ai.pipeline.InstanceOutcome
     pre: Any = None  # cxr_ai.imaging.Preprocessed
+    ticket: int = -1
 
 
-def prepare(pipeline: Any, item: WorkItem) -> Prepared:
-    """Read, gate and preprocess one instance (runs in the decode pool): the pipeline's stage 1."""
+def prepare(pipeline: Any, item: WorkItem, *, keep_pixels: bool | None = None) -> Prepared:
+    """Read, gate and preprocess one instance (runs in the stage pool): the pipeline's stage 1.
+
+    Unless ``keep_pixels`` (default: the pipeline makes heatmaps), the decoded pixels are
+    dropped once preprocessed: the SR, FHIR and table need the header only, and
+    ``Radiograph.pixels()`` decodes again should anything ask. Memory per waiting instance then
+    is its file's bytes, not twice that.
+    """
     outcome, pre = pipeline.prepare(item.path)
     # an unreadable file keeps the UIDs the worklist scan found for it (if any)
     outcome.sop_instance_uid = outcome.sop_instance_uid or item.sop_uid
     outcome.study_instance_uid = outcome.study_instance_uid or item.study_uid
+    keep = bool(getattr(pipeline, "explain", True)) if keep_pixels is None else keep_pixels
+    rg = outcome.radiograph
+    if pre is not None and rg is not None and not keep:
+        rg._pixels = None
     return Prepared(item, outcome, pre)
 
 
-def infer(pipeline: Any, batch: Sequence[Prepared]) -> None:
-    """Run the model on the accepted instances of ``batch`` (one engine call): stage 2."""
-    pipeline.infer([(p.outcome, p.pre) for p in batch])
+def infer(pipeline: Any, batch: Sequence[Prepared], *, explain: bool | None = None) -> None:
+    """Run the model on the accepted instances of ``batch`` (one engine call): stage 2.
+
+    ``explain`` (default: the pipeline's) adds the Grad-CAM heatmaps in the same call.
+    """
+    pairs = [(p.outcome, p.pre) for p in batch]
+    if explain is None:
+        pipeline.infer(pairs)
+    else:
+        pipeline.infer(pairs, explain=explain)
     for p in batch:
         p.pre = None  # free the tensor
 
@@ -465,12 +520,16 @@ class Finished:
 
 
 def finish(pipeline: Any, prepared: Prepared, *, out_dir: Path, pkey: bytes, write: bool = True) -> Finished:
-    """Build the result objects of an instance (after :func:`infer`), write them, make its row."""
+    """Build the result objects of an instance (after :func:`infer`), write them, make its row.
+
+    ``write=False`` is the results-table-only mode: no SR / SC / PM / FHIR object is built.
+    """
     outcome = prepared.outcome
     if outcome.result is not None and outcome.result.findings and outcome.radiograph is not None:
-        t0 = time.perf_counter()
-        pipeline.build_outputs(outcome)  # same objects as the listener
-        outcome.timings["outputs_s"] = time.perf_counter() - t0
+        if write:
+            pipeline.build_outputs(outcome)  # the same objects as the listener
+        else:
+            pipeline.build_outputs(outcome, parts=())  # status and message only, no object
     outputs = write_outputs(outcome, out_dir) if write else []
     row = outcome_row(outcome, model=pipeline.model_info, key=pkey,
                       finding_keys=_finding_keys(pipeline), n_outputs=len(outputs))
@@ -484,6 +543,333 @@ def _finding_keys(pipeline: Any) -> list[str]:
     return keys + [k for k in DEFAULT_FINDINGS if k not in keys]
 
 
+def _prepare_or_finish(pipeline: Any, item: WorkItem, ticket: int, *, out_dir: Path, pkey: bytes,
+                       write: bool) -> Prepared | Finished:
+    """Stage 1; an instance the model will not see (not applicable, failed) is finished at once."""
+    prepared = prepare(pipeline, item, keep_pixels=bool(pipeline.explain) and write)
+    prepared.ticket = ticket
+    if prepared.pre is None:
+        return finish(pipeline, prepared, out_dir=out_dir, pkey=pkey, write=write)
+    return prepared
+
+
+# --- the stage pools ---------------------------------------------------------------------------
+
+
+def _finish_one(pipeline: Any, prepared: Prepared, args: Mapping[str, Any]) -> list[Finished]:
+    return [finish(pipeline, prepared, **args)]
+
+
+class _ThreadStages:
+    """Stages 1 and 3 in threads of this process (pydicom's decoders and numpy release the GIL;
+    building result objects does not, so it competes with the driver)."""
+
+    kind = "threads"
+    computes_heatmaps = False  # Grad-CAM runs in the driver's model call
+
+    def __init__(self, pipeline: Any, size: int, *, out_dir: Path, pkey: bytes, write: bool) -> None:
+        self.pipeline, self.size = pipeline, size
+        self._args = {"out_dir": out_dir, "pkey": pkey, "write": write}
+        self._decode = cf.ThreadPoolExecutor(size, thread_name_prefix="cxr-decode")
+        self._write = cf.ThreadPoolExecutor(max(1, size // 2), thread_name_prefix="cxr-write")
+
+    def prepare(self, item: WorkItem, ticket: int) -> cf.Future:
+        return self._decode.submit(_prepare_or_finish, self.pipeline, item, ticket, **self._args)
+
+    def finish(self, batch: Sequence[Prepared]) -> list[tuple[cf.Future, int]]:
+        """Stage 3 of an inferred batch: (future of a list of :class:`Finished`, its length)."""
+        return [(self._write.submit(_finish_one, self.pipeline, p, self._args), 1) for p in batch]
+
+    def close(self, *, cancel: bool = False) -> None:
+        self._decode.shutdown(wait=True, cancel_futures=cancel)
+        self._write.shutdown(wait=True, cancel_futures=cancel)
+
+
+#: State of a batch worker process: its pipeline and the outcomes it keeps until stage 3.
+_PROC: dict[str, Any] = {}
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the process that started it ends (a killed batch
+    must not leave workers writing outputs nobody records)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - no prctl
+        pass
+
+
+def _proc_init(pipeline: Any, config_json: str, explain: bool, log_queue: Any, log_level: int) -> None:
+    """Initializer of a worker process: one pipeline per process (inherited or loaded once);
+    its log records go to the driver, which hands them to its own handlers."""
+    _die_with_parent()
+    import torch
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(logging.handlers.QueueHandler(log_queue))
+    root.setLevel(log_level)
+    torch.set_num_threads(1)  # the pixel pipeline's resize; the model runs in the driver
+    _PROC.clear()
+    _PROC["pipeline"] = pipeline if pipeline is not None else _worker_pipeline(config_json, explain)
+    _PROC["kept"] = {}
+
+
+def _proc_hello() -> str:
+    return str(_PROC["pipeline"].model_info.label)
+
+
+def _proc_prepare(item: WorkItem, ticket: int, out_dir: Path, pkey: bytes, write: bool) -> Prepared | Finished:
+    """Worker: stage 1. The full outcome stays here; the driver gets the model input and a light
+    copy (no pixels), so full-resolution images never cross between processes."""
+    pipeline = _PROC["pipeline"]
+    got = _prepare_or_finish(pipeline, item, ticket, out_dir=out_dir, pkey=pkey, write=write)
+    if isinstance(got, Finished):
+        return got
+    _PROC["kept"][ticket] = got
+    return Prepared(item, _light_outcome(got.outcome), got.pre, ticket)
+
+
+def _proc_finish(done: list[tuple[int, Any, dict[str, float]]], heatmaps: bool, out_dir: Path, pkey: bytes,
+                 write: bool) -> list[Finished]:
+    """Worker: stage 3 for instances of one model batch that this process prepared, given the
+    driver's model outputs (``(ticket, result, timings)``). With ``heatmaps``, their Grad-CAM
+    maps are computed here first (:meth:`Pipeline.add_heatmaps`, one call), on this process's
+    copy of the model, so that the explanations of several batches run in parallel."""
+    pipeline = _PROC["pipeline"]
+    mine: list[Prepared] = []
+    for ticket, result, timings in done:
+        prepared = _PROC["kept"].pop(ticket)
+        prepared.outcome.result = result
+        prepared.outcome.timings.update(timings)
+        mine.append(prepared)
+    if heatmaps:
+        pipeline.add_heatmaps([(p.outcome, p.pre) for p in mine])
+    out = []
+    for p in mine:
+        p.pre = None
+        out.append(finish(pipeline, p, out_dir=out_dir, pkey=pkey, write=write))
+    return out
+
+
+def _light_outcome(outcome: Any) -> Any:
+    """A copy of ``outcome`` for the driver: the radiograph's metadata without its data set."""
+    from pydicom.dataset import Dataset
+
+    rg = outcome.radiograph
+    light_rg = dataclasses.replace(rg, dataset=Dataset(), _pixels=None) if rg is not None else None
+    return dataclasses.replace(outcome, radiograph=light_rg, datasets=[], fhir_bundle=None,
+                               timings=dict(outcome.timings))
+
+
+def _worker_config_json(pipeline: Any) -> str:
+    """The configuration a spawned worker builds its pipeline from: the driver's, on the CPU
+    with one thread (workers never run the model)."""
+    cfg = json.loads(json.dumps(dict(pipeline.config), default=str))
+    models = dict(cfg.get("models", {}) or {})
+    bundle = getattr(getattr(pipeline.engine, "bundle", None), "path", None)
+    if bundle is not None and not models.get("bundle"):
+        models["bundle"] = str(bundle)
+    models.update(device="cpu", num_threads=1)
+    cfg["models"] = models
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _start_method(value: str) -> str:
+    import multiprocessing as mp
+
+    if value not in START_METHODS:
+        raise ConfigError(MSG_BAD_START_METHOD.format(value=value, known=START_METHODS))
+    available = mp.get_all_start_methods()
+    if value == "auto":
+        return "fork" if sys.platform.startswith("linux") and "fork" in available else "spawn"
+    return value if value in available else "spawn"
+
+
+def _forward_logs(queue: Any) -> None:
+    """Driver thread: each worker log record to the driver's logger of the same name (so the
+    driver's handlers, levels and PHI rules apply to what the workers log)."""
+    while True:
+        try:
+            record = queue.get()
+        except (EOFError, OSError, ValueError):  # closed, or a killed worker broke the stream
+            return
+        if record is None:
+            return
+        logging.getLogger(record.name).handle(record)
+
+
+class _ProcessStages:
+    """Stages 1 and 3 in worker processes, each with its own pipeline, so that reading,
+    decoding and building result objects never hold the driver's GIL.
+
+    One single-process executor per worker: stage 3 of an instance runs in the process that
+    prepared it, which kept the decoded radiograph (no full-resolution pixels are pickled, no
+    file is read twice). A new instance goes to the worker with the fewest tasks in flight.
+    """
+
+    kind = "processes"
+
+    def __init__(self, pipeline: Any, size: int, *, out_dir: Path, pkey: bytes, write: bool,
+                 start_method: str = "auto") -> None:
+        import multiprocessing as mp
+
+        self.pipeline, self.size = pipeline, size
+        # Grad-CAM in the workers when the model runs on the CPU (on a GPU it stays there)
+        self.computes_heatmaps = getattr(getattr(pipeline.engine, "device", None), "type", "cpu") == "cpu"
+        self.start_method = _start_method(start_method)
+        ctx = mp.get_context(self.start_method)
+        inherit = pipeline if self.start_method == "fork" else None  # fork: no pickling, no reload
+        config_json = "" if inherit is not None else _worker_config_json(pipeline)
+        self._args = (out_dir, pkey, write)
+        self._pools: list[cf.ProcessPoolExecutor] = []
+        self._log_queue = ctx.Queue()
+        self._log_queue.cancel_join_thread()  # never wait at exit on a queue a killed worker broke
+        self._log_thread = threading.Thread(target=_forward_logs, args=(self._log_queue,),
+                                            name="cxr-worker-logs", daemon=True)
+        self._log_thread.start()
+        if inherit is not None:
+            # Objects that exist now go to the permanent generation: the children's garbage
+            # collector then never writes to them, so their pages stay shared with this
+            # process instead of being copied (most of the CPU a forked worker would spend).
+            gc.freeze()
+        try:
+            for _ in range(size):
+                self._pools.append(cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=_proc_init,
+                                                          initargs=(inherit, config_json, bool(pipeline.explain),
+                                                                    self._log_queue, logging.getLogger().level)))
+            labels = [f.result() for f in [p.submit(_proc_hello) for p in self._pools]]
+        except BaseException:
+            self.close(cancel=True)
+            raise
+        finally:
+            if inherit is not None:
+                gc.unfreeze()
+        want = str(pipeline.model_info.label)
+        if any(label != want for label in labels):
+            self.close(cancel=True)
+            raise ValueError(MSG_WORKER_MODEL.format(got=next(x for x in labels if x != want), want=want))
+        self._inflight: list[list[cf.Future]] = [[] for _ in range(size)]
+        self._where: dict[int, int] = {}
+
+    def _least_busy(self) -> int:
+        for futs in self._inflight:
+            futs[:] = [f for f in futs if not f.done()]
+        return min(range(self.size), key=lambda w: len(self._inflight[w]))
+
+    def _submit(self, w: int, fn: Callable[..., Any], *args: Any) -> cf.Future:
+        try:
+            fut = self._pools[w].submit(fn, *args)
+        except cf.BrokenExecutor as exc:
+            raise BatchWorkerError(MSG_WORKER_DIED.format(detail=exc)) from exc
+        self._inflight[w].append(fut)
+        return fut
+
+    def prepare(self, item: WorkItem, ticket: int) -> cf.Future:
+        w = self._least_busy()
+        self._where[ticket] = w
+        return self._submit(w, _proc_prepare, item, ticket, *self._args)
+
+    def finish(self, batch: Sequence[Prepared], *, heatmaps: bool = False) -> list[tuple[cf.Future, int]]:
+        """Stage 3 of an inferred batch, one task per worker holding some of it."""
+        by_worker: dict[int, list[tuple[int, Any, dict[str, float]]]] = {}
+        for p in batch:
+            by_worker.setdefault(self._where.pop(p.ticket), []).append(
+                (p.ticket, p.outcome.result, dict(p.outcome.timings)))
+        return [(self._submit(w, _proc_finish, done, heatmaps, *self._args), len(done))
+                for w, done in by_worker.items()]
+
+    def close(self, *, cancel: bool = False) -> None:
+        for p in self._pools:
+            p.shutdown(wait=True, cancel_futures=cancel)
+        self._log_queue.put(None)  # after the workers exited: their last records come first
+        self._log_thread.join(timeout=10)
+        self._log_queue.close()
+
+
+def _processes_unavailable() -> str:
+    """Why worker processes cannot be started here ("" when they can)."""
+    import multiprocessing as mp
+
+    if mp.current_process().daemon:
+        return "this is a daemonic process (e.g. a Dask worker), which may not start children"
+    return ""
+
+
+def pool_kind(value: str, *, write: bool) -> str:
+    """``[batch] pool`` resolved: "auto" is "processes" when result objects are built (building
+    them is Python that holds the GIL, as is Grad-CAM's bookkeeping: in threads they stall the
+    model loop) and "threads" for a results-table-only run, whose read / decode / preprocess
+    mostly release the GIL and then need no inter-process traffic (measured on 2 cores, see
+    ``benchmarks/results/batch.json``)."""
+    if value not in POOL_KINDS:
+        raise ConfigError(MSG_BAD_POOL.format(value=value, known=POOL_KINDS))
+    if value == "auto":
+        return "processes" if write else "threads"
+    return value
+
+
+def _stage_pool(pipeline: Any, kind: str, size: int, *, out_dir: Path, pkey: bytes, write: bool,
+                start_method: str) -> _ThreadStages | _ProcessStages:
+    kind = pool_kind(kind, write=write)
+    if kind == "processes":
+        why = _processes_unavailable()
+        if not why:
+            try:
+                return _ProcessStages(pipeline, size, out_dir=out_dir, pkey=pkey, write=write,
+                                      start_method=start_method)
+            except (OSError, ValueError, TypeError, AttributeError, ImportError, RuntimeError,
+                    cf.BrokenExecutor) as exc:
+                # e.g. no /dev/shm, a pipeline that cannot be pickled (spawn), a custom engine
+                why = f"{type(exc).__name__}: {exc}"
+        logger.info(MSG_POOL_FALLBACK.format(why=why))
+    return _ThreadStages(pipeline, size, out_dir=out_dir, pkey=pkey, write=write)
+
+
+def _batch_settings(pipeline: Any) -> Mapping[str, Any]:
+    cfg = getattr(pipeline, "config", None)
+    return batch_section(cfg) if isinstance(cfg, Mapping) else {}
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """How the driver runs the model: ``lanes`` batches at once, each call with ``torch_threads``
+    intra-op threads (None: leave PyTorch's setting alone)."""
+
+    lanes: int
+    torch_threads: int | None
+
+
+def model_plan(pipeline: Any, *, config: Mapping[str, Any] | None = None) -> ModelPlan:
+    """The driver's model plan from ``[batch] model_lanes`` / ``torch_threads`` (0 = automatic)
+    of ``config`` (default: the pipeline's).
+
+    Automatic, on the CPU with ``[models] num_threads = 0``: one lane per core, one thread each.
+    A forward with one thread spends the fewest CPU seconds per image, and single-threaded
+    lanes share the cores with the stage pool without the model's threads spinning at their
+    barriers while a worker holds a core; the engine's ``predict`` is thread-safe (Grad-CAM
+    takes its own lock). With an explicit ``[models] num_threads``, or on a GPU: one lane and
+    the engine's threads.
+    """
+    settings = batch_section(config) if config is not None else _batch_settings(pipeline)
+    lanes = int(settings.get("model_lanes", 0) or 0)
+    threads = int(settings.get("torch_threads", 0) or 0)
+    engine = getattr(pipeline, "engine", None)
+    on_cpu = getattr(getattr(engine, "device", None), "type", "cpu") == "cpu"
+    models = (getattr(pipeline, "config", {}) or {}).get("models", {}) or {}
+    automatic = on_cpu and int(models.get("num_threads", 0) or 0) <= 0
+    if threads <= 0:
+        threads = 1 if automatic else 0
+    if lanes <= 0:
+        lanes = max(1, _cores() // max(1, threads)) if automatic else 1
+    return ModelPlan(lanes=lanes, torch_threads=threads if on_cpu and threads > 0 else None)
+
+
 def run_items(
     pipeline: Any,
     items: Sequence[WorkItem],
@@ -494,49 +880,141 @@ def run_items(
     batch_size: int | None = None,
     on_finished: Callable[[Finished], None] | None = None,
     write: bool = True,
+    pool: str | None = None,
+    start_method: str | None = None,
+    plan: ModelPlan | None = None,
 ) -> list[Finished]:
-    """Process ``items``: a decode pool feeds engine batches, a writer pool builds outputs.
+    """Process ``items``: a stage pool prepares and finishes instances; model lanes (threads of
+    this process) run the model on batches in between.
 
-    ``on_finished`` is called in this thread, in completion order, as each instance is done
-    (the caller records it). Returns everything finished, in the order of ``items``.
+    Parameters
+    ----------
+    pipeline
+        A :class:`cxr_ai.pipeline.Pipeline`; the model runs in this process.
+    threads
+        Size of the stage pool (worker processes or threads).
+    pool
+        ``"processes"``: stage 1 (read, gate, decode, preprocess) and stage 3 (Grad-CAM on the
+        CPU, result objects, write, table row) in worker processes, each holding a pipeline
+        (inherited by fork, or loaded once), so that they run beside the model without its GIL;
+        only the model input and the model outputs cross between processes. Falls back to
+        threads, with a log line, where processes cannot start (inside a daemonic Dask worker,
+        say). ``"threads"``: both stages in threads of this process. ``"auto"``: see
+        :func:`pool_kind`. None: ``[batch] pool`` of the pipeline's config.
+    start_method
+        How worker processes start (see :data:`START_METHODS`); None: ``[batch] start_method``.
+    plan
+        Model lanes and threads (restored after the run); None: :func:`model_plan`.
+    write
+        False: results table only (no result object built or written).
+
+    Batches are made in the order of ``items`` (the same batches whatever the pools), so the
+    results do not depend on timing. ``on_finished`` is called in this thread, in completion
+    order, as each instance is done (the caller records it). Returns everything finished, in
+    the order of ``items``. Memory stays bounded: at most about ``max(2 x batch, 2 x pool)``
+    instances are prepared ahead of the model, ``lanes x batch`` are in the model and
+    ``2 x batch`` wait for their result objects.
     """
+    if not items:
+        return []
+    settings = _batch_settings(pipeline)
+    kind = str(pool or settings.get("pool", "auto") or "auto")
+    method = str(start_method or settings.get("start_method", "auto") or "auto")
+    plan = plan or model_plan(pipeline)
     bs = int(batch_size or getattr(pipeline.engine, "batch_size", 8) or 8)
-    threads = max(1, int(threads))
-    lookahead = max(2 * bs, 2 * threads)
+    size = max(1, int(threads))
+    lookahead = max(2 * bs, 2 * size)
     results: dict[str, Finished] = {}
-    pending_writes: deque[cf.Future] = deque()
+    pending: deque[tuple[cf.Future, int]] = deque()  # stage 3 tasks in submission order, instances
+    waiting = 0  # instances in stage 3
+    inferring: deque[tuple[cf.Future, list[Prepared]]] = deque()  # model calls, in batch order
+
+    stages = _stage_pool(pipeline, kind, size, out_dir=out_dir, pkey=pkey, write=write, start_method=method)
+    logger.info("batch: %d instances, model batches of %d in %d lane(s)%s, stages in %d %s", len(items), bs,
+                plan.lanes, f" of {plan.torch_threads} thread(s)" if plan.torch_threads else "", size, stages.kind)
+
+    # Heatmaps are made only when result objects are; in worker processes when they can
+    # (Grad-CAM of several batches then runs in parallel), else in the driver's model call.
+    explain = bool(getattr(pipeline, "explain", False)) and write
+    heatmaps_in_pool = explain and stages.computes_heatmaps
+
+    def deliver(fin: Finished) -> None:
+        results[fin.key] = fin
+        if on_finished is not None:
+            on_finished(fin)
 
     def drain(block_until: int) -> None:
-        while len(pending_writes) > block_until:
-            fin = pending_writes.popleft().result()
-            results[fin.key] = fin
-            if on_finished is not None:
-                on_finished(fin)
+        """Deliver finished instances; wait while more than ``block_until`` are in stage 3."""
+        nonlocal waiting
+        while pending and (waiting > block_until or pending[0][0].done()):
+            fut, n = pending.popleft()
+            waiting -= n
+            for fin in _result(fut):
+                deliver(fin)
 
-    with cf.ThreadPoolExecutor(threads, thread_name_prefix="cxr-decode") as decode_pool, \
-            cf.ThreadPoolExecutor(max(1, threads // 2), thread_name_prefix="cxr-write") as write_pool:
-        it = iter(items)
+    def to_stage3(done: list[Prepared]) -> None:
+        nonlocal waiting
+        tasks = stages.finish(done, heatmaps=True) if heatmaps_in_pool else stages.finish(done)
+        pending.extend(tasks)
+        waiting += sum(n for _, n in tasks)
+
+    def harvest(block_until: int) -> None:
+        """Hand inferred batches (oldest first) to stage 3."""
+        while inferring and (len(inferring) > block_until or inferring[0][0].done()):
+            fut, done = inferring.popleft()
+            fut.result()
+            to_stage3(done)
+
+    restore: int | None = None
+    if plan.torch_threads:
+        import torch
+
+        restore = torch.get_num_threads()
+        torch.set_num_threads(int(plan.torch_threads))
+    lanes = cf.ThreadPoolExecutor(plan.lanes, thread_name_prefix="cxr-model")
+    ok = False
+    try:
+        it = iter(enumerate(items))
         queue: deque[cf.Future] = deque()
-        for item in it:
-            queue.append(decode_pool.submit(prepare, pipeline, item))
+        for ticket, item in it:
+            queue.append(stages.prepare(item, ticket))
             if len(queue) >= lookahead:
                 break
         batch: list[Prepared] = []
         while queue:
-            prepared = queue.popleft().result()
+            got = _result(queue.popleft())
             nxt = next(it, None)
             if nxt is not None:
-                queue.append(decode_pool.submit(prepare, pipeline, nxt))
-            batch.append(prepared)
-            n_accepted = sum(p.pre is not None for p in batch)
-            if n_accepted >= bs or not queue:
-                infer(pipeline, batch)
-                for p in batch:
-                    pending_writes.append(write_pool.submit(finish, pipeline, p, out_dir=out_dir, pkey=pkey, write=write))
+                queue.append(stages.prepare(nxt[1], nxt[0]))
+            if isinstance(got, Finished):  # not applicable / failed: finished by the pool
+                deliver(got)
+            else:
+                batch.append(got)
+            if batch and (len(batch) >= bs or not queue):
+                harvest(block_until=plan.lanes - 1)  # a free lane
+                inferring.append((lanes.submit(infer, pipeline, batch, explain=explain and not heatmaps_in_pool),
+                                  batch))
                 batch = []
-                drain(block_until=2 * bs)  # bounded memory: radiographs wait for their writes
+            harvest(block_until=plan.lanes)
+            drain(block_until=2 * bs)  # bounded memory: prepared outcomes wait for their outputs
+        harvest(block_until=0)
         drain(block_until=0)
+        ok = True
+    finally:
+        lanes.shutdown(wait=True, cancel_futures=not ok)
+        stages.close(cancel=not ok)
+        if restore is not None:
+            import torch
+
+            torch.set_num_threads(restore)
     return [results[i.key] for i in items if i.key in results]
+
+
+def _result(fut: cf.Future) -> Any:
+    try:
+        return fut.result()
+    except cf.BrokenExecutor as exc:
+        raise BatchWorkerError(MSG_WORKER_DIED.format(detail=exc)) from exc
 
 
 # ============================================================================================
@@ -559,12 +1037,17 @@ def _worker_pipeline(config_json: str, explain: bool) -> Any:
 
 
 def process_partition(items: list[tuple[str, str, str]], *, config_json: str, explain: bool,
-                      out_dir: str, pkey_hex: str, threads: int, write: bool) -> list[dict[str, Any]]:
-    """Dask task: process a partition of the worklist on this worker; return finished records."""
+                      out_dir: str, pkey_hex: str, threads: int, write: bool,
+                      pool: str | None = None) -> list[dict[str, Any]]:
+    """Dask task: process a partition of the worklist on this worker; return finished records.
+
+    A Dask worker is usually a daemonic process, which may not start worker processes: the
+    stage pool then runs in threads (logged), and Dask's own processes spread the load.
+    """
     pipeline = _worker_pipeline(config_json, explain)
     work = [WorkItem(*t) for t in items]
     fins = run_items(pipeline, work, out_dir=Path(out_dir), pkey=bytes.fromhex(pkey_hex),
-                     threads=threads, write=write)
+                     threads=threads, write=write, pool=pool)
     return [dataclasses.asdict(f) for f in fins]
 
 
@@ -610,8 +1093,8 @@ class BatchSummary:
     def text(self) -> str:
         rate = self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
         lines = [
-            f"instances: {self.total} in worklist, {self.skipped} already done (skipped), "
-            f"{self.done} run in {self.elapsed_s:.1f} s ({rate:.2f} img/s)",
+            (f"instances: {self.total} in worklist, {self.skipped} already done (skipped), "
+             f"{self.done} run in {self.elapsed_s:.1f} s ({rate:.2f} img/s)"),
             f"  processed:      {self.processed}",
             f"  not applicable: {sum(self.not_applicable.values())}"
             + "".join(f"\n    {r}: {n}" for r, n in sorted(self.not_applicable.items())),
@@ -645,6 +1128,7 @@ class BatchOptions:
     scheduler: str = ""
     partitions_per_worker: int = 2
     write_outputs: bool = True
+    pool: str = ""  # "auto" / "processes" / "threads"; "" = [batch] pool
     send_to: Any = None  # cxr_ai.net.scu.Peer
     run_id: str = ""
 
@@ -745,6 +1229,8 @@ def run_batch(
                            duplicates=list(worklist.duplicates), dry_run=options.dry_run)
     bcfg = batch_section(cfg)
     threads = options.threads or int(bcfg.get("threads", 0) or 0) or max(2, _cores())
+    pool = str(options.pool or bcfg.get("pool", "auto") or "auto")
+    pool_kind(pool, write=options.write_outputs)  # a typo fails here, before any work
     use_dask = bool(options.workers or options.scheduler)
     if options.workers and options.scheduler:
         raise ConfigError(MSG_WORKERS_AND_SCHEDULER)
@@ -798,7 +1284,10 @@ def run_batch(
                           on_finished=on_finished)
             else:
                 run_items(pipeline, todo, out_dir=out_dir, pkey=pkey, threads=threads,
-                          on_finished=on_finished, write=options.write_outputs)
+                          batch_size=options.batch_size or None,
+                          on_finished=on_finished, write=options.write_outputs, pool=pool,
+                          start_method=str(bcfg.get("start_method", "auto") or "auto"),
+                          plan=model_plan(pipeline, config=cfg))
         finally:
             bar.close()
         records = state.records(model.name, model.version)
@@ -902,6 +1391,7 @@ def _run_dask(todo: Sequence[WorkItem], *, cfg: Mapping[str, Any], options: Batc
             client.submit(process_partition, [(i.path, i.sop_uid, i.study_uid) for i in part],
                           config_json=config_json, explain=options.explain, out_dir=str(out_dir.resolve()),
                           pkey_hex=pkey.hex(), threads=threads, write=options.write_outputs,
+                          pool=options.pool or None,
                           pure=False, key=f"cxr-batch-{k}-{secrets.token_hex(4)}")
             for k, part in enumerate(parts)
         ]
@@ -1011,7 +1501,13 @@ def _fill_parser(p: argparse.ArgumentParser) -> None:
     run.add_argument("--dry-run", action="store_true", help="list what would run, process nothing")
     run.add_argument("--no-explain", action="store_true", help="no heatmaps (no SC / Parametric Map), faster")
     run.add_argument("--no-outputs", action="store_true", help="results table only, no result objects written")
-    run.add_argument("--threads", type=int, default=0, help="decode/preprocess threads (default: [batch] threads or cores)")
+    run.add_argument("--threads", type=int, default=0,
+                     help="size of the pool that decodes and builds result objects beside the model "
+                     "(worker processes or threads; default: [batch] threads, or the cores)")
+    run.add_argument("--pool", choices=POOL_KINDS, default="",
+                     help="where decoding and result objects run beside the model: worker processes or "
+                     "threads of the driving process (default: [batch] pool, auto = processes unless "
+                     "--no-outputs)")
     run.add_argument("--batch-size", type=int, default=0, help="images per model batch (default: [models] batch_size)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--send-to", default=None, help="HOST:PORT:AET to C-STORE the result objects to")
@@ -1027,7 +1523,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     options = BatchOptions(
         out_dir=out_dir, force=args.force, dry_run=args.dry_run, explain=not args.no_explain,
-        threads=args.threads, batch_size=args.batch_size, progress=not args.no_progress,
+        threads=args.threads, pool=args.pool, batch_size=args.batch_size, progress=not args.no_progress,
         workers=args.workers, scheduler=args.scheduler, write_outputs=not args.no_outputs,
         send_to=parse_peer(args.send_to, calling_ae=args.calling_ae) if args.send_to else None,
     )
