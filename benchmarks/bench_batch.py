@@ -8,14 +8,14 @@ realistic 2048 x 2048 (uncompressed, 16-bit):
 1. **Bare forward**: every image is decoded and preprocessed up front; then only
    ``engine.predict`` runs over the stacked tensors (same engine, same batch size) -> images/s,
    best of 3, both as one call with the engine's threads and as the batch driver runs the
-   model (its lanes, :func:`cxr_ai.batch.model_plan`); the faster is the reference.
+   model (its lanes, :func:`cxr_ai.batch.pools.model_plan`); the faster is the reference.
 2. **CPU seconds per image by stage**, each stage alone in this process with one PyTorch
    thread (as the driver's lanes and the workers run them): prepare (read, gate, decode, pixel
    pipeline), forward, SR + FHIR objects, write, table row, and for heatmaps Grad-CAM and the
    extra SC + PM objects and their writing. With ``C`` cores, ``C / sum(stages)`` estimates the
    most any driver can reach on this machine (every core busy with nothing but the stages); it
    is reported as the bound.
-3. **Batch**: :func:`cxr_ai.batch.run_items` over the files in three output modes — ``table``
+3. **Batch**: :func:`cxr_ai.batch.pools.run_items` over the files in three output modes — ``table``
    (results table only, no result objects), ``sr_fhir`` (SR + FHIR built and written, heatmaps
    off) and ``heatmaps`` (Grad-CAM + SR + SC + PM + FHIR) — with the stage pool in worker
    processes and in threads (the default, ``pool = "auto"``, picks processes when result

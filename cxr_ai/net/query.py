@@ -2,7 +2,7 @@
 or the same over DICOMweb (QIDO-RS / WADO-RS, ``dicomweb-client``).
 
 Both sources offer the same three calls, used by the batch processor
-(:func:`cxr_ai.batch.retrieve_studies`):
+(:func:`cxr_ai.batch.inputs.retrieve_studies`):
 
 - ``find_study_uids(study_uid=, accession=, date_from=, date_to=, modalities=)``;
 - ``list_instances(study_uid) -> {SOPInstanceUID: SOPClassUID}``;

@@ -1,0 +1,235 @@
+"""The worklist: instances from folders, DICOMDIRs, a study CSV, or studies retrieved from a
+PACS (C-FIND + C-GET / C-MOVE) or by DICOMweb."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from cxr_ai.batch.state import RETRIEVED_DIR, TMP_PREFIX
+from cxr_ai.dicom.reader import is_valid_uid
+from cxr_ai.errors import ConfigError
+
+logger = logging.getLogger("cxr_ai.batch")  # one logger for the package (sites and tests filter on it)
+
+MSG_NO_INPUT = (
+    "nothing to process: give folders or DICOMDIR files, or --studies CSV / --date-from with "
+    "--pacs or --dicomweb"
+)
+MSG_INPUT_MISSING = "input {path} does not exist; give an existing folder or DICOMDIR file"
+MSG_BAD_DICOMDIR = "{path} is not a readable DICOMDIR ({detail}); give the DICOMDIR file of a DICOM File-set"
+MSG_CSV_COLUMNS = (
+    "{path}: no column with study UIDs or accession numbers; name one of {known} "
+    "(header row required)"
+)
+MSG_NEED_PACS = "--studies and date/modality queries need a PACS (--pacs HOST:PORT:AET) or --dicomweb URL"
+MSG_BAD_PEER = "{text!r} is not HOST:PORT:AET (e.g. 127.0.0.1:4242:ORTHANC)"
+
+
+# ============================================================================================
+# Worklist
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One instance to process. ``sop_uid``/``study_uid`` are "" when the header lacks them."""
+
+    path: str
+    sop_uid: str
+    study_uid: str
+
+    @property
+    def key(self) -> str:
+        """State key: the SOP Instance UID, or the path for files without one."""
+        return self.sop_uid or f"file:{self.path}"
+
+
+@dataclass
+class Worklist:
+    items: list[WorkItem] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # files that are not DICOM
+    #: files whose SOP Instance UID another file in the worklist already has: (kept, duplicate)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
+
+    def studies(self) -> dict[str, list[WorkItem]]:
+        """Items grouped by study (files without a study UID each form their own group)."""
+        groups: dict[str, list[WorkItem]] = {}
+        for it in self.items:
+            groups.setdefault(it.study_uid or it.key, []).append(it)
+        return groups
+
+
+_HEADER_TAGS = ["SOPInstanceUID", "StudyInstanceUID"]
+
+
+def _header_item(path: Path) -> WorkItem | None:
+    """A work item from the file's header, or None when the file is not DICOM (no preamble)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except InvalidDicomError:
+        # No preamble/'DICM': a raw data set (which the reader accepts) or not DICOM at all.
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+        except Exception:  # noqa: BLE001 - not parseable: not DICOM
+            return None
+        if not is_valid_uid(str(ds.get("SOPInstanceUID", "") or "")):
+            return None
+    except (EOFError, OSError):
+        return None
+    except Exception:  # noqa: BLE001 - a malformed header: let the pipeline report why
+        return WorkItem(str(path), "", "")
+    return WorkItem(str(path), str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("StudyInstanceUID", "") or ""))
+
+
+def scan_folder(root: str | os.PathLike, *, threads: int = 4) -> Worklist:
+    """All DICOM files under ``root`` (recursive), headers read in parallel; DICOMDIRs skipped."""
+    from cxr_ai.dicom.reader import iter_dicom_files
+
+    root = Path(root)
+    if not root.exists():
+        raise ConfigError(MSG_INPUT_MISSING.format(path=root))
+    files = [p for p in iter_dicom_files(root) if not p.name.startswith(TMP_PREFIX)]
+    wl = Worklist()
+    with cf.ThreadPoolExecutor(max(1, threads)) as pool:
+        for path, item in zip(files, pool.map(_header_item, files)):
+            if item is None:
+                wl.ignored.append(str(path))
+            else:
+                wl.items.append(item)
+    return wl
+
+
+def scan_dicomdir(path: str | os.PathLike) -> Worklist:
+    """The instances a DICOMDIR lists (their UIDs come from the directory records)."""
+    from pydicom.fileset import FileSet
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(MSG_INPUT_MISSING.format(path=p))
+    try:
+        fs = FileSet(pydicom.dcmread(p))
+    except (InvalidDicomError, ValueError, AttributeError, KeyError, OSError) as exc:
+        raise ConfigError(MSG_BAD_DICOMDIR.format(path=p, detail=f"{type(exc).__name__}: {exc}")) from exc
+    wl = Worklist()
+    for inst in fs:
+        wl.items.append(WorkItem(str(inst.path), str(inst.SOPInstanceUID), str(getattr(inst, "StudyInstanceUID", ""))))
+    return wl
+
+
+def scan_inputs(inputs: Sequence[str | os.PathLike], *, threads: int = 4) -> Worklist:
+    """Folders and DICOMDIR files (a folder holding a DICOMDIR is still scanned as a folder)."""
+    wl = Worklist()
+    for inp in inputs:
+        p = Path(inp)
+        part = scan_dicomdir(p) if p.is_file() and p.name.upper() == "DICOMDIR" else scan_folder(p, threads=threads)
+        wl.items.extend(part.items)
+        wl.ignored.extend(part.ignored)
+    kept: dict[str, WorkItem] = {}
+    unique = []
+    for it in sorted(wl.items, key=lambda i: (i.study_uid, i.sop_uid, i.path)):
+        if it.key in kept:  # the same SOP Instance UID twice: processed once, reported
+            wl.duplicates.append((kept[it.key].path, it.path))
+            continue
+        kept[it.key] = it
+        unique.append(it)
+    wl.items = unique
+    if wl.duplicates:
+        logger.warning("%d files repeat a SOP Instance UID already in the worklist; each is processed "
+                       "once (see the summary)", len(wl.duplicates))
+    return wl
+
+
+STUDY_COLUMNS = ("StudyInstanceUID", "study_uid", "study_instance_uid", "StudyUID")
+ACCESSION_COLUMNS = ("AccessionNumber", "accession", "accession_number")
+
+
+def read_study_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of ``{"StudyInstanceUID": ...}`` or ``{"AccessionNumber": ...}`` from a CSV."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(MSG_INPUT_MISSING.format(path=p))
+    with p.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        study_col = next((c for c in fields if c in STUDY_COLUMNS), None)
+        acc_col = next((c for c in fields if c in ACCESSION_COLUMNS), None)
+        if study_col is None and acc_col is None:
+            raise ConfigError(MSG_CSV_COLUMNS.format(path=p, known=STUDY_COLUMNS + ACCESSION_COLUMNS))
+        out = []
+        for row in reader:
+            if study_col and (row.get(study_col) or "").strip():
+                out.append({"StudyInstanceUID": row[study_col].strip()})
+            elif acc_col and (row.get(acc_col) or "").strip():
+                out.append({"AccessionNumber": row[acc_col].strip()})
+        return out
+
+
+# ============================================================================================
+# PACS and DICOMweb sources
+# ============================================================================================
+
+
+def parse_peer(text: str, *, calling_ae: str = "CXR_AI") -> Any:
+    """``HOST:PORT:AET`` -> :class:`cxr_ai.net.scu.Peer`."""
+    from cxr_ai.net.scu import Peer
+
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2]:
+        raise ConfigError(MSG_BAD_PEER.format(text=text))
+    return Peer(host=parts[0], port=int(parts[1]), ae_title=parts[2], calling_ae=calling_ae)
+
+
+def retrieve_studies(
+    *,
+    out_dir: Path,
+    pacs: Any = None,
+    dicomweb: str = "",
+    studies: Sequence[Mapping[str, str]] = (),
+    date_from: str = "",
+    date_to: str = "",
+    modalities: Sequence[str] = (),
+    method: str = "get",
+    move_port: int = 0,
+    skip_sops: set[str] | None = None,
+) -> Worklist:
+    """Resolve studies on a PACS (C-FIND / QIDO) and fetch them into ``<out>/retrieved``.
+
+    Instances whose SOP Instance UID is in ``skip_sops`` (already finished) are not fetched
+    when the PACS lists instances; a study already on disk is not fetched again.
+    """
+    from cxr_ai.net import query
+
+    dest = Path(out_dir) / RETRIEVED_DIR
+    if dicomweb:
+        query_studies = query.DicomWebSource(dicomweb)
+    elif pacs is not None:
+        query_studies = query.DimseSource(pacs, method=method, move_port=move_port)
+    else:
+        raise ConfigError(MSG_NEED_PACS)
+    uids: list[str] = []
+    for s in studies:
+        uids.extend(query_studies.find_study_uids(
+            study_uid=s.get("StudyInstanceUID", ""), accession=s.get("AccessionNumber", "")))
+    if date_from or date_to or (modalities and not studies):
+        uids.extend(query_studies.find_study_uids(date_from=date_from, date_to=date_to, modalities=tuple(modalities)))
+    seen: set[str] = set()
+    for uid in uids:
+        if uid in seen:
+            continue
+        seen.add(uid)
+        sops = set(query_studies.list_instances(uid))
+        if skip_sops is not None and sops and sops <= skip_sops:
+            logger.info("study %d of %d already done; not retrieving it", len(seen), len(uids))
+            continue
+        query_studies.fetch_study(uid, dest)
+    return scan_folder(dest) if dest.exists() else Worklist()

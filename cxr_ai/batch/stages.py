@@ -1,0 +1,162 @@
+"""The per-instance stages, shared by the local run and the Dask workers: prepare (read, gate,
+decode, preprocess), infer (the model, in batches), finish (result objects, written atomically,
+and the table row)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cxr_ai.batch.inputs import WorkItem
+from cxr_ai.batch.state import STUDIES_DIR, TMP_PREFIX
+from cxr_ai.batch.table import DEFAULT_FINDINGS, outcome_row
+
+
+@dataclass
+class Prepared:
+    """An instance after the gate and the pixel pipeline (``pre`` is None unless accepted).
+
+    ``ticket`` identifies the instance inside one :func:`~cxr_ai.batch.pools.run_items` call (its position); with a
+    process pool, the worker that prepared it keeps the full outcome (radiograph, decoded
+    pixels) under that ticket and ``outcome`` here is a light copy without pixel data.
+    """
+
+    item: WorkItem
+    outcome: Any  # cxr_ai.pipeline.InstanceOutcome
+    pre: Any = None  # cxr_ai.imaging.Preprocessed
+    ticket: int = -1
+
+
+def prepare(pipeline: Any, item: WorkItem, *, keep_pixels: bool | None = None) -> Prepared:
+    """Read, gate and preprocess one instance (runs in the stage pool): the pipeline's stage 1.
+
+    Unless ``keep_pixels`` (default: the pipeline makes heatmaps), the decoded pixels are
+    dropped once preprocessed: the SR, FHIR and table need the header only, and
+    ``Radiograph.pixels()`` decodes again should anything ask. Memory per waiting instance then
+    is its file's bytes, not twice that.
+    """
+    outcome, pre = pipeline.prepare(item.path)
+    # an unreadable file keeps the UIDs the worklist scan found for it (if any)
+    outcome.sop_instance_uid = outcome.sop_instance_uid or item.sop_uid
+    outcome.study_instance_uid = outcome.study_instance_uid or item.study_uid
+    keep = bool(getattr(pipeline, "explain", True)) if keep_pixels is None else keep_pixels
+    rg = outcome.radiograph
+    if pre is not None and rg is not None and not keep:
+        rg._pixels = None
+    return Prepared(item, outcome, pre)
+
+
+def infer(pipeline: Any, batch: Sequence[Prepared], *, explain: bool | None = None) -> None:
+    """Run the model on the accepted instances of ``batch`` (one engine call): stage 2.
+
+    ``explain`` (default: the pipeline's) adds the Grad-CAM heatmaps in the same call.
+    """
+    pairs = [(p.outcome, p.pre) for p in batch]
+    if explain is None:
+        pipeline.infer(pairs)
+    else:
+        pipeline.infer(pairs, explain=explain)
+    for p in batch:
+        p.pre = None  # free the tensor
+
+
+def _kind(ds: Any) -> str:
+    uid = str(getattr(ds, "SOPClassUID", ""))
+    if uid.startswith("1.2.840.10008.5.1.4.1.1.88."):
+        return "sr"
+    if uid == "1.2.840.10008.5.1.4.1.1.30":
+        return "pm"
+    if uid.startswith("1.2.840.10008.5.1.4.1.1.7"):
+        return "sc"
+    return "obj"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_outputs(outcome: Any, out_dir: Path) -> list[str]:
+    """Write the instance's result objects under deterministic names; return them (relative).
+
+    Temporary names first, fsync, then rename: a kill leaves either nothing or complete files
+    under the final names, which a re-run overwrites.
+    """
+    from cxr_ai.store.spool import fsync_dir, safe_key
+
+    if not outcome.datasets and outcome.fhir_bundle is None:
+        return []
+    study_dir = out_dir / STUDIES_DIR / safe_key(outcome.study_instance_uid or "unknown")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    sop = safe_key(outcome.sop_instance_uid)
+    staged: list[tuple[Path, Path]] = []
+    counts: Counter[str] = Counter()
+    for ds in outcome.datasets:
+        kind = _kind(ds)
+        counts[kind] += 1
+        final = study_dir / f"{sop}_{kind}{counts[kind]}.dcm"
+        tmp = study_dir / f"{TMP_PREFIX}{final.name}"
+        ds.save_as(tmp, enforce_file_format=True)
+        _fsync(tmp)
+        staged.append((tmp, final))
+    if outcome.fhir_bundle is not None:
+        final = study_dir / f"{sop}_fhir.json"
+        tmp = study_dir / f"{TMP_PREFIX}{final.name}"
+        tmp.write_text(json.dumps(outcome.fhir_bundle, sort_keys=True), encoding="utf-8")
+        _fsync(tmp)
+        staged.append((tmp, final))
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    fsync_dir(study_dir)
+    return [str(final.relative_to(out_dir)) for _, final in staged]
+
+
+@dataclass
+class Finished:
+    """What one instance produced, ready for the state database."""
+
+    key: str
+    row: dict[str, Any]
+    outputs: list[str]
+
+
+def finish(pipeline: Any, prepared: Prepared, *, out_dir: Path, pkey: bytes, write: bool = True) -> Finished:
+    """Build the result objects of an instance (after :func:`infer`), write them, make its row.
+
+    ``write=False`` is the results-table-only mode: no SR / SC / PM / FHIR object is built.
+    """
+    outcome = prepared.outcome
+    if outcome.result is not None and outcome.result.findings and outcome.radiograph is not None:
+        if write:
+            pipeline.build_outputs(outcome)  # the same objects as the listener
+        else:
+            pipeline.build_outputs(outcome, parts=())  # status and message only, no object
+    outputs = write_outputs(outcome, out_dir) if write else []
+    row = outcome_row(outcome, model=pipeline.model_info, key=pkey,
+                      finding_keys=_finding_keys(pipeline), n_outputs=len(outputs))
+    outcome.radiograph = None  # free the pixels
+    outcome.datasets = []
+    return Finished(prepared.item.key, row, outputs)
+
+
+def _finding_keys(pipeline: Any) -> list[str]:
+    keys = list(getattr(pipeline.engine, "finding_keys", []) or [])
+    return keys + [k for k in DEFAULT_FINDINGS if k not in keys]
+
+
+def _prepare_or_finish(pipeline: Any, item: WorkItem, ticket: int, *, out_dir: Path, pkey: bytes,
+                       write: bool) -> Prepared | Finished:
+    """Stage 1; an instance the model will not see (not applicable, failed) is finished at once."""
+    prepared = prepare(pipeline, item, keep_pixels=bool(pipeline.explain) and write)
+    prepared.ticket = ticket
+    if prepared.pre is None:
+        return finish(pipeline, prepared, out_dir=out_dir, pkey=pkey, write=write)
+    return prepared
