@@ -389,6 +389,12 @@ def _crash_setup(tmp_path: Path, pacs, slow: Path, *, pipeline: str) -> tuple[Pa
     return cfg, env, tmp_path / "var" / "jobs.sqlite3", tmp_path / "ready.json"
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_study_then_restart_loses_nothing(tmp_path: Path, rg1_paths) -> None:
     pacs = start_pacs(tmp_path)
@@ -457,9 +463,7 @@ def test_sigkill_mid_study_then_restart_loses_nothing(tmp_path: Path, rg1_paths)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        _kill(proc)
         pacs.stop()
 
 
@@ -492,9 +496,7 @@ def test_sigkill_after_the_first_results_went_out_loses_nothing(tmp_path: Path, 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        _kill(proc)
         pacs.stop()
 
 

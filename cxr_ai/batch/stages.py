@@ -76,21 +76,13 @@ def _kind(ds: Any) -> str:
     return "obj"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_outputs(outcome: Any, out_dir: Path) -> list[str]:
     """Write the instance's result objects under deterministic names; return them (relative).
 
     Temporary names first, fsync, then rename: a kill leaves either nothing or complete files
     under the final names, which a re-run overwrites.
     """
-    from cxr_ai.store.spool import fsync_dir, safe_key
+    from cxr_ai.store.spool import fsync_dir, fsync_file, safe_key
 
     if not outcome.datasets and outcome.fhir_bundle is None:
         return []
@@ -105,13 +97,13 @@ def write_outputs(outcome: Any, out_dir: Path) -> list[str]:
         final = study_dir / f"{sop}_{kind}{counts[kind]}.dcm"
         tmp = study_dir / f"{TMP_PREFIX}{final.name}"
         ds.save_as(tmp, enforce_file_format=True)
-        _fsync(tmp)
+        fsync_file(tmp)
         staged.append((tmp, final))
     if outcome.fhir_bundle is not None:
         final = study_dir / f"{sop}_fhir.json"
         tmp = study_dir / f"{TMP_PREFIX}{final.name}"
         tmp.write_text(json.dumps(outcome.fhir_bundle, sort_keys=True), encoding="utf-8")
-        _fsync(tmp)
+        fsync_file(tmp)
         staged.append((tmp, final))
     for tmp, final in staged:
         os.replace(tmp, final)

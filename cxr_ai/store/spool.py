@@ -61,7 +61,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a file's data (and the metadata needed to read it back) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)
@@ -101,7 +102,7 @@ class Spool:
         dest.parent.mkdir(parents=True, exist_ok=True)
         src = Path(src)
         try:
-            _fsync_file(src)
+            fsync_file(src)
             os.replace(src, dest)
         except OSError:
             # Different file system (e.g. /tmp on tmpfs): copy into incoming/, then rename.
