@@ -44,14 +44,8 @@ def load_config(
     """
     config = default_config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass an existing TOML file or omit --config")
-        try:
-            user = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
-        merge_settings(config, user, where=str(p))
+        user = read_toml(path, what="config file", hint="pass an existing TOML file or omit --config")
+        merge_settings(config, user, where=str(path))
     env = os.environ if env is None else env
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX):
@@ -61,6 +55,18 @@ def load_config(
             raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
         merge_settings(config, {parts[0]: {parts[1]: _parse_env_value(raw)}}, where=f"environment {name}")
     return config
+
+
+def read_toml(path: str | os.PathLike, *, what: str, hint: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or bad TOML is a :class:`ConfigError` naming ``what``
+    and the file (``hint`` says what to do when it does not exist)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist; {hint}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {p} is not valid TOML: {exc}") from exc
 
 
 def _toml_value(value: Any) -> str:

@@ -7,11 +7,10 @@ Unknown keys are errors (a typo must not silently train with a default). Relativ
 from __future__ import annotations
 
 import copy
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from cxr_ai.config import merge_settings
+from cxr_ai.config import merge_settings, read_toml
 from cxr_ai.errors import ConfigError
 
 DEFAULTS: dict[str, Any] = {
@@ -96,15 +95,9 @@ def load_train_config(path: str | Path | None = None, *, overrides: dict[str, An
     cfg = copy.deepcopy(DEFAULTS)
     base_dir = Path.cwd()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"training config {p} does not exist; see training/configs/ for examples")
-        try:
-            user = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"training config {p} is not valid TOML: {exc}") from exc
-        _merge(cfg, user, str(p))
-        base_dir = p.resolve().parent
+        user = read_toml(path, what="training config", hint="see training/configs/ for examples")
+        _merge(cfg, user, str(path))
+        base_dir = Path(path).resolve().parent
     if overrides:
         _merge(cfg, overrides, "overrides")
     for key in ("root", "test_root", "synthetic_root", "patients_csv", "admissions_csv", "low_ef_csv", "cache_dir"):
