@@ -262,20 +262,3 @@ def test_tls_association_and_plain_client_refused(tmp_path: Path, throwaway_ca: 
             echo(plain)
     finally:
         scp.stop()
-
-
-def test_whole_pdu_reads_return_exactly_what_was_asked_or_what_came_before_close() -> None:
-    import types
-
-    from cxr_ai.net.scp import _recv_exact
-
-    a, b = socket.socketpair()
-    holder = types.SimpleNamespace(socket=b)
-    payload = bytes(range(256)) * 1024                      # 256 KiB, more than one recv returns
-    sender = threading.Thread(target=a.sendall, args=(payload + b"tail",))
-    sender.start()
-    assert _recv_exact(holder, len(payload)) == bytearray(payload)
-    sender.join()
-    a.close()                                               # the peer goes away mid-read
-    assert _recv_exact(holder, 100) == bytearray(b"tail")
-    b.close()

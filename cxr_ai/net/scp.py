@@ -19,7 +19,6 @@ import os
 import ssl
 import threading
 import time
-import types
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from cxr_ai.net.common import (
     DEFAULT_MAX_PDU,
@@ -41,6 +39,7 @@ from cxr_ai.net.common import (
     handle_conn_open_nodelay,
 )
 from cxr_ai.net.metrics import ServiceMetrics
+from cxr_ai.net.receive import FastReceiveRequestHandler
 from cxr_ai.store.jobs import JobStore
 from cxr_ai.store.spool import Spool, is_valid_uid, safe_key
 
@@ -151,41 +150,6 @@ def inspect_received(path: str | os.PathLike, *, affected_sop_class: str, affect
     return HeaderInfo(sop_class, sop_instance, study, size)
 
 
-def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """:meth:`AssociationSocket.recv` reading straight into one buffer.
-
-    pynetdicom reads a PDU 4 KiB at a time and appends each piece (about 30 calls and copies
-    per 128 KiB PDU); ``recv_into`` fills the PDU's buffer with whatever the kernel has, which
-    is most of the listener's receive cost for large images. Same contract: blocks until
-    ``nr_bytes`` are read, returns what was read when the peer closes the connection.
-    """
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    got = 0
-    try:
-        while got < nr_bytes:
-            n = self.socket.recv_into(view[got:], nr_bytes - got)
-            if not n:
-                break
-            got += n
-    finally:
-        view.release()
-    if got < nr_bytes:
-        del buf[got:]
-    return buf
-
-
-class _WholePduRequestHandler(RequestHandler):
-    """pynetdicom's connection handler, with :func:`_recv_exact` on the association's socket."""
-
-    def _create_association(self):
-        assoc = super()._create_association()
-        sock = assoc.dul.socket
-        if sock is not None:
-            sock.recv = types.MethodType(_recv_exact, sock)
-        return assoc
-
-
 @dataclass
 class ListenerSettings:
     """The ``[listener]`` configuration, validated (see :func:`cxr_ai.service.validate_config`)."""
@@ -273,7 +237,7 @@ class StorageSCP:
         self._server = self.ae.start_server((s.host, int(s.port)), block=False, evt_handlers=handlers,
                                             ssl_context=s.ssl_context)
         # socketserver makes one handler per connection from this class attribute
-        self._server.RequestHandlerClass = _WholePduRequestHandler
+        self._server.RequestHandlerClass = FastReceiveRequestHandler
         logger.info("DICOM listener %s on %s:%d (TLS %s, max PDU %d)", s.ae_title, s.host, self.port,
                     "on" if s.ssl_context else "off", s.max_pdu)
 

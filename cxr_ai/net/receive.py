@@ -1,0 +1,417 @@
+"""The listener's receive path: pynetdicom's upper layer, with a direct path for data sets.
+
+pynetdicom handles every PDU in pure Python: a 7 MB radiograph sent as 128 KiB P-DATA-TF
+PDUs goes 56 times through the reactor loop, two queues, the state machine, an event object,
+a primitive and the DIMSE decoder, and each byte is copied four times after the kernel hands
+it over. The reactor also sleeps 1 ms whenever a loop found nothing to do, which happens on
+every pause of the sender and before every C-STORE answer. Per connection,
+:class:`FastReceiveRequestHandler` changes three things and leaves the state machine, the
+association and the DIMSE layer as they are:
+
+* **Direct data-set path** (:func:`read_pdus`). While the DIMSE layer is receiving a C-STORE
+  data set into its file (``STORE_RECV_CHUNKED_DATASET``), a P-DATA-TF PDU whose items are
+  all data-set fragments of that message's presentation context, none of them the last, is
+  read into one reused buffer and its fragments are written to the file directly: that is
+  what the DIMSE layer does with them, minus the machinery. The PDU with the last fragment,
+  and every other PDU, goes the normal way (event, state machine, DIMSE), so the message
+  completes, and the C-STORE handler runs, exactly as before. PDUs are read with
+  ``recv_into`` (pynetdicom reads 4 KiB at a time).
+* **Write-back while receiving** (:func:`start_writeback`). Every ``WRITE_BEHIND_BYTES``
+  written, the kernel is asked to start writing those pages to disk (``sync_file_range``,
+  Linux), so the fsync before the answer waits for the tail only. Elsewhere the fsync does
+  all the writing, as before.
+* **Waiting instead of sleeping** (:func:`wait_transport_event`). With nothing to do, the
+  connection's thread blocks in ``select`` until the peer sends, the association queues a
+  primitive (:class:`Waker`), or ``IDLE_WAIT_SECONDS`` pass for the reactor's timer checks.
+
+Handlers bound to ``EVT_DATA_RECV`` or ``EVT_PDU_RECV`` (other than pynetdicom's logging
+handler, which logs nothing for P-DATA-TF) see every PDU: with one bound, the direct path is
+off. A PDU whose items overrun it is an invalid PDU (Evt19, A-ABORT), as in pynetdicom.
+
+The hooks rely on pynetdicom 3's upper-layer contract (``_read_pdu_data`` puts one event on
+``event_queue`` and the PDU on ``_recv_pdu``; ``_is_transport_event``; the DIMSE message's
+``context_id`` and ``_data_set_file``); :func:`fast_path_supported` checks for them and the
+handler keeps pynetdicom's own path when one is missing. ``tests/test_receive.py`` runs the
+direct path against dcmtk's ``storescu`` and pynetdicom's own SCU, fragment by fragment.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import queue
+import select
+import socket
+import struct
+import sys
+import types
+
+from pynetdicom import evt
+from pynetdicom._handlers import standard_pdu_recv_handler
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of a data set written between two write-back requests.
+WRITE_BEHIND_BYTES = 1 << 20
+#: Longest an idle connection's upper-layer thread waits before checking its timers again.
+IDLE_WAIT_SECONDS = 0.01
+#: Most PDUs one call of :func:`read_pdus` takes the direct path for before it returns to
+#: the reactor (which then checks its timers and queues).
+DIRECT_PDUS_PER_CALL = 64
+
+_P_DATA_TF = 0x04
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_HEADER = struct.Struct(">BBL")
+_PDV_LENGTH = struct.Struct(">L")
+
+
+# -- write-back --------------------------------------------------------------------------------
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2      # start write-out of dirty pages not already under write-out
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> bool:
+    """Ask the kernel to start writing ``nbytes`` of ``fd`` from ``offset`` to disk; no wait.
+
+    False where that is not available (then the later fsync writes everything).
+    """
+    if _SYNC_FILE_RANGE is None:
+        return False
+    if _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) != 0:
+        logger.debug("sync_file_range on fd %d failed: errno %d", fd, ctypes.get_errno())
+        return False
+    return True
+
+
+# -- PDUs ---------------------------------------------------------------------------------------
+def _recv_into(sock: socket.socket, view: memoryview, nr_bytes: int, start: int = 0) -> int:
+    """Fill ``view[start:nr_bytes]`` from ``sock``; the number of bytes in ``view`` after.
+
+    Fewer than ``nr_bytes`` when the peer closed the connection.
+    """
+    got = start
+    try:
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:nr_bytes], nr_bytes - got)
+            if not n:
+                break
+            got += n
+    finally:
+        view.release()
+    return got
+
+
+def decode_p_data_tf(buf: bytearray) -> P_DATA_TF | None:
+    """A P-DATA-TF PDU whose PDV values are views of ``buf``; None when an item overruns it."""
+    view = memoryview(buf)
+    items = []
+    for context_id, start, stop in _pdv_spans(buf, 6, len(buf)):
+        if context_id < 0:
+            return None
+        item = PresentationDataValueItem()
+        item.presentation_context_id = context_id
+        item.presentation_data_value = view[start:stop]
+        items.append(item)
+    pdu = P_DATA_TF()
+    pdu.presentation_data_value_items = items
+    return pdu
+
+
+def _pdv_spans(buf, offset: int, end: int):
+    """(context ID, start, stop) of each PDV item's value in ``buf[offset:end]``.
+
+    A context ID of -1 marks an item that overruns the PDU or has no message control header
+    (PS3.8 §9.3.5.1, Annex E.2); nothing follows it.
+    """
+    while offset < end:
+        if end - offset < 6:
+            yield -1, offset, end
+            return
+        (length,) = _PDV_LENGTH.unpack_from(buf, offset)
+        stop = offset + 4 + length
+        if length < 2 or stop > end:
+            yield -1, offset, end
+            return
+        yield buf[offset + 4], offset + 5, stop
+        offset = stop
+
+
+class _Connection:
+    """Per-connection state of the direct path."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.file = None               # the data set file written directly, and its progress
+        self.written = 0
+        self.synced = 0
+
+    def buffer_view(self, size: int) -> memoryview:
+        if len(self.buffer) < size:
+            self.buffer = bytearray(size)
+        return memoryview(self.buffer)
+
+
+def _data_set_in_progress(dul: DULServiceProvider):
+    """(context ID, file) of the C-STORE data set the DIMSE layer is receiving, or None."""
+    message = getattr(dul.assoc.dimse, "message", None)
+    if message is None:
+        return None
+    f = getattr(message, "_data_set_file", None)
+    if f is None or f.closed or message.context_id is None:
+        return None
+    return message.context_id, f
+
+
+def _only_standard_pdu_handlers(assoc) -> bool:
+    if assoc.get_handlers(evt.EVT_DATA_RECV):
+        return False
+    return all(h[0] is standard_pdu_recv_handler for h in assoc.get_handlers(evt.EVT_PDU_RECV))
+
+
+def _write_direct(conn: _Connection, target, buf: bytearray, length: int) -> bool:
+    """Write the PDU in ``buf[6:6 + length]`` to the data set file when every item is a
+    non-final data-set fragment of the target's presentation context; False (nothing
+    written) otherwise."""
+    context_id, f = target
+    spans = list(_pdv_spans(buf, 6, 6 + length))
+    if not spans:
+        return False
+    for cx, start, _ in spans:
+        # control header: bit 0 set = command fragment, bit 1 set = last fragment
+        if cx != context_id or buf[start] & 0x03:
+            return False
+    if f is not conn.file:
+        f.flush()
+        conn.file, conn.written = f, f.tell()
+        conn.synced = conn.written
+    view = memoryview(buf)
+    try:
+        for _, start, stop in spans:
+            f.write(view[start + 1:stop])
+            conn.written += stop - start - 1
+    finally:
+        view.release()
+    if conn.written - conn.synced >= WRITE_BEHIND_BYTES:
+        f.flush()
+        start_writeback(f.fileno(), conn.synced, conn.written - conn.synced)
+        conn.synced = conn.written
+    return True
+
+
+def read_pdus(self: DULServiceProvider) -> None:
+    """:meth:`DULServiceProvider._read_pdu_data`, with the direct path for data-set PDUs.
+
+    Reads one PDU; while it is a data-set PDU that :func:`_write_direct` takes and more data
+    is waiting, reads the next (at most ``DIRECT_PDUS_PER_CALL``). The first PDU it does not
+    take is handled as pynetdicom does: Evt17 when the connection closes before a whole PDU
+    arrived, Evt19 for an unknown or undecodable PDU, else the PDU's event on
+    ``event_queue`` and the PDU on ``_recv_pdu``.
+    """
+    conn: _Connection = self._cxr_connection
+    sock = self.socket
+    raw = sock.socket
+    head = bytearray(6)
+    for _ in range(DIRECT_PDUS_PER_CALL):
+        try:
+            got = _recv_into(raw, memoryview(head), 6)
+        except (OSError, TimeoutError) as exc:
+            logger.debug("connection closed before a PDU header was received: %s", exc)
+            got = 0
+        if got < 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, length = _HEADER.unpack(head)
+        if pdu_type not in _PDU_TYPES:
+            logger.error("unknown PDU type 0x%02X received", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        target = _data_set_in_progress(self) if pdu_type == _P_DATA_TF else None
+        if target is not None and _only_standard_pdu_handlers(self.assoc):
+            buf = conn.buffer
+            if len(buf) < 6 + length:
+                conn.buffer = buf = bytearray(6 + length)
+        else:
+            buf = bytearray(6 + length)
+        buf[:6] = head
+        try:
+            got = _recv_into(raw, memoryview(buf), 6 + length, 6)
+        except (OSError, TimeoutError) as exc:
+            logger.error("connection closed before the entire PDU was received: %s", exc)
+            got = -1
+        if got != 6 + length:
+            logger.error("the received PDU is shorter than expected (%d of %d bytes received)", got, 6 + length)
+            self.event_queue.put("Evt17")
+            return
+        if buf is conn.buffer:
+            if _write_direct(conn, target, buf, length):
+                if not sock.ready:
+                    return
+                continue
+            buf = bytearray(memoryview(buf)[:6 + length])       # the normal path keeps views
+        _queue_pdu(self, pdu_type, buf)
+        return
+
+
+def _queue_pdu(dul: DULServiceProvider, pdu_type: int, buf: bytearray) -> None:
+    """Decode a whole PDU and queue its event, as pynetdicom's ``_read_pdu_data`` ends."""
+    if pdu_type == _P_DATA_TF and not dul.assoc.get_handlers(evt.EVT_DATA_RECV):
+        pdu = decode_p_data_tf(buf)
+        if pdu is None:
+            logger.error("P-DATA-TF PDU with a presentation data value item that overruns the PDU")
+            dul.event_queue.put("Evt19")
+            return
+        evt.trigger(dul.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        event = "Evt10"
+    else:
+        try:
+            pdu, event = dul._decode_pdu(buf)
+        except Exception as exc:  # broad as in pynetdicom: any decoding failure is an invalid PDU
+            logger.error("unable to decode the received PDU data: %s", exc)
+            dul.event_queue.put("Evt19")
+            return
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(pdu)
+
+
+# -- waiting -----------------------------------------------------------------------------------
+class Waker:
+    """Wakes a connection's upper-layer thread when there is something to send or to stop."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def wake(self) -> None:
+        try:
+            self._w.send(b"\0")
+        except OSError:          # full (a wake-up is pending anyway) or closed
+            pass
+
+    def wait(self, sock: socket.socket, timeout: float) -> None:
+        """Block until ``sock`` is readable, :meth:`wake` was called, or ``timeout`` passed."""
+        try:
+            readable, _, _ = select.select([sock, self._r], [], [], timeout)
+        except (OSError, ValueError):    # closed under us: the reactor's own checks report it
+            return
+        if self._r in readable:
+            try:
+                while self._r.recv(4096):
+                    pass
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
+class _WakingQueue(queue.Queue):
+    """The DUL's queue of primitives to send; every put wakes the DUL thread."""
+
+    def __init__(self, waker: Waker) -> None:
+        super().__init__()
+        self._waker = waker
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._waker.wake()
+
+
+_STOCK_TRANSPORT_EVENT = DULServiceProvider._is_transport_event
+
+
+def wait_transport_event(self: DULServiceProvider) -> bool:
+    """:meth:`DULServiceProvider._is_transport_event`, waiting for data when idle.
+
+    Returns as pynetdicom's: True when a PDU was read. With nothing queued for the state
+    machine, blocks in ``select`` until the peer sends, a primitive is queued, the DUL is
+    killed, or ``IDLE_WAIT_SECONDS`` pass.
+    """
+    sock = self.socket
+    if sock is None or self.state_machine.current_state == "Sta13":
+        return _STOCK_TRANSPORT_EVENT(self)
+    if not sock.ready:
+        if self._kill_thread or sock.socket is None or not self.event_queue.empty() \
+                or not self.to_provider_queue.empty():
+            return False
+        self._cxr_waker.wait(sock.socket, IDLE_WAIT_SECONDS)
+        if not sock.ready:
+            return False
+    self._read_pdu_data()
+    return True
+
+
+# -- installation -------------------------------------------------------------------------------
+def fast_path_supported() -> bool:
+    """Whether this pynetdicom has the upper-layer hooks this module replaces."""
+    dul_hooks = ("_read_pdu_data", "_decode_pdu", "_is_transport_event", "kill_dul")
+    return (all(hasattr(DULServiceProvider, name) for name in dul_hooks)
+            and hasattr(AssociationSocket, "ready")
+            and all(hasattr(DIMSEMessage(), name) for name in ("context_id", "_data_set_file")))
+
+
+def install(assoc) -> None:
+    """Put this module's receive path on a new, not yet started, acceptor association."""
+    dul = assoc.dul
+    dul._cxr_connection = _Connection()
+    dul._read_pdu_data = types.MethodType(read_pdus, dul)
+
+    waker = Waker()
+    dul._cxr_waker = waker
+    waking = _WakingQueue(waker)
+    while True:
+        try:
+            waking.put(dul.to_provider_queue.get_nowait())
+        except queue.Empty:
+            break
+    dul.to_provider_queue = waking
+    dul._is_transport_event = types.MethodType(wait_transport_event, dul)
+    stock_kill = dul.kill_dul
+
+    def kill_dul() -> None:
+        stock_kill()
+        waker.wake()
+
+    dul.kill_dul = kill_dul
+    dul._run_loop_delay = 0.0           # the reactor waits in select, not in a sleep
+    target = dul._target
+
+    def run() -> None:
+        try:
+            target()
+        finally:
+            waker.close()
+
+    dul._target = run
+
+
+class FastReceiveRequestHandler(RequestHandler):
+    """pynetdicom's connection handler with this module's receive path on the association."""
+
+    def _create_association(self):
+        assoc = super()._create_association()
+        dul = assoc.dul
+        if dul.socket is not None and getattr(dul, "_target", None) is not None and fast_path_supported():
+            install(assoc)
+        return assoc

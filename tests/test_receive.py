@@ -1,0 +1,424 @@
+"""The listener's receive path (cxr_ai.net.receive) against real senders on 127.0.0.1.
+
+The oracle for "received right" is dcmtk: the same ``storescu`` run sends the same files to
+dcmtk's ``storescp`` in bit-preserving mode and to cxr-ai, and the data sets both wrote must
+be byte-identical. Hand-fragmented messages (several fragments per PDU, the last fragment
+sharing a PDU with others, a command and its data set in one PDU) and malformed PDUs are
+sent over a pynetdicom association's socket.
+"""
+
+from __future__ import annotations
+
+import os
+from io import BytesIO
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, build_context, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from cxr_ai.net import receive
+from cxr_ai.net.common import Status
+from cxr_ai.net.scp import ListenerSettings, StorageSCP
+from cxr_ai.net.scu import Peer, echo, send_files
+from cxr_ai.store import JobStore, Spool
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def make_scp(tmp_path: Path, **overrides) -> StorageSCP:
+    settings = ListenerSettings(ae_title="CXR_AI", host="127.0.0.1", port=0,
+                                allowed_calling_aes=["STORESCU", "TESTSCU"], min_free_bytes=0, **overrides)
+    scp = StorageSCP(settings=settings, spool=Spool(tmp_path / "spool"), store=JobStore(tmp_path / "jobs.sqlite3"),
+                     quiet_seconds=60)
+    scp.start()
+    return scp
+
+
+@pytest.fixture
+def small_pdu_scp(tmp_path: Path):
+    """The listener with 16 KiB PDUs: a radiograph arrives in hundreds of PDUs."""
+    scp = make_scp(tmp_path, max_pdu=16384)
+    yield scp
+    scp.stop()
+    scp.store.close()
+
+
+@pytest.fixture
+def direct_writes(monkeypatch) -> list[int]:
+    """Counts the PDUs that took the direct path (one entry per PDU written directly)."""
+    taken: list[int] = []
+    real = receive._write_direct
+
+    def counting(conn, target, buf, length):
+        ok = real(conn, target, buf, length)
+        if ok:
+            taken.append(length)
+        return ok
+
+    monkeypatch.setattr(receive, "_write_direct", counting)
+    return taken
+
+
+def data_set_bytes(path: Path) -> bytes:
+    """The encoded data set of a Part 10 file (what came over the network), without its meta."""
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        _read_file_meta_info(f)
+        return f.read()
+
+
+def uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def stored(scp: StorageSCP, uid: str) -> Path:
+    """The spool file of the instance with SOP Instance UID ``uid``."""
+    [inst] = [i for i in scp.store.instances() if i.sop_uid == uid]
+    return Path(inst.path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def storescu(port: int, called: str, option: str, files: list[Path]) -> None:
+    r = subprocess.run(["storescu", option, "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port),
+                        *map(str, files)], env=dict(os.environ, TCP_NODELAY="1"), capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def dcmtk_received(tmp_path: Path, option: str, files: list[Path]) -> dict[str, Path]:
+    """What dcmtk's storescp (bit-preserving, 16 KiB PDUs) wrote for ``files``, by SOP Instance UID."""
+    out = tmp_path / "storescp"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(["storescp", "+B", "+xa", "--max-pdu", "16384", "--output-directory", str(out), str(port)],
+                            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "storescp did not start listening"
+                time.sleep(0.05)
+        storescu(port, "ANY-SCP", option, files)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    return {uid_of(p): p for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("option,names", [
+    ("-xe", ("RG1_UNCR", "RG1_UNCI", "RG3_UNCR")),           # explicit VR little endian, 7 MB and 4 MB
+    ("-xi", ("RG1_UNCR",)),                                  # implicit VR little endian
+    ("-xw", ("RG1_J2KI", "RG3_J2KI")),                       # JPEG 2000: encapsulated fragments
+    ("-xs", ("JPEG-LL",)),                                   # JPEG lossless SV1
+])
+def test_data_sets_arrive_byte_identical_to_dcmtk_storescp(small_pdu_scp: StorageSCP, direct_writes, tmp_path,
+                                                           data_store_dir: Path, option: str, names) -> None:
+    files = [data_store_dir / f"{n}.dcm" for n in names]
+    reference = dcmtk_received(tmp_path, option, files)
+    storescu(small_pdu_scp.port, "CXR_AI", option, files)
+    for f in files:
+        uid = uid_of(f)
+        ours = stored(small_pdu_scp, uid)
+        assert data_set_bytes(ours) == data_set_bytes(reference[uid]), f.name
+        assert pydicom.dcmread(ours, stop_before_pixels=True).file_meta.TransferSyntaxUID == \
+            pydicom.dcmread(reference[uid], stop_before_pixels=True).file_meta.TransferSyntaxUID
+    # the direct path carried almost all of it: every 16 KiB PDU but each data set's last
+    total = sum(len(data_set_bytes(stored(small_pdu_scp, uid_of(f)))) for f in files)
+    assert sum(direct_writes) > total - len(files) * 2 * 16384
+
+
+def test_direct_path_is_installed_with_this_pynetdicom(small_pdu_scp: StorageSCP) -> None:
+    assert receive.fast_path_supported(), "pynetdicom changed: the listener's receive path fell back to the stock one"
+    seen: list = []
+    small_pdu_scp._server.bind(evt.EVT_ESTABLISHED, lambda e: seen.append(e.assoc.dul))
+    peer = Peer(host="127.0.0.1", port=small_pdu_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=10)
+    assert echo(peer) == 0
+    [dul] = seen
+    assert dul._read_pdu_data.__func__ is receive.read_pdus
+    assert dul._is_transport_event.__func__ is receive.wait_transport_event
+
+
+def test_write_back_starts_while_the_data_set_arrives(tmp_path: Path, rg1_paths, monkeypatch) -> None:
+    requests: list[tuple[int, int]] = []
+    real = receive.start_writeback
+
+    def recording(fd: int, offset: int, nbytes: int) -> bool:
+        requests.append((offset, nbytes))
+        return real(fd, offset, nbytes)
+
+    monkeypatch.setattr(receive, "start_writeback", recording)
+    scp = make_scp(tmp_path)
+    try:
+        peer = Peer(host="127.0.0.1", port=scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=30)
+        assert send_files([rg1_paths["RG1_UNCR"]], peer) == [Status.SUCCESS]
+        size = stored(scp, uid_of(rg1_paths["RG1_UNCR"])).stat().st_size
+    finally:
+        scp.stop()
+        scp.store.close()
+    assert requests, "no write-back was started while receiving a 7 MB data set"
+    # contiguous ranges from where the data set starts, each at least the step, all but the tail
+    for (off, n), (nxt, _) in zip(requests, requests[1:]):
+        assert nxt == off + n and n >= receive.WRITE_BEHIND_BYTES
+    assert requests[-1][0] + requests[-1][1] > size - receive.WRITE_BEHIND_BYTES - 131072
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="sync_file_range is Linux only")
+def test_start_writeback_asks_the_kernel_on_linux(tmp_path: Path) -> None:
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * (1 << 20))
+        f.flush()
+        assert receive.start_writeback(f.fileno(), 0, 1 << 20) is True
+    r, w = os.pipe()                                          # the kernel refuses a pipe (ESPIPE)
+    try:
+        assert receive.start_writeback(r, 0, 1) is False
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_data_recv_handler_sees_every_pdu_and_turns_the_direct_path_off(small_pdu_scp: StorageSCP,
+                                                                          direct_writes, rg1_paths) -> None:
+    received: list[int] = []
+    small_pdu_scp._server.bind(evt.EVT_DATA_RECV, lambda e: received.append(len(e.data)))
+    peer = Peer(host="127.0.0.1", port=small_pdu_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=30)
+    assert send_files([rg1_paths["RG1_UNCR"]], peer) == [Status.SUCCESS]
+    assert direct_writes == []
+    ours = stored(small_pdu_scp, uid_of(rg1_paths["RG1_UNCR"]))
+    assert sum(received) > len(data_set_bytes(ours))
+    assert pydicom.dcmread(ours).PixelData == pydicom.dcmread(rg1_paths["RG1_UNCR"]).PixelData
+
+
+# -- hand-made PDUs -------------------------------------------------------------------------------
+class RawSender:
+    """A pynetdicom association whose P-DATA-TF PDUs the test writes itself."""
+
+    def __init__(self, port: int) -> None:
+        ae = AE(ae_title="TESTSCU")
+        ae.requested_contexts = [build_context(CR, [ExplicitVRLittleEndian]), build_context(Verification)]
+        self.assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+        assert self.assoc.is_established
+        self.context_id = next(cx.context_id for cx in self.assoc.accepted_contexts if cx.abstract_syntax == CR)
+        # hold the requestor's reactor, as pynetdicom's own send_* calls do, so that the
+        # response is left for response_status()
+        self.assoc._reactor_checkpoint.clear()
+        deadline = time.monotonic() + 10
+        while not self.assoc._is_paused:
+            assert time.monotonic() < deadline, "the association reactor did not pause"
+            time.sleep(0.005)
+
+    def release(self) -> None:
+        self.assoc._reactor_checkpoint.set()
+        self.assoc.release()
+
+    def fragments(self, ds: pydicom.Dataset, size: int) -> list[bytes]:
+        """The C-STORE-RQ for ``ds`` as PDV values (control header + fragment) of ``size`` bytes."""
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = ds.SOPClassUID
+        req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        req.Priority = 2
+        req.DataSet = BytesIO(encode(ds, False, True))
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        return [value for p in msg.encode_msg(self.context_id, size + 6)
+                for _, value in p.presentation_data_value_list]
+
+    def send(self, *groups: list[bytes], context_id: int | None = None) -> None:
+        for values in groups:
+            pdu = P_DATA_TF()
+            for value in values:
+                item = PresentationDataValueItem()
+                item.presentation_context_id = context_id or self.context_id
+                item.presentation_data_value = value
+                pdu.presentation_data_value_items.append(item)
+            self.assoc.dul.socket.send(pdu.encode())
+
+    def response_status(self) -> int:
+        _, rsp = self.assoc.dimse.get_msg(block=True)  # blocks up to the DIMSE timeout
+        assert rsp is not None, "no C-STORE response within the DIMSE timeout"
+        return int(rsp.Status)
+
+
+def synthetic_cr(rows: int = 512) -> pydicom.Dataset:
+    """A small CR data set (512 KiB of 16-bit pixels) with fresh UIDs."""
+    import numpy as np
+
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = CR
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "PHANTOM-RAW"
+    ds.Modality = "CR"
+    ds.Rows = ds.Columns = rows
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = (np.arange(rows * rows, dtype=np.uint16) * 7).tobytes()
+    return ds
+
+
+@pytest.fixture
+def raw_scp(tmp_path: Path):
+    scp = make_scp(tmp_path, max_pdu=0)          # no limit: the test chooses the PDU sizes
+    yield scp
+    scp.stop()
+    scp.store.close()
+
+
+@pytest.mark.parametrize("layout", ["one_pdu", "pairs", "last_with_others", "cmd_with_data"])
+def test_hand_fragmented_messages_are_stored_whole(raw_scp: StorageSCP, direct_writes, layout: str) -> None:
+    ds = synthetic_cr()
+    sender = RawSender(raw_scp.port)
+    values = sender.fragments(ds, 16384)
+    cmd = [v for v in values if v[0] & 1]
+    data = [v for v in values if not v[0] & 1]
+    assert len(cmd) == 1 and len(data) > 8 and data[-1][0] == 0x02 and all(v[0] == 0 for v in data[:-1])
+    if layout == "one_pdu":                 # everything in one PDU
+        groups = [values]
+    elif layout == "pairs":                 # two fragments per PDU
+        groups = [cmd] + [data[i:i + 2] for i in range(0, len(data), 2)]
+    elif layout == "last_with_others":      # the last fragment shares its PDU with earlier ones
+        groups = [cmd] + [[v] for v in data[:-3]] + [data[-3:]]
+    else:                                   # the command and the first data fragments together
+        groups = [cmd + data[:3]] + [[v] for v in data[3:]]
+    sender.send(*groups)
+    assert sender.response_status() == Status.SUCCESS
+    sender.release()
+    got = pydicom.dcmread(stored(raw_scp, ds.SOPInstanceUID))
+    assert got.PixelData == ds.PixelData and got.PatientID == "PHANTOM-RAW"
+    if layout == "pairs":
+        assert len(direct_writes) == len(groups) - 2      # all but the command and the last
+    if layout == "one_pdu":
+        assert direct_writes == []
+
+
+def test_a_pdv_item_overrunning_its_pdu_aborts_the_association_and_the_listener_goes_on(
+        raw_scp: StorageSCP) -> None:
+    ds = synthetic_cr()
+    sender = RawSender(raw_scp.port)
+    values = sender.fragments(ds, 16384)
+    sender.send([values[0]], [values[1]])                  # command, first data fragment
+    pdu = P_DATA_TF()
+    item = PresentationDataValueItem()
+    item.presentation_context_id = sender.context_id
+    item.presentation_data_value = values[2]
+    pdu.presentation_data_value_items.append(item)
+    raw = bytearray(pdu.encode())
+    raw[6:10] = (len(values[2]) + 1 + 100).to_bytes(4, "big")  # item length past the PDU's end
+    sender.assoc.dul.socket.send(bytes(raw))
+    sender.assoc._reactor_checkpoint.set()                # let the requestor see the A-ABORT
+    deadline = time.monotonic() + 30
+    while not sender.assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sender.assoc.is_aborted
+    assert raw_scp.store.instances() == []
+    peer = Peer(host="127.0.0.1", port=raw_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=10)
+    assert echo(peer) == 0
+
+
+def test_a_connection_lost_mid_data_set_stores_nothing_and_the_listener_goes_on(raw_scp: StorageSCP) -> None:
+    ds = synthetic_cr()
+    sender = RawSender(raw_scp.port)
+    values = sender.fragments(ds, 16384)
+    sender.send([values[0]], *[[v] for v in values[1:5]])
+    pdu = P_DATA_TF()
+    item = PresentationDataValueItem()
+    item.presentation_context_id = sender.context_id
+    item.presentation_data_value = values[5]
+    pdu.presentation_data_value_items.append(item)
+    sender.assoc.dul.socket.send(pdu.encode()[:5000])        # half a PDU, then the connection goes
+    sender.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    sender.assoc._reactor_checkpoint.set()
+    sender.assoc.abort()
+    peer = Peer(host="127.0.0.1", port=raw_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=10)
+    assert echo(peer) == 0
+    assert raw_scp.store.instances() == []
+    assert send_files([_part10(ds, raw_scp.spool.root / "whole.dcm")], peer) == [Status.SUCCESS]
+    assert [i.sop_uid for i in raw_scp.store.instances()] == [ds.SOPInstanceUID]
+
+
+def _part10(ds: pydicom.Dataset, path: Path) -> Path:
+    ds = ds.copy()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+def test_recv_into_fills_what_was_asked_or_what_came_before_close() -> None:
+    a, b = socket.socketpair()
+    payload = bytes(range(256)) * 1024                      # 256 KiB, more than one recv returns
+    sender = threading.Thread(target=a.sendall, args=(payload + b"tail",))
+    sender.start()
+    buf = bytearray(len(payload))
+    assert receive._recv_into(b, memoryview(buf), len(payload)) == len(payload)
+    assert buf == payload
+    sender.join()
+    a.close()                                               # the peer goes away mid-read
+    buf = bytearray(100)
+    assert receive._recv_into(b, memoryview(buf), 100, 10) == 14
+    assert buf[10:14] == b"tail"
+    b.close()
+
+
+def test_pdv_items_that_overrun_or_lack_a_header_are_invalid() -> None:
+    def pdu(*items: bytes) -> bytearray:
+        body = b"".join(items)
+        return bytearray(b"\x04\x00" + len(body).to_bytes(4, "big") + body)
+
+    good = len(b"\x01\x02abc").to_bytes(4, "big") + b"\x01\x02abc"
+    decoded = receive.decode_p_data_tf(pdu(good, good))
+    assert [(i.presentation_context_id, bytes(i.presentation_data_value)) for i in
+            decoded.presentation_data_value_items] == [(1, b"\x02abc")] * 2
+    assert receive.decode_p_data_tf(pdu(good, (50).to_bytes(4, "big") + b"\x01\x02")) is None   # overruns
+    assert receive.decode_p_data_tf(pdu((1).to_bytes(4, "big") + b"\x01")) is None             # no header
+    assert receive.decode_p_data_tf(pdu(good, b"\x00\x00")) is None                            # cut short
+
+
+def test_waker_ends_a_wait_at_once() -> None:
+    waker = receive.Waker()
+    a, b = socket.socketpair()
+    done = threading.Event()
+
+    def wait() -> None:
+        waker.wait(a, 60)
+        done.set()
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    waker.wake()
+    assert done.wait(10), "a woken wait kept waiting"
+    t.join(10)
+    waker.close()
+    a.close()
+    b.close()
