@@ -10,15 +10,16 @@ association and the DIMSE layer as they are:
 
 * **Direct data-set path** (:func:`read_pdus`). While the DIMSE layer is receiving a C-STORE
   data set into its file (``STORE_RECV_CHUNKED_DATASET``), a P-DATA-TF PDU whose items are
-  all data-set fragments of that message's presentation context, none of them the last, is
-  read into one reused buffer and its fragments are written to the file directly: that is
-  what the DIMSE layer does with them, minus the machinery. The PDU with the last fragment,
-  and every other PDU, goes the normal way (event, state machine, DIMSE), so the message
-  completes, and the C-STORE handler runs, exactly as before. PDUs are read with
-  ``recv_into`` (pynetdicom reads 4 KiB at a time).
+  all data-set fragments of that message's presentation context is read into one reused
+  buffer and its fragments are written to the file directly: that is what the DIMSE layer
+  does with them, minus the machinery. When the last fragment was among them, the DIMSE
+  layer is then handed an empty last fragment, so the message completes, and the C-STORE
+  handler runs, exactly as before. Every other PDU goes the normal way (event, state
+  machine, DIMSE). PDUs are read with ``recv_into`` (pynetdicom reads 4 KiB at a time).
 * **Write-back while receiving** (:func:`start_writeback`). Every ``WRITE_BEHIND_BYTES``
   written, the kernel is asked to start writing those pages to disk (``sync_file_range``,
-  Linux), so the fsync before the answer waits for the tail only. Elsewhere the fsync does
+  Linux), and at the data set's end for the tail, so the fsync before the answer finds
+  most pages written or on their way. Elsewhere the fsync does
   all the writing, as before.
 * **Waiting instead of sleeping** (:func:`wait_transport_event`). With nothing to do, the
   connection's thread blocks in ``select`` until the peer sends, the association queues a
@@ -188,18 +189,29 @@ def _only_standard_pdu_handlers(assoc) -> bool:
     return all(h[0] is standard_pdu_recv_handler for h in assoc.get_handlers(evt.EVT_PDU_RECV))
 
 
-def _write_direct(conn: _Connection, target, buf: bytearray, length: int) -> bool:
-    """Write the PDU in ``buf[6:6 + length]`` to the data set file when every item is a
-    non-final data-set fragment of the target's presentation context; False (nothing
-    written) otherwise."""
+#: What :func:`_write_direct` did with a PDU.
+NOT_TAKEN, WRITTEN, WRITTEN_LAST = 0, 1, 2
+
+
+def _write_direct(conn: _Connection, target, buf: bytearray, length: int) -> int:
+    """Write the PDU in ``buf[6:6 + length]`` to the data set file when all its items are
+    data-set fragments of the target's presentation context (only the PDU's final item may
+    be the data set's last fragment).
+
+    Returns NOT_TAKEN (nothing written), WRITTEN, or WRITTEN_LAST when the data set is now
+    complete in the file; then write-back of its tail has started, and the DIMSE layer still
+    has to be given the last fragment (:func:`_last_fragment_pdu`).
+    """
     context_id, f = target
     spans = list(_pdv_spans(buf, 6, 6 + length))
     if not spans:
-        return False
-    for cx, start, _ in spans:
+        return NOT_TAKEN
+    for i, (cx, start, _) in enumerate(spans):
         # control header: bit 0 set = command fragment, bit 1 set = last fragment
-        if cx != context_id or buf[start] & 0x03:
-            return False
+        control = buf[start] & 0x03
+        if cx != context_id or control & 0x01 or (control and i != len(spans) - 1):
+            return NOT_TAKEN
+    last = bool(buf[spans[-1][1]] & 0x02)
     if f is not conn.file:
         f.flush()
         conn.file, conn.written = f, f.tell()
@@ -211,11 +223,22 @@ def _write_direct(conn: _Connection, target, buf: bytearray, length: int) -> boo
             conn.written += stop - start - 1
     finally:
         view.release()
-    if conn.written - conn.synced >= WRITE_BEHIND_BYTES:
+    if last or conn.written - conn.synced >= WRITE_BEHIND_BYTES:
         f.flush()
         start_writeback(f.fileno(), conn.synced, conn.written - conn.synced)
         conn.synced = conn.written
-    return True
+    if last:
+        conn.file = None
+        return WRITTEN_LAST
+    return WRITTEN
+
+
+def _last_fragment_pdu(context_id: int) -> bytearray:
+    """A P-DATA-TF PDU with an empty last data-set fragment: completes the DIMSE message
+    whose data :func:`_write_direct` already wrote."""
+    item = bytes((context_id, 0x02))
+    body = len(item).to_bytes(4, "big") + item
+    return bytearray(bytes((_P_DATA_TF, 0)) + len(body).to_bytes(4, "big") + body)
 
 
 def read_pdus(self: DULServiceProvider) -> None:
@@ -263,11 +286,15 @@ def read_pdus(self: DULServiceProvider) -> None:
             self.event_queue.put("Evt17")
             return
         if buf is conn.buffer:
-            if _write_direct(conn, target, buf, length):
+            taken = _write_direct(conn, target, buf, length)
+            if taken == WRITTEN_LAST:
+                buf = _last_fragment_pdu(target[0])
+            elif taken == WRITTEN:
                 if not sock.ready:
                     return
                 continue
-            buf = bytearray(memoryview(buf)[:6 + length])       # the normal path keeps views
+            else:
+                buf = bytearray(memoryview(buf)[:6 + length])   # the normal path keeps views
         _queue_pdu(self, pdu_type, buf)
         return
 
@@ -285,7 +312,7 @@ def _queue_pdu(dul: DULServiceProvider, pdu_type: int, buf: bytearray) -> None:
     else:
         try:
             pdu, event = dul._decode_pdu(buf)
-        except Exception as exc:  # broad as in pynetdicom: any decoding failure is an invalid PDU
+        except Exception as exc:  # noqa: BLE001 - as in pynetdicom: any decoding failure is an invalid PDU
             logger.error("unable to decode the received PDU data: %s", exc)
             dul.event_queue.put("Evt19")
             return
