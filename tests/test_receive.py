@@ -375,6 +375,29 @@ def _part10(ds: pydicom.Dataset, path: Path) -> Path:
     return path
 
 
+def test_a_pdu_header_claiming_4_gib_allocates_nothing_of_the_kind(raw_scp: StorageSCP) -> None:
+    import resource
+
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss       # KiB on Linux
+    ds = synthetic_cr()
+    sender = RawSender(raw_scp.port)
+    values = sender.fragments(ds, 16384)
+    sender.send([values[0]])                                 # a C-STORE whose data set is next
+    sender.assoc.dul.socket.send(b"\x04\x00\xff\xff\xff\xf0" + b"\x00" * 65536)
+    sender.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)   # and then nothing more
+    sender.assoc._reactor_checkpoint.set()
+    sender.assoc.abort()
+    peer = Peer(host="127.0.0.1", port=raw_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=10)
+    assert echo(peer) == 0
+    deadline = time.monotonic() + 30
+    while raw_scp._server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not raw_scp._server.active_associations
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mib < 256, f"peak memory grew by {grown_mib:.0f} MiB for a PDU that never came"
+    assert raw_scp.store.instances() == []
+
+
 # -- pieces ---------------------------------------------------------------------------------------
 def test_recv_into_fills_what_was_asked_or_what_came_before_close() -> None:
     a, b = socket.socketpair()

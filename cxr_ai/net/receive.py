@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 WRITE_BEHIND_BYTES = 1 << 20
 #: Longest an idle connection's upper-layer thread waits before checking its timers again.
 IDLE_WAIT_SECONDS = 0.01
+#: PDUs longer than this are read in pieces of this size rather than into a buffer
+#: allocated from the PDU's length field (which is the peer's word).
+PREALLOCATE_MAX_BYTES = 4 << 20
 #: Most PDUs one call of :func:`read_pdus` takes the direct path for before it returns to
 #: the reactor (which then checks its timers and queues).
 DIRECT_PDUS_PER_CALL = 64
@@ -122,6 +125,23 @@ def _recv_into(sock: socket.socket, view: memoryview, nr_bytes: int, start: int 
     return got
 
 
+def _recv_large(sock: socket.socket, head: bytearray, length: int) -> bytearray:
+    """Read a PDU body of ``length`` bytes in pieces, growing the buffer as data arrives.
+
+    For PDUs above ``PREALLOCATE_MAX_BYTES``: the length field is the peer's word, and a
+    header claiming 4 GiB must not make the listener allocate 4 GiB before anything arrived.
+    Returns fewer bytes than ``6 + length`` when the connection closed first.
+    """
+    buf = bytearray(head)
+    piece = bytearray(PREALLOCATE_MAX_BYTES)
+    while len(buf) < 6 + length:
+        n = _recv_into(sock, memoryview(piece), min(len(piece), 6 + length - len(buf)))
+        if not n:
+            break
+        buf += memoryview(piece)[:n]
+    return buf
+
+
 def decode_p_data_tf(buf: bytearray) -> P_DATA_TF | None:
     """A P-DATA-TF PDU whose PDV values are views of ``buf``; None when an item overruns it."""
     view = memoryview(buf)
@@ -165,11 +185,6 @@ class _Connection:
         self.file = None               # the data set file written directly, and its progress
         self.written = 0
         self.synced = 0
-
-    def buffer_view(self, size: int) -> memoryview:
-        if len(self.buffer) < size:
-            self.buffer = bytearray(size)
-        return memoryview(self.buffer)
 
 
 def _data_set_in_progress(dul: DULServiceProvider):
@@ -269,15 +284,21 @@ def read_pdus(self: DULServiceProvider) -> None:
             self.event_queue.put("Evt19")
             return
         target = _data_set_in_progress(self) if pdu_type == _P_DATA_TF else None
-        if target is not None and _only_standard_pdu_handlers(self.assoc):
-            buf = conn.buffer
-            if len(buf) < 6 + length:
-                conn.buffer = buf = bytearray(6 + length)
-        else:
-            buf = bytearray(6 + length)
-        buf[:6] = head
         try:
-            got = _recv_into(raw, memoryview(buf), 6 + length, 6)
+            if length > PREALLOCATE_MAX_BYTES:
+                target = None                   # a PDU of that size is never taken directly
+                buf = _recv_large(raw, head, length)
+                got = len(buf)
+            else:
+                if target is not None and _only_standard_pdu_handlers(self.assoc):
+                    buf = conn.buffer
+                    if len(buf) < 6 + length:
+                        conn.buffer = buf = bytearray(6 + length)
+                else:
+                    target = None
+                    buf = bytearray(6 + length)
+                buf[:6] = head
+                got = _recv_into(raw, memoryview(buf), 6 + length, 6)
         except (OSError, TimeoutError) as exc:
             logger.error("connection closed before the entire PDU was received: %s", exc)
             got = -1
@@ -285,7 +306,7 @@ def read_pdus(self: DULServiceProvider) -> None:
             logger.error("the received PDU is shorter than expected (%d of %d bytes received)", got, 6 + length)
             self.event_queue.put("Evt17")
             return
-        if buf is conn.buffer:
+        if target is not None:
             taken = _write_direct(conn, target, buf, length)
             if taken == WRITTEN_LAST:
                 buf = _last_fragment_pdu(target[0])
