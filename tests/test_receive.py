@@ -375,6 +375,34 @@ def _part10(ds: pydicom.Dataset, path: Path) -> Path:
     return path
 
 
+def test_a_failed_write_aborts_the_association_and_the_listener_goes_on(raw_scp: StorageSCP, monkeypatch) -> None:
+    import errno
+
+    real = receive._write_direct
+    calls: list[int] = []
+
+    def disk_full_on_third(conn, target, buf, length):
+        calls.append(length)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(conn, target, buf, length)
+
+    monkeypatch.setattr(receive, "_write_direct", disk_full_on_third)
+    ds = synthetic_cr()
+    sender = RawSender(raw_scp.port)
+    sender.send(*[[v] for v in sender.fragments(ds, 16384)])
+    sender.assoc._reactor_checkpoint.set()                # let the requestor see the A-ABORT
+    deadline = time.monotonic() + 30
+    while not sender.assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sender.assoc.is_aborted and len(calls) == 3
+    assert raw_scp.store.instances() == []
+    monkeypatch.setattr(receive, "_write_direct", real)      # the disk has room again
+    peer = Peer(host="127.0.0.1", port=raw_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=10)
+    assert send_files([_part10(ds, raw_scp.spool.root / "retry.dcm")], peer) == [Status.SUCCESS]
+    assert [i.sop_uid for i in raw_scp.store.instances()] == [ds.SOPInstanceUID]
+
+
 def test_a_pdu_header_claiming_4_gib_allocates_nothing_of_the_kind(raw_scp: StorageSCP) -> None:
     import resource
 

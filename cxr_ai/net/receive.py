@@ -19,15 +19,17 @@ association and the DIMSE layer as they are:
 * **Write-back while receiving** (:func:`start_writeback`). Every ``WRITE_BEHIND_BYTES``
   written, the kernel is asked to start writing those pages to disk (``sync_file_range``,
   Linux), and at the data set's end for the tail, so the fsync before the answer finds
-  most pages written or on their way. Elsewhere the fsync does
-  all the writing, as before.
+  most pages written or on their way. Elsewhere the fsync does all the writing, as before.
 * **Waiting instead of sleeping** (:func:`wait_transport_event`). With nothing to do, the
   connection's thread blocks in ``select`` until the peer sends, the association queues a
   primitive (:class:`Waker`), or ``IDLE_WAIT_SECONDS`` pass for the reactor's timer checks.
 
 Handlers bound to ``EVT_DATA_RECV`` or ``EVT_PDU_RECV`` (other than pynetdicom's logging
 handler, which logs nothing for P-DATA-TF) see every PDU: with one bound, the direct path is
-off. A PDU whose items overrun it is an invalid PDU (Evt19, A-ABORT), as in pynetdicom.
+off. A PDU whose items overrun it is an invalid PDU (Evt19, A-ABORT), as in pynetdicom. A
+PDU longer than ``PREALLOCATE_MAX_BYTES`` is read in pieces, never into a buffer sized by
+its length field. A failed write (disk full) aborts the association: nothing was
+acknowledged, so the sender keeps the instance and retries.
 
 The hooks rely on pynetdicom 3's upper-layer contract (``_read_pdu_data`` puts one event on
 ``event_queue`` and the PDU on ``_recv_pdu``; ``_is_transport_event``; the DIMSE message's
