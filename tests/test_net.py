@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from helpers_net import ALLOWED, make_scp
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, build_context, evt
@@ -27,18 +28,6 @@ from cxr_ai.net.tls import client_context, server_context
 from cxr_ai.store import InstanceState, JobStore, Spool, StudyState
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
-ALLOWED = ["STORESCU", "TESTSCU"]
-
-
-def make_scp(tmp_path: Path, **overrides) -> StorageSCP:
-    settings = ListenerSettings(ae_title="CXR_AI", host="127.0.0.1", port=0, allowed_calling_aes=ALLOWED,
-                                min_free_bytes=0, **overrides)
-    scp = StorageSCP(settings=settings, spool=Spool(tmp_path / "spool"), store=JobStore(tmp_path / "jobs.sqlite3"),
-                     quiet_seconds=0.0)
-    scp.start()
-    return scp
-
-
 @pytest.fixture
 def scp(tmp_path: Path):
     s = make_scp(tmp_path)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from helpers_net import make_scp
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_context, evt
@@ -33,20 +34,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from cxr_ai.net import receive
 from cxr_ai.net.common import Status
-from cxr_ai.net.scp import ListenerSettings, StorageSCP
+from cxr_ai.net.scp import StorageSCP
 from cxr_ai.net.scu import Peer, echo, send_files
-from cxr_ai.store import JobStore, Spool
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
-
-
-def make_scp(tmp_path: Path, **overrides) -> StorageSCP:
-    settings = ListenerSettings(ae_title="CXR_AI", host="127.0.0.1", port=0,
-                                allowed_calling_aes=["STORESCU", "TESTSCU"], min_free_bytes=0, **overrides)
-    scp = StorageSCP(settings=settings, spool=Spool(tmp_path / "spool"), store=JobStore(tmp_path / "jobs.sqlite3"),
-                     quiet_seconds=60)
-    scp.start()
-    return scp
 
 
 @pytest.fixture
