@@ -6,7 +6,9 @@
    (``TCP_NODELAY=1`` for dcmtk). After one untimed warm-up round, rounds alternate, each
    after ``sync`` (so that neither pays for the other's write-back); medians are compared,
    and each round's own ratio is kept to show the machine's spread. Goal: ratio >= 0.8.
-2. End-to-end latency: a real Orthanc with deploy/'s routing script receives RG1 by C-STORE,
+2. Association set-up: 20 dcmtk ``echoscu`` runs (one association each, as a PACS that routes
+   instance by instance opens them) against cxr-ai and against ``storescp``; ms per association.
+3. End-to-end latency: a real Orthanc with deploy/'s routing script receives RG1 by C-STORE,
    routes it to the cxr-ai service (real pipeline), and the time from the C-STORE response
    to the SR being in Orthanc is measured per study (p50, p95). Goal: p50 <= 1.0 s on CPU.
    Once with the defaults, once with ``[workers] idle_start = false`` (the worker always waits
@@ -170,6 +172,52 @@ def bench_receive(n: int, rounds: int, work: Path) -> dict:
     return res
 
 
+def _echoscu_loop(port: int, called: str, n: int) -> float:
+    """Seconds for ``n`` dcmtk ``echoscu`` runs, each one association (open, C-ECHO, release)."""
+    env = dict(os.environ, TCP_NODELAY="1")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port)], env=env,
+                       check=True, capture_output=True, timeout=60)
+    return time.perf_counter() - t0
+
+
+def bench_associations(n: int, rounds: int, work: Path) -> dict:
+    """Association set-up: ``n`` echoscu associations against cxr-ai and against storescp."""
+    from cxr_ai.net.scp import ListenerSettings, StorageSCP
+    from cxr_ai.store import JobStore, Spool
+
+    root = work / "assoc"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    scp = StorageSCP(settings=ListenerSettings(port=0, allowed_calling_aes=["STORESCU"], min_free_bytes=0),
+                     spool=Spool(root / "spool"), quiet_seconds=60, store=JobStore(root / "jobs.sqlite3"))
+    port = free_port()
+    proc = subprocess.Popen(["storescp", "--output-directory", str(root), str(port)],
+                            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ours, dcmtk = [], []
+    try:
+        scp.start()
+        wait_listening(port)
+        _echoscu_loop(scp.port, "CXR_AI", 2)                # warm-up
+        _echoscu_loop(port, "ANY-SCP", 2)
+        for _ in range(rounds):
+            dcmtk.append(_echoscu_loop(port, "ANY-SCP", n))
+            ours.append(_echoscu_loop(scp.port, "CXR_AI", n))
+    finally:
+        scp.stop()
+        scp.store.close()
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    res = {"associations": n, "rounds": rounds, "cxr_ai_seconds": ours, "dcmtk_storescp_seconds": dcmtk,
+           "cxr_ai_ms_per_association": 1000 * statistics.median(ours) / n,
+           "dcmtk_ms_per_association": 1000 * statistics.median(dcmtk) / n,
+           "note": "dcmtk echoscu as the client (a process per association, the same for both)"}
+    res["ratio_cxr_ai_vs_dcmtk"] = res["dcmtk_ms_per_association"] / res["cxr_ai_ms_per_association"]
+    return res
+
+
 def _pipeline_totals(svc) -> tuple[float, float]:
     reg = svc.metrics.registry
     labels = {"stage": "process_per_instance"}
@@ -318,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
             out["receive"] = json.loads(RESULTS.read_text())["receive"]
         else:
             out["receive"] = bench_receive(args.n, args.rounds, work)
+        if not args.skip_receive:
+            out["associations"] = bench_associations(20, 3, work)
+            a = out["associations"]
+            print(f"association set-up (echoscu, one association each): cxr-ai {a['cxr_ai_ms_per_association']:.1f} "
+                  f"ms vs dcmtk storescp {a['dcmtk_ms_per_association']:.1f} ms, ratio {a['ratio_cxr_ai_vs_dcmtk']:.2f}")
+        elif RESULTS.is_file() and "associations" in json.loads(RESULTS.read_text()):
+            out["associations"] = json.loads(RESULTS.read_text())["associations"]
         r = out["receive"]
         print(f"receive {args.n} x RG1_UNCR: cxr-ai {r['cxr_ai_mb_s']:.0f} MB/s, dcmtk storescp "
               f"{r['dcmtk_storescp_mb_s']:.0f} MB/s, ratio {r['ratio_cxr_ai_vs_dcmtk']:.2f} (goal >= 0.8); "

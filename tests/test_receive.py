@@ -153,6 +153,35 @@ def test_direct_path_is_installed_with_this_pynetdicom(small_pdu_scp: StorageSCP
     assert dul._is_transport_event.__func__ is receive.wait_transport_event
 
 
+def test_each_association_gets_its_own_copy_of_the_servers_contexts(small_pdu_scp: StorageSCP) -> None:
+    import copy
+
+    contexts = small_pdu_scp._server.contexts
+    assert isinstance(contexts, receive.CheaplyCopiedContexts) and len(contexts) > 100
+    dup = copy.deepcopy(contexts)
+    assert [(c.abstract_syntax, c.transfer_syntax, c.scu_role, c.scp_role, c.context_id) for c in dup] == \
+        [(c.abstract_syntax, c.transfer_syntax, c.scu_role, c.scp_role, c.context_id) for c in contexts]
+    assert all(a is not b and a._transfer_syntax is not b._transfer_syntax for a, b in zip(dup, contexts, strict=True))
+    before = list(contexts[0].transfer_syntax)
+    dup[0]._transfer_syntax.append("1.2.3")
+    dup[0].context_id = 7
+    assert contexts[0].transfer_syntax == before and contexts[0].context_id is None
+    # a context carrying any other kind of field is deep-copied
+    contexts[1].extra = {"k": ["v"]}
+    try:
+        odd = copy.deepcopy(contexts)[1]
+        assert odd.extra == {"k": ["v"]} and odd.extra is not contexts[1].extra
+    finally:
+        del contexts[1].extra
+    # and an association negotiates on its copy
+    seen: list = []
+    small_pdu_scp._server.bind(evt.EVT_ESTABLISHED, lambda e: seen.append(e.assoc.acceptor.supported_contexts))
+    peer = Peer(host="127.0.0.1", port=small_pdu_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=10)
+    assert echo(peer) == 0
+    [theirs] = seen
+    assert len(theirs) == len(contexts) and not {id(c) for c in theirs} & {id(c) for c in contexts}
+
+
 def test_write_back_starts_while_the_data_set_arrives(tmp_path: Path, rg1_paths, monkeypatch) -> None:
     requests: list[tuple[int, int]] = []
     real = receive.start_writeback

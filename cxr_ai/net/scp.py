@@ -39,7 +39,7 @@ from cxr_ai.net.common import (
     handle_conn_open_nodelay,
 )
 from cxr_ai.net.metrics import ServiceMetrics
-from cxr_ai.net.receive import FastReceiveRequestHandler
+from cxr_ai.net.receive import install_on_server
 from cxr_ai.store.jobs import JobStore
 from cxr_ai.store.spool import Spool, is_valid_uid, safe_key
 
@@ -236,8 +236,7 @@ class StorageSCP:
         s = self.settings
         self._server = self.ae.start_server((s.host, int(s.port)), block=False, evt_handlers=handlers,
                                             ssl_context=s.ssl_context)
-        # socketserver makes one handler per connection from this class attribute
-        self._server.RequestHandlerClass = FastReceiveRequestHandler
+        install_on_server(self._server)
         logger.info("DICOM listener %s on %s:%d (TLS %s, max PDU %d)", s.ae_title, s.host, self.port,
                     "on" if s.ssl_context else "off", s.max_pdu)
 
