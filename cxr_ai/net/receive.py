@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import ctypes.util
+import functools
 import logging
 import queue
 import select
@@ -84,8 +84,8 @@ def _sync_file_range():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.sync_file_range
+        # the process's own symbols include libc's; find_library would run ldconfig at import
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -275,7 +275,7 @@ def read_pdus(self: DULServiceProvider) -> None:
     for _ in range(DIRECT_PDUS_PER_CALL):
         try:
             got = _recv_into(raw, memoryview(head), 6)
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:  # TimeoutError is one
             logger.debug("connection closed before a PDU header was received: %s", exc)
             got = 0
         if got < 6:
@@ -302,7 +302,7 @@ def read_pdus(self: DULServiceProvider) -> None:
                     buf = bytearray(6 + length)
                 buf[:6] = head
                 got = _recv_into(raw, memoryview(buf), 6 + length, 6)
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:  # TimeoutError is one
             logger.error("connection closed before the entire PDU was received: %s", exc)
             got = -1
         if got != 6 + length:
@@ -414,6 +414,7 @@ def wait_transport_event(self: DULServiceProvider) -> bool:
 
 
 # -- installation -------------------------------------------------------------------------------
+@functools.cache
 def fast_path_supported() -> bool:
     """Whether this pynetdicom has the upper-layer hooks this module replaces."""
     dul_hooks = ("_read_pdu_data", "_decode_pdu", "_is_transport_event", "kill_dul")
