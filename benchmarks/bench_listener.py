@@ -24,6 +24,7 @@ kernel allows it (Orthanc cannot bind to loopback only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -116,19 +117,26 @@ def run_ours(files: list[Path], root: Path, handler_seconds: list[float]) -> flo
     return dt
 
 
-def run_dcmtk(files: list[Path], root: Path) -> float:
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+@contextlib.contextmanager
+def storescp(root: Path):
+    """dcmtk ``storescp`` with its defaults (and TCP_NODELAY) on a free port; yields the port."""
     port = free_port()
-    env = dict(os.environ, TCP_NODELAY="1")
-    proc = subprocess.Popen(["storescp", "--output-directory", str(root), str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(["storescp", "--output-directory", str(root), str(port)],
+                            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         wait_listening(port)
-        dt = storescu(port, files, "ANY-SCP")
+        yield port
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+def run_dcmtk(files: list[Path], root: Path) -> float:
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    with storescp(root) as port:
+        dt = storescu(port, files, "ANY-SCP")
     assert len(list(root.iterdir())) == len(files)
     return dt
 
@@ -192,24 +200,18 @@ def bench_associations(n: int, rounds: int, work: Path) -> dict:
     root.mkdir(parents=True)
     scp = StorageSCP(settings=ListenerSettings(port=0, allowed_calling_aes=["STORESCU"], min_free_bytes=0),
                      spool=Spool(root / "spool"), quiet_seconds=60, store=JobStore(root / "jobs.sqlite3"))
-    port = free_port()
-    proc = subprocess.Popen(["storescp", "--output-directory", str(root), str(port)],
-                            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     ours, dcmtk = [], []
+    scp.start()
     try:
-        scp.start()
-        wait_listening(port)
-        _echoscu_loop(scp.port, "CXR_AI", 2)                # warm-up
-        _echoscu_loop(port, "ANY-SCP", 2)
-        for _ in range(rounds):
-            dcmtk.append(_echoscu_loop(port, "ANY-SCP", n))
-            ours.append(_echoscu_loop(scp.port, "CXR_AI", n))
+        with storescp(root) as port:
+            _echoscu_loop(scp.port, "CXR_AI", 2)                # warm-up
+            _echoscu_loop(port, "ANY-SCP", 2)
+            for _ in range(rounds):
+                dcmtk.append(_echoscu_loop(port, "ANY-SCP", n))
+                ours.append(_echoscu_loop(scp.port, "CXR_AI", n))
     finally:
         scp.stop()
         scp.store.close()
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
     res = {"associations": n, "rounds": rounds, "cxr_ai_seconds": ours, "dcmtk_storescp_seconds": dcmtk,
            "cxr_ai_ms_per_association": 1000 * statistics.median(ours) / n,
            "dcmtk_ms_per_association": 1000 * statistics.median(dcmtk) / n,
