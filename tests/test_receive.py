@@ -268,15 +268,36 @@ class RawSender:
         return [value for p in msg.encode_msg(self.context_id, size + 6)
                 for _, value in p.presentation_data_value_list]
 
-    def send(self, *groups: list[bytes], context_id: int | None = None) -> None:
+    def encode(self, values: list[bytes]) -> bytes:
+        """A P-DATA-TF PDU carrying ``values`` as items of the CR context."""
+        pdu = P_DATA_TF()
+        for value in values:
+            item = PresentationDataValueItem()
+            item.presentation_context_id = self.context_id
+            item.presentation_data_value = value
+            pdu.presentation_data_value_items.append(item)
+        return pdu.encode()
+
+    def send(self, *groups: list[bytes]) -> None:
         for values in groups:
-            pdu = P_DATA_TF()
-            for value in values:
-                item = PresentationDataValueItem()
-                item.presentation_context_id = context_id or self.context_id
-                item.presentation_data_value = value
-                pdu.presentation_data_value_items.append(item)
-            self.assoc.dul.socket.send(pdu.encode())
+            self.send_raw(self.encode(values))
+
+    def send_raw(self, data: bytes) -> None:
+        self.assoc.dul.socket.send(data)
+
+    def hang_up(self) -> None:
+        """Close the connection without a release (nothing more is sent)."""
+        self.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+        self.assoc._reactor_checkpoint.set()
+        self.assoc.abort()
+
+    def aborted_by_peer(self, timeout: float = 30) -> bool:
+        """Let the requestor's reactor run; whether the listener's A-ABORT arrived in time."""
+        self.assoc._reactor_checkpoint.set()
+        deadline = time.monotonic() + timeout
+        while not self.assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.assoc.is_aborted
 
     def response_status(self) -> int:
         _, rsp = self.assoc.dimse.get_msg(block=True)  # blocks up to the DIMSE timeout
@@ -346,19 +367,10 @@ def test_a_pdv_item_overrunning_its_pdu_aborts_the_association_and_the_listener_
     sender = RawSender(raw_scp.port)
     values = sender.fragments(ds, 16384)
     sender.send([values[0]], [values[1]])                  # command, first data fragment
-    pdu = P_DATA_TF()
-    item = PresentationDataValueItem()
-    item.presentation_context_id = sender.context_id
-    item.presentation_data_value = values[2]
-    pdu.presentation_data_value_items.append(item)
-    raw = bytearray(pdu.encode())
+    raw = bytearray(sender.encode([values[2]]))
     raw[6:10] = (len(values[2]) + 1 + 100).to_bytes(4, "big")  # item length past the PDU's end
-    sender.assoc.dul.socket.send(bytes(raw))
-    sender.assoc._reactor_checkpoint.set()                # let the requestor see the A-ABORT
-    deadline = time.monotonic() + 30
-    while not sender.assoc.is_aborted and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert sender.assoc.is_aborted
+    sender.send_raw(bytes(raw))
+    assert sender.aborted_by_peer()
     assert raw_scp.store.instances() == []
     peer = Peer(host="127.0.0.1", port=raw_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=10)
     assert echo(peer) == 0
@@ -369,15 +381,8 @@ def test_a_connection_lost_mid_data_set_stores_nothing_and_the_listener_goes_on(
     sender = RawSender(raw_scp.port)
     values = sender.fragments(ds, 16384)
     sender.send([values[0]], *[[v] for v in values[1:5]])
-    pdu = P_DATA_TF()
-    item = PresentationDataValueItem()
-    item.presentation_context_id = sender.context_id
-    item.presentation_data_value = values[5]
-    pdu.presentation_data_value_items.append(item)
-    sender.assoc.dul.socket.send(pdu.encode()[:5000])        # half a PDU, then the connection goes
-    sender.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
-    sender.assoc._reactor_checkpoint.set()
-    sender.assoc.abort()
+    sender.send_raw(sender.encode([values[5]])[:5000])       # half a PDU, then the connection goes
+    sender.hang_up()
     peer = Peer(host="127.0.0.1", port=raw_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=10)
     assert echo(peer) == 0
     assert raw_scp.store.instances() == []
@@ -411,11 +416,7 @@ def test_a_failed_write_aborts_the_association_and_the_listener_goes_on(raw_scp:
     ds = synthetic_cr()
     sender = RawSender(raw_scp.port)
     sender.send(*[[v] for v in sender.fragments(ds, 16384)])
-    sender.assoc._reactor_checkpoint.set()                # let the requestor see the A-ABORT
-    deadline = time.monotonic() + 30
-    while not sender.assoc.is_aborted and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert sender.assoc.is_aborted and len(calls) == 3
+    assert sender.aborted_by_peer() and len(calls) == 3
     assert raw_scp.store.instances() == []
     monkeypatch.setattr(receive, "_write_direct", real)      # the disk has room again
     peer = Peer(host="127.0.0.1", port=raw_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=10)
@@ -431,10 +432,8 @@ def test_a_pdu_header_claiming_4_gib_allocates_nothing_of_the_kind(raw_scp: Stor
     sender = RawSender(raw_scp.port)
     values = sender.fragments(ds, 16384)
     sender.send([values[0]])                                 # a C-STORE whose data set is next
-    sender.assoc.dul.socket.send(b"\x04\x00\xff\xff\xff\xf0" + b"\x00" * 65536)
-    sender.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)   # and then nothing more
-    sender.assoc._reactor_checkpoint.set()
-    sender.assoc.abort()
+    sender.send_raw(b"\x04\x00\xff\xff\xff\xf0" + b"\x00" * 65536)
+    sender.hang_up()                                         # and then nothing more
     peer = Peer(host="127.0.0.1", port=raw_scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=10)
     assert echo(peer) == 0
     deadline = time.monotonic() + 30
