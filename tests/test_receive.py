@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import signal
 import socket
 import subprocess
 import threading
 import time
+import types
 from io import BytesIO
 from pathlib import Path
 
@@ -151,6 +153,36 @@ def test_direct_path_is_installed_with_this_pynetdicom(small_pdu_scp: StorageSCP
     [dul] = seen
     assert dul._read_pdu_data.__func__ is receive.read_pdus
     assert dul._is_transport_event.__func__ is receive.wait_transport_event
+    assert isinstance(dul.assoc._reactor_checkpoint, receive.ReactorGate)
+
+
+def test_an_idle_association_wakes_its_reactor_rarely_and_still_answers(small_pdu_scp: StorageSCP,
+                                                                         monkeypatch) -> None:
+    """pynetdicom's association loop runs every 1 ms; with the gate, an idle one runs about
+    every IDLE_WAIT_SECONDS, and a request or a release still gets through."""
+    loops: list[float] = []
+    real = receive.ReactorGate.wait
+
+    def counting(gate, timeout=None):
+        if threading.current_thread() is gate._assoc:
+            loops.append(time.monotonic())
+        return real(gate, timeout)
+
+    monkeypatch.setattr(receive.ReactorGate, "wait", counting)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", small_pdu_scp.port, ae_title="CXR_AI")
+    assert assoc.is_established
+    try:
+        loops.clear()
+        time.sleep(0.5)
+        idle = len(loops)
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    assert assoc.is_released
+    # 0.5 s idle: about 50 loops at 10 ms; pynetdicom's 1 ms sleep alone would allow 500
+    assert 5 <= idle <= 0.5 / receive.IDLE_WAIT_SECONDS * 2.5, idle
 
 
 def test_each_association_gets_its_own_copy_of_the_servers_contexts(small_pdu_scp: StorageSCP) -> None:
@@ -474,6 +506,52 @@ def test_pdv_items_that_overrun_or_lack_a_header_are_invalid() -> None:
     assert receive.decode_p_data_tf(pdu(good, (50).to_bytes(4, "big") + b"\x01\x02")) is None   # overruns
     assert receive.decode_p_data_tf(pdu((1).to_bytes(4, "big") + b"\x01")) is None             # no header
     assert receive.decode_p_data_tf(pdu(good, b"\x00\x00")) is None                            # cut short
+
+
+def test_the_receive_buffer_takes_pdus_whole_however_they_arrive(monkeypatch) -> None:
+    monkeypatch.setattr(receive, "RECEIVE_BUFFER_BYTES", 64)
+    conn = receive._Connection()
+    a, b = socket.socketpair()
+    small = [bytes([4, 0]) + (n).to_bytes(4, "big") + bytes([n]) * n for n in (10, 20, 30)]
+    big = bytes([4, 0]) + (200).to_bytes(4, "big") + bytes(range(200))         # longer than the buffer
+    a.sendall(b"".join(small) + big + big[:50])
+    taken = []
+    for _ in range(4):
+        assert conn.fill(b, 6)
+        length = int.from_bytes(conn.buffer[conn.start + 2:conn.start + 6], "big")
+        assert conn.fill(b, 6 + length)
+        taken.append(bytes(conn.take(6 + length)))
+    assert taken == [*small, big]
+    assert len(conn.buffer) >= 206                                             # grown for the long one
+    assert conn.fill(b, 6) and conn.buffered == 50
+    a.close()                                                                  # the rest never comes
+    assert not conn.fill(b, 206)
+    b.close()
+
+
+def test_a_paused_reactor_stays_paused_when_work_arrives() -> None:
+    """Other threads pause pynetdicom's reactor (clear the checkpoint) to message on their own."""
+    woke = threading.Event()
+
+    class Reactor(threading.Thread):
+        def __init__(self) -> None:
+            super().__init__(daemon=True)
+            self._kill = False
+            self.dimse = types.SimpleNamespace(msg_queue=queue.Queue())
+            self.gate = receive.ReactorGate(self)
+
+        def run(self) -> None:
+            self.gate.wait()
+            woke.set()
+
+    r = Reactor()
+    r.gate.clear()
+    r.start()
+    r.gate.wake()                                       # a message arrives while paused
+    assert not woke.wait(3 * receive.IDLE_WAIT_SECONDS)
+    r.gate.set()                                        # the other thread is done
+    assert woke.wait(10)
+    r.join(10)
 
 
 def test_waker_ends_a_wait_at_once() -> None:

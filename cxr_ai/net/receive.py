@@ -3,26 +3,30 @@
 pynetdicom handles every PDU in pure Python: a 7 MB radiograph sent as 128 KiB P-DATA-TF
 PDUs goes 56 times through the reactor loop, two queues, the state machine, an event object,
 a primitive and the DIMSE decoder, and each byte is copied four times after the kernel hands
-it over. The reactor also sleeps 1 ms whenever a loop found nothing to do, which happens on
-every pause of the sender and before every C-STORE answer. Per connection,
-:class:`FastReceiveRequestHandler` changes three things and leaves the state machine, the
-association and the DIMSE layer as they are:
+it over. Its two threads per association also sleep 1 ms whenever a loop found nothing to
+do, which happens on every pause of the sender and before every C-STORE answer. Per
+connection, :class:`FastReceiveRequestHandler` changes four things and leaves the state
+machine, the association and the DIMSE layer as they are:
 
+* **Buffered reads** (:class:`_Connection`). ``recv_into`` fills a 1 MiB buffer with what
+  the socket holds, often several PDUs, instead of reading each PDU's header and body with
+  their own calls (pynetdicom reads 4 KiB at a time).
 * **Direct data-set path** (:func:`read_pdus`). While the DIMSE layer is receiving a C-STORE
   data set into its file (``STORE_RECV_CHUNKED_DATASET``), a P-DATA-TF PDU whose items are
-  all data-set fragments of that message's presentation context is read into one reused
-  buffer and its fragments are written to the file directly: that is what the DIMSE layer
-  does with them, minus the machinery. When the last fragment was among them, the DIMSE
-  layer is then handed an empty last fragment, so the message completes, and the C-STORE
-  handler runs, exactly as before. Every other PDU goes the normal way (event, state
-  machine, DIMSE). PDUs are read with ``recv_into`` (pynetdicom reads 4 KiB at a time).
+  all data-set fragments of that message's presentation context has its fragments written
+  from the buffer to the file directly: that is what the DIMSE layer does with them, minus
+  the machinery. When the last fragment was among them, the DIMSE layer is then handed an
+  empty last fragment, so the message completes, and the C-STORE handler runs, exactly as
+  before. Every other PDU goes the normal way (event, state machine, DIMSE).
 * **Write-back while receiving** (:func:`start_writeback`). Every ``WRITE_BEHIND_BYTES``
   written, the kernel is asked to start writing those pages to disk (``sync_file_range``,
   Linux), and at the data set's end for the tail, so the fsync before the answer finds
   most pages written or on their way. Elsewhere the fsync does all the writing, as before.
-* **Waiting instead of sleeping** (:func:`wait_transport_event`). With nothing to do, the
-  connection's thread blocks in ``select`` until the peer sends, the association queues a
-  primitive (:class:`Waker`), or ``IDLE_WAIT_SECONDS`` pass for the reactor's timer checks.
+* **Waiting instead of sleeping.** With nothing to do, the connection's thread blocks in
+  ``select`` (:func:`wait_transport_event`) until the peer sends, the association queues a
+  primitive (:class:`Waker`), or ``IDLE_WAIT_SECONDS`` pass for the reactor's timer checks;
+  the association's thread waits at its checkpoint (:class:`ReactorGate`) until a message
+  is complete, the peer asks to release or abort, or the same time passed.
 
 Handlers bound to ``EVT_DATA_RECV`` or ``EVT_PDU_RECV`` (other than pynetdicom's logging
 handler, which logs nothing for P-DATA-TF) see every PDU: with one bound, the direct path is
@@ -33,8 +37,9 @@ acknowledged, so the sender keeps the instance and retries.
 
 The hooks rely on pynetdicom 3's upper-layer contract (``_read_pdu_data`` puts one event on
 ``event_queue`` and the PDU on ``_recv_pdu``; ``_is_transport_event``; the DIMSE message's
-``context_id`` and ``_data_set_file``); :func:`fast_path_supported` checks for them and the
-handler keeps pynetdicom's own path when one is missing. ``tests/test_receive.py`` runs the
+``context_id`` and ``_data_set_file``; the association's ``_reactor_checkpoint``, the DIMSE
+``msg_queue``); :func:`fast_path_supported` checks for them and the handler keeps
+pynetdicom's own path when one is missing. ``tests/test_receive.py`` runs the
 direct path against dcmtk's ``storescu`` and pynetdicom's own SCU, fragment by fragment.
 """
 
@@ -49,10 +54,13 @@ import select
 import socket
 import struct
 import sys
+import threading
 import types
 
 from pynetdicom import evt
 from pynetdicom._handlers import standard_pdu_recv_handler
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
@@ -68,6 +76,8 @@ IDLE_WAIT_SECONDS = 0.01
 #: PDUs longer than this are read in pieces of this size rather than into a buffer
 #: allocated from the PDU's length field (which is the peer's word).
 PREALLOCATE_MAX_BYTES = 4 << 20
+#: Bytes the receive buffer takes in one ``recv_into`` (grown for a longer PDU).
+RECEIVE_BUFFER_BYTES = 1 << 20
 #: Most PDUs one call of :func:`read_pdus` takes the direct path for before it returns to
 #: the reactor (which then checks its timers and queues).
 DIRECT_PDUS_PER_CALL = 64
@@ -128,14 +138,15 @@ def _recv_into(sock: socket.socket, view: memoryview, nr_bytes: int, start: int 
     return got
 
 
-def _recv_large(sock: socket.socket, head: bytearray, length: int) -> bytearray:
-    """Read a PDU body of ``length`` bytes in pieces, growing the buffer as data arrives.
+def _recv_large(sock: socket.socket, start: bytearray, length: int) -> bytearray:
+    """Read the rest of a PDU body of ``length`` bytes in pieces, growing ``start`` (the
+    PDU's first bytes, header included) as data arrives.
 
     For PDUs above ``PREALLOCATE_MAX_BYTES``: the length field is the peer's word, and a
     header claiming 4 GiB must not make the listener allocate 4 GiB before anything arrived.
     Returns fewer bytes than ``6 + length`` when the connection closed first.
     """
-    buf = bytearray(head)
+    buf = start
     piece = bytearray(PREALLOCATE_MAX_BYTES)
     while len(buf) < 6 + length:
         n = _recv_into(sock, memoryview(piece), min(len(piece), 6 + length - len(buf)))
@@ -181,13 +192,67 @@ def _pdv_spans(buf, offset: int, end: int):
 
 
 class _Connection:
-    """Per-connection state of the direct path."""
+    """Per-connection state: the receive buffer and the data set file being written directly.
+
+    ``recv_into`` fills the buffer with whatever the socket holds (up to
+    ``RECEIVE_BUFFER_BYTES``), often several PDUs, which are then taken one by one from
+    ``buffer[start:end]``: one system call per buffer-full rather than several per PDU.
+    """
 
     def __init__(self) -> None:
-        self.buffer = bytearray()
+        self.buffer = bytearray(RECEIVE_BUFFER_BYTES)
+        self.start = 0                 # buffer[start:end] is received and not yet taken
+        self.end = 0
         self.file = None               # the data set file written directly, and its progress
         self.written = 0
         self.synced = 0
+
+    @property
+    def buffered(self) -> int:
+        return self.end - self.start
+
+    def fill(self, sock: socket.socket, nbytes: int) -> bool:
+        """Have at least ``nbytes`` in ``buffer[start:]``; False when the peer closed first.
+
+        Receives as much as the socket holds and the buffer can take. Moves what is left to
+        the buffer's front when ``nbytes`` would not fit behind it, and grows the buffer when
+        it is too small for ``nbytes`` (a caller never asks for more than
+        ``PREALLOCATE_MAX_BYTES`` plus a header).
+        """
+        if self.end - self.start >= nbytes:
+            return True
+        if self.start + nbytes > len(self.buffer):
+            left = self.end - self.start
+            if nbytes > len(self.buffer):
+                grown = bytearray(nbytes)
+                grown[:left] = memoryview(self.buffer)[self.start:self.end]
+                self.buffer = grown
+            elif left:
+                self.buffer[:left] = memoryview(self.buffer)[self.start:self.end]
+            self.start, self.end = 0, left
+        view = memoryview(self.buffer)
+        try:
+            while self.end - self.start < nbytes:
+                n = sock.recv_into(view[self.end:], len(self.buffer) - self.end)
+                if not n:
+                    return False
+                self.end += n
+        finally:
+            view.release()
+        return True
+
+    def take(self, nbytes: int) -> bytearray:
+        """The next ``nbytes`` buffered bytes, copied out (at most what is buffered)."""
+        out = bytearray(memoryview(self.buffer)[self.start:self.start + nbytes])
+        self.start += len(out)
+        if self.start == self.end:
+            self.start = self.end = 0
+        return out
+
+    def skip(self, nbytes: int) -> None:
+        self.start += nbytes
+        if self.start == self.end:
+            self.start = self.end = 0
 
 
 def _data_set_in_progress(dul: DULServiceProvider):
@@ -211,7 +276,7 @@ def _only_standard_pdu_handlers(assoc) -> bool:
 NOT_TAKEN, WRITTEN, WRITTEN_LAST = 0, 1, 2
 
 
-def _write_direct(conn: _Connection, target, buf: bytearray, length: int) -> int:
+def _write_direct(conn: _Connection, target, buf: bytearray | memoryview, length: int) -> int:
     """Write the PDU in ``buf[6:6 + length]`` to the data set file when all its items are
     data-set fragments of the target's presentation context (only the PDU's final item may
     be the data set's last fragment).
@@ -262,64 +327,63 @@ def _last_fragment_pdu(context_id: int) -> bytearray:
 def read_pdus(self: DULServiceProvider) -> None:
     """:meth:`DULServiceProvider._read_pdu_data`, with the direct path for data-set PDUs.
 
-    Reads one PDU; while it is a data-set PDU that :func:`_write_direct` takes and more data
-    is waiting, reads the next (at most ``DIRECT_PDUS_PER_CALL``). The first PDU it does not
-    take is handled as pynetdicom does: Evt17 when the connection closes before a whole PDU
-    arrived, Evt19 for an unknown or undecodable PDU, else the PDU's event on
-    ``event_queue`` and the PDU on ``_recv_pdu``.
+    Takes one PDU from the connection's buffer (receiving as needed); while it is a data-set
+    PDU that :func:`_write_direct` takes and more data is buffered or waiting, takes the next
+    (at most ``DIRECT_PDUS_PER_CALL``). The first PDU it does not take is handled as
+    pynetdicom does: Evt17 when the connection closes before a whole PDU arrived, Evt19 for
+    an unknown or undecodable PDU, else the PDU's event on ``event_queue`` and the PDU on
+    ``_recv_pdu``.
     """
     conn: _Connection = self._cxr_connection
     sock = self.socket
     raw = sock.socket
-    head = bytearray(6)
     for _ in range(DIRECT_PDUS_PER_CALL):
         try:
-            got = _recv_into(raw, memoryview(head), 6)
+            got = conn.fill(raw, 6)
         except OSError as exc:  # TimeoutError is one
             logger.debug("connection closed before a PDU header was received: %s", exc)
-            got = 0
-        if got < 6:
+            got = False
+        if not got:
             self.event_queue.put("Evt17")
             return
-        pdu_type, _, length = _HEADER.unpack(head)
+        pdu_type, _, length = _HEADER.unpack_from(conn.buffer, conn.start)
         if pdu_type not in _PDU_TYPES:
             logger.error("unknown PDU type 0x%02X received", pdu_type)
             self.event_queue.put("Evt19")
             return
-        target = _data_set_in_progress(self) if pdu_type == _P_DATA_TF else None
         try:
-            if length > PREALLOCATE_MAX_BYTES:
-                target = None                   # a PDU of that size is never taken directly
-                buf = _recv_large(raw, head, length)
-                got = len(buf)
+            if length > PREALLOCATE_MAX_BYTES:         # never taken directly
+                buf = _recv_large(raw, conn.take(6 + length), length)
+                if len(buf) == 6 + length:
+                    _queue_pdu(self, pdu_type, buf)
+                    return
+                got = False
             else:
-                if target is not None and _only_standard_pdu_handlers(self.assoc):
-                    buf = conn.buffer
-                    if len(buf) < 6 + length:
-                        conn.buffer = buf = bytearray(6 + length)
-                else:
-                    target = None
-                    buf = bytearray(6 + length)
-                buf[:6] = head
-                got = _recv_into(raw, memoryview(buf), 6 + length, 6)
+                got = conn.fill(raw, 6 + length)
         except OSError as exc:  # TimeoutError is one
             logger.error("connection closed before the entire PDU was received: %s", exc)
-            got = -1
-        if got != 6 + length:
-            logger.error("the received PDU is shorter than expected (%d of %d bytes received)", got, 6 + length)
+            got = False
+        if not got:
+            logger.error("the connection closed before the entire PDU (%d bytes) was received", 6 + length)
             self.event_queue.put("Evt17")
             return
-        if target is not None:
-            taken = _write_direct(conn, target, buf, length)
-            if taken == WRITTEN_LAST:
-                buf = _last_fragment_pdu(target[0])
-            elif taken == WRITTEN:
-                if not sock.ready:
+        target = _data_set_in_progress(self) if pdu_type == _P_DATA_TF else None
+        if target is not None and _only_standard_pdu_handlers(self.assoc):
+            view = memoryview(conn.buffer)[conn.start:conn.start + 6 + length]
+            try:
+                taken = _write_direct(conn, target, view, length)
+            finally:
+                view.release()
+            if taken == WRITTEN:
+                conn.skip(6 + length)
+                if not conn.buffered and not sock.ready:
                     return
                 continue
-            else:
-                buf = bytearray(memoryview(buf)[:6 + length])   # the normal path keeps views
-        _queue_pdu(self, pdu_type, buf)
+            if taken == WRITTEN_LAST:
+                conn.skip(6 + length)
+                _queue_pdu(self, pdu_type, _last_fragment_pdu(target[0]))
+                return
+        _queue_pdu(self, pdu_type, conn.take(6 + length))
         return
 
 
@@ -378,15 +442,66 @@ class Waker:
 
 
 class _WakingQueue(queue.Queue):
-    """The DUL's queue of primitives to send; every put wakes the DUL thread."""
+    """A queue whose every put calls ``wake`` (the consumer's thread then stops waiting)."""
 
-    def __init__(self, waker: Waker) -> None:
+    def __init__(self, wake) -> None:
         super().__init__()
-        self._waker = waker
+        self._wake = wake
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        self._waker.wake()
+        self._wake()
+
+
+def _waking_copy(q: queue.Queue, wake) -> _WakingQueue:
+    """A :class:`_WakingQueue` holding what ``q`` holds (nothing, before the threads start)."""
+    waking = _WakingQueue(wake)
+    while True:
+        try:
+            waking.put(q.get_nowait())
+        except queue.Empty:
+            return waking
+
+
+class ReactorGate(threading.Event):
+    """The association's reactor checkpoint, which also waits for the reactor's work.
+
+    pynetdicom's association loop sleeps 1 ms, waits on this checkpoint (cleared while
+    another thread pauses the reactor to do its own messaging), then looks for a complete
+    DIMSE message, a release request, an abort, a dead DUL thread and its network timeout.
+    Idle, that is a thousand wake-ups a second, and a message waits up to 1 ms for the next
+    one. Here, once the checkpoint is open, the reactor's own thread also waits until there
+    is work: :meth:`wake` is called by every put on the DIMSE message queue and the DUL's
+    queue of primitives for the user, by :meth:`set` (``kill`` sets it) and when the DUL
+    thread ends; ``IDLE_WAIT_SECONDS`` bound the wait for the timer checks. While it waits
+    the reactor counts as paused, as in pynetdicom, so other threads may message at once.
+    """
+
+    def __init__(self, assoc) -> None:
+        super().__init__()
+        self._assoc = assoc
+        self._work = threading.Event()
+        super().set()
+
+    def wake(self) -> None:
+        self._work.set()
+
+    def set(self) -> None:
+        super().set()
+        self._work.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assoc = self._assoc
+        while True:
+            if not super().wait(timeout):
+                return False
+            if threading.current_thread() is not assoc:
+                return True
+            self._work.clear()
+            if assoc.dimse.msg_queue.empty() and not assoc._kill:
+                self._work.wait(IDLE_WAIT_SECONDS)
+            if self.is_set():
+                return True
 
 
 _STOCK_TRANSPORT_EVENT = DULServiceProvider._is_transport_event
@@ -402,7 +517,7 @@ def wait_transport_event(self: DULServiceProvider) -> bool:
     sock = self.socket
     if sock is None or self.state_machine.current_state == "Sta13":
         return _STOCK_TRANSPORT_EVENT(self)
-    if not sock.ready:
+    if not self._cxr_connection.buffered and not sock.ready:
         if self._kill_thread or sock.socket is None or not self.event_queue.empty() \
                 or not self.to_provider_queue.empty():
             return False
@@ -418,9 +533,14 @@ def wait_transport_event(self: DULServiceProvider) -> bool:
 def fast_path_supported() -> bool:
     """Whether this pynetdicom has the upper-layer hooks this module replaces."""
     dul_hooks = ("_read_pdu_data", "_decode_pdu", "_is_transport_event", "kill_dul")
+    # attributes the constructors set (an assignment names the attribute in the code object)
+    assoc_attrs = Association.__init__.__code__.co_names
     return (all(hasattr(DULServiceProvider, name) for name in dul_hooks)
             and hasattr(AssociationSocket, "ready")
-            and all(hasattr(DIMSEMessage(), name) for name in ("context_id", "_data_set_file")))
+            and all(hasattr(DIMSEMessage(), name) for name in ("context_id", "_data_set_file"))
+            and "_reactor_checkpoint" in assoc_attrs and hasattr(Association, "_run_reactor")
+            and "msg_queue" in DIMSEServiceProvider.__init__.__code__.co_names
+            and "to_user_queue" in DULServiceProvider.__init__.__code__.co_names)
 
 
 def install(assoc) -> None:
@@ -431,13 +551,11 @@ def install(assoc) -> None:
 
     waker = Waker()
     dul._cxr_waker = waker
-    waking = _WakingQueue(waker)
-    while True:
-        try:
-            waking.put(dul.to_provider_queue.get_nowait())
-        except queue.Empty:
-            break
-    dul.to_provider_queue = waking
+    dul.to_provider_queue = _waking_copy(dul.to_provider_queue, waker.wake)
+    gate = ReactorGate(assoc)
+    assoc._reactor_checkpoint = gate
+    assoc.dimse.msg_queue = _waking_copy(assoc.dimse.msg_queue, gate.wake)
+    dul.to_user_queue = _waking_copy(dul.to_user_queue, gate.wake)
     dul._is_transport_event = types.MethodType(wait_transport_event, dul)
     stock_kill = dul.kill_dul
 
@@ -454,6 +572,7 @@ def install(assoc) -> None:
             target()
         finally:
             waker.close()
+            gate.wake()
 
     dul._target = run
 
