@@ -67,6 +67,8 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from cxr_ai.net import answer
+
 logger = logging.getLogger(__name__)
 
 #: Bytes of a data set written between two write-back requests.
@@ -611,11 +613,13 @@ def install_on_server(server) -> None:
 
 
 class FastReceiveRequestHandler(RequestHandler):
-    """pynetdicom's connection handler with this module's receive path on the association."""
+    """pynetdicom's connection handler with this module's receive path, and the plain
+    C-STORE answers of :mod:`cxr_ai.net.answer`, on the association."""
 
     def _create_association(self):
         assoc = super()._create_association()
         dul = assoc.dul
         if dul.socket is not None and getattr(dul, "_target", None) is not None and fast_path_supported():
             install(assoc)
+            answer.install(assoc)
         return assoc
