@@ -529,28 +529,47 @@ def test_the_receive_buffer_takes_pdus_whole_however_they_arrive(monkeypatch) ->
     b.close()
 
 
+class FakeReactor(threading.Thread):
+    """A thread with what :class:`receive.ReactorGate` reads of an association."""
+
+    def __init__(self, body) -> None:
+        super().__init__(daemon=True)
+        self._kill = False
+        self.dimse = types.SimpleNamespace(msg_queue=queue.Queue())
+        self.gate = receive.ReactorGate(self)
+        self.body = body
+
+    def run(self) -> None:
+        self.body(self.gate)
+
+
 def test_a_paused_reactor_stays_paused_when_work_arrives() -> None:
     """Other threads pause pynetdicom's reactor (clear the checkpoint) to message on their own."""
     woke = threading.Event()
-
-    class Reactor(threading.Thread):
-        def __init__(self) -> None:
-            super().__init__(daemon=True)
-            self._kill = False
-            self.dimse = types.SimpleNamespace(msg_queue=queue.Queue())
-            self.gate = receive.ReactorGate(self)
-
-        def run(self) -> None:
-            self.gate.wait()
-            woke.set()
-
-    r = Reactor()
+    r = FakeReactor(lambda gate: gate.wait() and woke.set())
     r.gate.clear()
     r.start()
     r.gate.wake()                                       # a message arrives while paused
     assert not woke.wait(3 * receive.IDLE_WAIT_SECONDS)
     r.gate.set()                                        # the other thread is done
     assert woke.wait(10)
+    r.join(10)
+
+
+def test_work_that_came_while_the_reactor_was_busy_ends_its_next_wait(monkeypatch) -> None:
+    """A release request queued while the reactor served a message (after it looked for one)
+    must not wait out the idle wait."""
+    monkeypatch.setattr(receive, "IDLE_WAIT_SECONDS", 60)
+    woke = threading.Event()
+
+    def body(gate) -> None:
+        gate.wake()                                     # queued while busy
+        gate.wait()
+        woke.set()
+
+    r = FakeReactor(body)
+    r.start()
+    assert woke.wait(10), "the reactor waited although work had come"
     r.join(10)
 
 

@@ -499,9 +499,12 @@ class ReactorGate(threading.Event):
                 return False
             if threading.current_thread() is not assoc:
                 return True
-            self._work.clear()
             if assoc.dimse.msg_queue.empty() and not assoc._kill:
                 self._work.wait(IDLE_WAIT_SECONDS)
+            # Consumed only now: work that came since the reactor last looked (a release
+            # request queued while it served a message) ends the wait at once; work that
+            # comes after this is seen by the loop that follows, or ends the next wait.
+            self._work.clear()
             if self.is_set():
                 return True
 
