@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers_orthanc import free_port, start_orthanc
+from pynetdicom import _config
+from test_batch import config, pipeline, tiny_bundle  # noqa: F401 - shared fixtures
 
 from cxr_ai import batch
 from cxr_ai.net.scu import Peer, send_files
 from cxr_ai.phantoms import PhantomConfig, generate_studies
-from helpers_orthanc import free_port, start_orthanc
-from test_batch import config, pipeline, tiny_bundle  # noqa: F401 - shared fixtures
 
 pytestmark = [pytest.mark.slow]
 
@@ -38,9 +39,13 @@ def _csv(path: Path, uids) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", ["get", "move"])
-def test_batch_over_study_csv_from_orthanc(pacs, config, pipeline, tmp_path: Path, method: str) -> None:  # noqa: F811
-    server, peer, labels, move_port = pacs
+@pytest.mark.parametrize("method,chunked", [("get", False), ("move", False), ("get", True), ("move", True)])
+def test_batch_over_study_csv_from_orthanc(pacs, config, pipeline, tmp_path: Path, method: str,  # noqa: F811
+                                           chunked: bool, monkeypatch) -> None:
+    # chunked: as in a process where the listener runs (it turns pynetdicom's chunked
+    # receive on for the process), retrieved instances arrive as files, not in memory
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", chunked)
+    _server, peer, labels, move_port = pacs
     wanted = sorted(labels["study_uid"].unique())[:3]
     csv_path = _csv(tmp_path / "studies.csv", wanted)
     out = tmp_path / "out"
@@ -71,7 +76,7 @@ def test_batch_over_study_csv_from_orthanc(pacs, config, pipeline, tmp_path: Pat
 def test_find_by_accession_and_date(pacs) -> None:
     from cxr_ai.net.query import DimseSource
 
-    server, peer, labels, _ = pacs
+    _server, peer, labels, _ = pacs
     src = DimseSource(peer)
     row = labels.iloc[0]
     assert src.find_study_uids(accession=str(row["accession"])) == [row["study_uid"]]
@@ -81,7 +86,7 @@ def test_find_by_accession_and_date(pacs) -> None:
 
 def test_dicomweb_retrieve(pacs, tmp_path: Path) -> None:
     import dicomweb_client  # noqa: F401 - a dependency of cxr-ai
-    server, peer, labels, _ = pacs
-    uid = sorted(labels["study_uid"].unique())[-1]
+    server, _peer, labels, _ = pacs
+    uid = max(labels["study_uid"].unique())
     wl = batch.retrieve_studies(out_dir=tmp_path, dicomweb=server.dicomweb_url, studies=[{"StudyInstanceUID": uid}])
     assert sorted(i.sop_uid for i in wl.items) == sorted(labels.loc[labels["study_uid"] == uid, "sop_uid"])

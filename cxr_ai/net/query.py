@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -54,14 +56,23 @@ def _store_handler(dest: Path, received: list[Path]):
 
     def handle(event) -> int:
         try:
-            ds = event.dataset
+            try:
+                # pynetdicom's chunked mode (the listener turns it on for the whole process):
+                # the data set is in a Part 10 file, and request.DataSet is empty
+                received_file = event.dataset_path
+            except AttributeError:
+                received_file = None
+            ds = dcmread(received_file, stop_before_pixels=True) if received_file else event.dataset
             study = safe_key(str(ds.get("StudyInstanceUID", "") or "unknown"))
             sop = safe_key(str(event.request.AffectedSOPInstanceUID))
             folder = dest / study
             folder.mkdir(parents=True, exist_ok=True)
             final = folder / f"{sop}.dcm"
             tmp = folder / f".tmp-{sop}.dcm"
-            tmp.write_bytes(event.encoded_dataset())
+            if received_file:
+                shutil.move(received_file, tmp)      # pynetdicom removes it after this handler
+            else:
+                tmp.write_bytes(event.encoded_dataset())
             os.replace(tmp, final)
             with lock:
                 received.append(final)
