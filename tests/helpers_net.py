@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from cxr_ai.net.scp import ListenerSettings, StorageSCP
@@ -19,3 +21,14 @@ def make_scp(tmp_path: Path, **overrides) -> StorageSCP:
                      quiet_seconds=0.0)
     scp.start()
     return scp
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, **overrides) -> Iterator[StorageSCP]:
+    """:func:`make_scp`, stopped (and its job store closed) on the way out."""
+    scp = make_scp(tmp_path, **overrides)
+    try:
+        yield scp
+    finally:
+        scp.stop()
+        scp.store.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers_net import make_scp
+from helpers_net import serving
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RSP
@@ -82,10 +82,8 @@ def test_anything_but_a_plain_c_store_answer_is_left_to_pynetdicom() -> None:
 
 @pytest.fixture
 def scp(tmp_path: Path):
-    scp = make_scp(tmp_path)
-    yield scp
-    scp.stop()
-    scp.store.close()
+    with serving(tmp_path) as scp:
+        yield scp
 
 
 def test_the_listener_answers_with_it_and_senders_read_the_answers(scp: StorageSCP, rg1_paths, monkeypatch) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers_net import ALLOWED, make_scp
+from helpers_net import ALLOWED, make_scp, serving
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, build_context, evt
@@ -30,10 +30,8 @@ from cxr_ai.store import InstanceState, JobStore, Spool, StudyState
 CR = "1.2.840.10008.5.1.4.1.1.1"
 @pytest.fixture
 def scp(tmp_path: Path):
-    s = make_scp(tmp_path)
-    yield s
-    s.stop()
-    s.store.close()
+    with serving(tmp_path) as s:
+        yield s
 
 
 def associate(port: int, *, calling: str = "TESTSCU", called: str = "CXR_AI", contexts=None, **kw):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers_net import make_scp
+from helpers_net import serving
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_context, evt
@@ -45,10 +45,8 @@ CR = "1.2.840.10008.5.1.4.1.1.1"
 @pytest.fixture
 def small_pdu_scp(tmp_path: Path):
     """The listener with 16 KiB PDUs: a radiograph arrives in hundreds of PDUs."""
-    scp = make_scp(tmp_path, max_pdu=16384)
-    yield scp
-    scp.stop()
-    scp.store.close()
+    with serving(tmp_path, max_pdu=16384) as scp:
+        yield scp
 
 
 @pytest.fixture
@@ -223,14 +221,10 @@ def test_write_back_starts_while_the_data_set_arrives(tmp_path: Path, rg1_paths,
         return real(fd, offset, nbytes)
 
     monkeypatch.setattr(receive, "start_writeback", recording)
-    scp = make_scp(tmp_path)
-    try:
+    with serving(tmp_path) as scp:
         peer = Peer(host="127.0.0.1", port=scp.port, ae_title="CXR_AI", calling_ae="TESTSCU", timeout=30)
         assert send_files([rg1_paths["RG1_UNCR"]], peer) == [Status.SUCCESS]
         size = stored(scp, uid_of(rg1_paths["RG1_UNCR"])).stat().st_size
-    finally:
-        scp.stop()
-        scp.store.close()
     assert requests, "no write-back was started while receiving a 7 MB data set"
     # contiguous ranges from where the data set starts, each at least the step but the tail,
     # which is asked for as soon as the last fragment is in
@@ -360,10 +354,8 @@ def synthetic_cr(rows: int = 512) -> pydicom.Dataset:
 
 @pytest.fixture
 def raw_scp(tmp_path: Path):
-    scp = make_scp(tmp_path, max_pdu=0)          # no limit: the test chooses the PDU sizes
-    yield scp
-    scp.stop()
-    scp.store.close()
+    with serving(tmp_path, max_pdu=0) as scp:      # no limit: the test chooses the PDU sizes
+        yield scp
 
 
 @pytest.mark.parametrize("layout", ["one_pdu", "pairs", "last_with_others", "cmd_with_data"])
