@@ -34,6 +34,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
 from cxr_ai.config import config_to_toml
+from cxr_ai.net.scu import SCU_HANDLERS
 
 REPO = Path(__file__).resolve().parents[1]
 _STUDY, _SERIES, _SOP = Tag(0x0020, 0x000D), Tag(0x0020, 0x000E), Tag(0x0008, 0x0018)
@@ -99,7 +100,7 @@ def run_load(*, assocs: int, instances: int, workdir: Path, bundle: Path | None 
             ae = AE(ae_title="LOADSCU")
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
             ae.requested_contexts = [build_context(str(base.SOPClassUID), [str(base.file_meta.TransferSyntaxUID)])]
-            assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+            assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI", evt_handlers=SCU_HANDLERS)
             if not assoc.is_established:
                 why = ("rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established")
                 errors.append(f"association {i} {why}")
@@ -156,7 +157,7 @@ def run_load(*, assocs: int, instances: int, workdir: Path, bundle: Path | None 
             ae.add_requested_context(Verification)
             while not stop_probe.wait(0.2):
                 t0 = time.perf_counter()
-                assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+                assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI", evt_handlers=SCU_HANDLERS)
                 ok = assoc.is_established and bool(assoc.send_c_echo())
                 if assoc.is_established:
                     assoc.release()

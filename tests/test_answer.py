@@ -15,7 +15,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from cxr_ai.net import answer
 from cxr_ai.net.common import Status
 from cxr_ai.net.scp import StorageSCP
-from cxr_ai.net.scu import Peer, send_files
+from cxr_ai.net.scu import SCU_HANDLERS, Peer, send_files
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -123,7 +123,7 @@ def test_a_peer_with_pdus_too_small_for_the_answer_gets_it_in_fragments(scp: Sto
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CR)
     # the answer's command set (about 140 bytes) does not fit one of this peer's PDUs
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXR_AI", max_pdu=64)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXR_AI", max_pdu=64, evt_handlers=SCU_HANDLERS)
     assert assoc.is_established
     try:
         rsp = assoc.send_c_store(pydicom.dcmread(rg1_paths["RG1_UNCR"]))

@@ -13,7 +13,6 @@ names a folder (``benchmarks/hardening_report.py`` sets it).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -22,15 +21,15 @@ from typing import Any
 import pandas as pd
 import pydicom
 import pytest
+from badinput import Case, build_corpus
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, build_context
-
-from badinput import Case, build_corpus
-from cxr_ai.net.common import Status
-from cxr_ai.net.scu import Peer, echo
 from test_batch import make_tiny_bundle
 from test_service import base_config, send
+
+from cxr_ai.net.common import Status
+from cxr_ai.net.scu import SCU_HANDLERS, Peer, echo
 
 #: Statuses that refuse an instance with a stated reason (PS3.4 B.2.3).
 REFUSALS = {Status.CANNOT_UNDERSTAND: "cannot_understand", Status.DATASET_DOES_NOT_MATCH: "dataset_does_not_match",
@@ -99,7 +98,7 @@ def send_case(port: int, path: Path, *, calling: str = "TESTSCU", called: str = 
     ae = AE(ae_title=calling)
     ae.requested_contexts = [build_context(sop_class, [ts])]
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=SCU_HANDLERS)
     if not assoc.is_established:
         return {"sent": False, "why": "association refused", "sop_uid": sop_inst}
     try:

@@ -23,7 +23,7 @@ from cxr_ai.net.scp import (
     StorageSCP,
     inspect_received,
 )
-from cxr_ai.net.scu import Peer, SendError, echo, send_files
+from cxr_ai.net.scu import SCU_HANDLERS, Peer, SendError, echo, send_files
 from cxr_ai.net.tls import client_context, server_context
 from cxr_ai.store import InstanceState, JobStore, Spool, StudyState
 
@@ -41,7 +41,7 @@ def associate(port: int, *, calling: str = "TESTSCU", called: str = "CXR_AI", co
         ExplicitVRLittleEndian, "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")] + [
         build_context(Verification)]
     seen: list = []
-    handlers = [(evt.EVT_ACSE_RECV, lambda e: seen.append(e.primitive))]
+    handlers = [*SCU_HANDLERS, (evt.EVT_ACSE_RECV, lambda e: seen.append(e.primitive))]
     assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=handlers, **kw)
     return assoc, seen
 

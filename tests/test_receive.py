@@ -37,7 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from cxr_ai.net import receive
 from cxr_ai.net.common import Status
 from cxr_ai.net.scp import StorageSCP
-from cxr_ai.net.scu import Peer, echo, send_files
+from cxr_ai.net.scu import SCU_HANDLERS, Peer, echo, send_files
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -169,7 +169,7 @@ def test_an_idle_association_wakes_its_reactor_rarely_and_still_answers(small_pd
     monkeypatch.setattr(receive.ReactorGate, "wait", counting)
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", small_pdu_scp.port, ae_title="CXR_AI")
+    assoc = ae.associate("127.0.0.1", small_pdu_scp.port, ae_title="CXR_AI", evt_handlers=SCU_HANDLERS)
     assert assoc.is_established
     try:
         loops.clear()
@@ -266,7 +266,7 @@ class RawSender:
     def __init__(self, port: int) -> None:
         ae = AE(ae_title="TESTSCU")
         ae.requested_contexts = [build_context(CR, [ExplicitVRLittleEndian]), build_context(Verification)]
-        self.assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+        self.assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI", evt_handlers=SCU_HANDLERS)
         assert self.assoc.is_established
         self.context_id = next(cx.context_id for cx in self.assoc.accepted_contexts if cx.abstract_syntax == CR)
         # hold the requestor's reactor, as pynetdicom's own send_* calls do, so that the

@@ -32,7 +32,7 @@ from cxr_ai.dicom.gate import check_applicability
 from cxr_ai.errors import ConfigError
 from cxr_ai.net.routing import MSG_MISSING_KEY, MSG_UNKNOWN_KIND
 from cxr_ai.net.scp import ListenerSettings, StorageSCP
-from cxr_ai.net.scu import Peer, send_files
+from cxr_ai.net.scu import SCU_HANDLERS, Peer, send_files
 from cxr_ai.service import MSG_AE_TITLE, MSG_BAD_PIPELINE, Service, validate_config
 from cxr_ai.store import DeliveryState, JobStore, Spool, StudyState
 
@@ -427,7 +427,7 @@ def test_sigkill_mid_study_then_restart_loses_nothing(tmp_path: Path, rg1_paths)
 
         ae = AE(ae_title="TESTSCU")
         ae.requested_contexts = [build_context("1.2.840.10008.5.1.4.1.1.1", ["1.2.840.10008.1.2.4.91"])]
-        assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI", evt_handlers=SCU_HANDLERS)
         assert assoc.send_c_store(pydicom.dcmread(study_b[0])).Status == 0
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)

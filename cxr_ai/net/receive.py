@@ -68,6 +68,7 @@ from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from cxr_ai.net import answer
+from cxr_ai.net.reactor import PauseSafeCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -465,7 +466,7 @@ def _waking_copy(q: queue.Queue, wake) -> _WakingQueue:
             return waking
 
 
-class ReactorGate(threading.Event):
+class ReactorGate(PauseSafeCheckpoint):
     """The association's reactor checkpoint, which also waits for the reactor's work.
 
     pynetdicom's association loop sleeps 1 ms, waits on this checkpoint (cleared while
@@ -476,14 +477,13 @@ class ReactorGate(threading.Event):
     is work: :meth:`wake` is called by every put on the DIMSE message queue and the DUL's
     queue of primitives for the user, by :meth:`set` (``kill`` sets it) and when the DUL
     thread ends; ``IDLE_WAIT_SECONDS`` bound the wait for the timer checks. While it waits
-    the reactor counts as paused, as in pynetdicom, so other threads may message at once.
+    the reactor counts as paused, as in pynetdicom, so other threads may message at once,
+    and it goes on only if the checkpoint is still open (:class:`PauseSafeCheckpoint`).
     """
 
     def __init__(self, assoc) -> None:
-        super().__init__()
-        self._assoc = assoc
         self._work = threading.Event()
-        super().set()
+        super().__init__(assoc)
 
     def wake(self) -> None:
         self._work.set()
@@ -492,21 +492,14 @@ class ReactorGate(threading.Event):
         super().set()
         self._work.set()
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def _idle(self) -> None:
         assoc = self._assoc
-        while True:
-            if not super().wait(timeout):
-                return False
-            if threading.current_thread() is not assoc:
-                return True
-            if assoc.dimse.msg_queue.empty() and not assoc._kill:
-                self._work.wait(IDLE_WAIT_SECONDS)
-            # Consumed only now: work that came since the reactor last looked (a release
-            # request queued while it served a message) ends the wait at once; work that
-            # comes after this is seen by the loop that follows, or ends the next wait.
-            self._work.clear()
-            if self.is_set():
-                return True
+        if assoc.dimse.msg_queue.empty() and not assoc._kill:
+            self._work.wait(IDLE_WAIT_SECONDS)
+        # Consumed only now: work that came since the reactor last looked (a release
+        # request queued while it served a message) ends the wait at once; work that
+        # comes after this is seen by the loop that follows, or ends the next wait.
+        self._work.clear()
 
 
 _STOCK_TRANSPORT_EVENT = DULServiceProvider._is_transport_event

@@ -20,6 +20,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from cxr_ai.net.common import DEFAULT_MAX_PDU, handle_conn_open_nodelay
+from cxr_ai.net.reactor import handle_conn_open_pause_safe
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,13 @@ class Peer:
     timeout: float = 60.0
 
 
+#: Event handlers for every association cxr-ai requests: TCP_NODELAY, and a reactor
+#: checkpoint that cannot lose a fast answer (:mod:`cxr_ai.net.reactor`).
+SCU_HANDLERS = [(evt.EVT_CONN_OPEN, handle_conn_open_nodelay), (evt.EVT_CONN_OPEN, handle_conn_open_pause_safe)]
+
+
 def _assoc_kwargs(peer: Peer) -> dict:
-    kw: dict = {"ae_title": peer.ae_title, "max_pdu": peer.max_pdu,
-                "evt_handlers": [(evt.EVT_CONN_OPEN, handle_conn_open_nodelay)]}
+    kw: dict = {"ae_title": peer.ae_title, "max_pdu": peer.max_pdu, "evt_handlers": list(SCU_HANDLERS)}
     if peer.ssl_context is not None:
         kw["tls_args"] = (peer.ssl_context, peer.server_hostname or peer.host)
     return kw
