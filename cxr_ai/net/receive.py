@@ -222,20 +222,22 @@ class _Connection:
         it is too small for ``nbytes`` (a caller never asks for more than
         ``PREALLOCATE_MAX_BYTES`` plus a header).
         """
-        if self.end - self.start >= nbytes:
+        if self.buffered >= nbytes:
             return True
         if self.start + nbytes > len(self.buffer):
-            left = self.end - self.start
+            left = self.buffered
             if nbytes > len(self.buffer):
                 grown = bytearray(nbytes)
                 grown[:left] = memoryview(self.buffer)[self.start:self.end]
                 self.buffer = grown
             elif left:
-                self.buffer[:left] = memoryview(self.buffer)[self.start:self.end]
+                # through a copy: the two ranges may overlap, and a bytearray slice
+                # assignment from a view of itself copies with memcpy
+                self.buffer[:left] = self.buffer[self.start:self.end]
             self.start, self.end = 0, left
         view = memoryview(self.buffer)
         try:
-            while self.end - self.start < nbytes:
+            while self.buffered < nbytes:
                 n = sock.recv_into(view[self.end:], len(self.buffer) - self.end)
                 if not n:
                     return False
@@ -247,9 +249,7 @@ class _Connection:
     def take(self, nbytes: int) -> bytearray:
         """The next ``nbytes`` buffered bytes, copied out (at most what is buffered)."""
         out = bytearray(memoryview(self.buffer)[self.start:self.start + nbytes])
-        self.start += len(out)
-        if self.start == self.end:
-            self.start = self.end = 0
+        self.skip(len(out))
         return out
 
     def skip(self, nbytes: int) -> None:
