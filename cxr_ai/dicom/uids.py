@@ -122,3 +122,12 @@ def patient_study_fingerprint(*, study_instance_uid: str, patient_id: str, issue
     """
     return uuid.uuid5(_UID_NAMESPACE, _SEP.join(("fingerprint", study_instance_uid, patient_id,
                                                  issuer_of_patient_id))).hex[:16]
+
+
+def rejection_note_uids(*, study_instance_uid: str, rejected_sop_instance_uids: list[str] | tuple[str, ...]) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the IOCM rejection note withdrawing
+    ``rejected_sop_instance_uids`` of a study: the same set gives the same note (a repeated
+    retraction replaces it), another set another note; the series is one per study."""
+    series = output_uid("kos-series", _SCHEME, study_instance_uid)
+    sop = output_uid("kos", _SCHEME, study_instance_uid, *sorted(rejected_sop_instance_uids))
+    return series, sop
