@@ -3,6 +3,7 @@ across studies and patients (both instances kept), reason codes and the listings
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -139,6 +140,14 @@ def test_failed_and_not_applicable_studies_carry_reason_codes_and_are_listed(tmp
         assert [s.study_key for s in store.studies(state=StudyState.FAILED, since=1500.0)] == ["1.2.8.3"]
         recent = store.studies(state=(StudyState.FAILED, StudyState.NOT_APPLICABLE), newest_first=True, limit=2)
         assert recent[0].study_key == "1.2.8.3" and len(recent) == 2
+        from cxr_ai.store.listing import recent_problems
+
+        shown = recent_problems(store)
+        assert [(r["job_id"], r["state"], r["reason_code"]) for r in shown["recent_problems"]][0] == (
+            by["1.2.8.3"].job_id, "failed", "pipeline_error")
+        assert {r["reason_code"] for r in shown["recent_problems"]} == {"pipeline_error", "instances_failed",
+                                                                       "body_part"}
+        assert shown["sop_uid_reused"] == []
         # a new instance re-opens the study and clears its reason
         _record(store, study="1.2.8.2", sop="1.2.8.2.2", fp="fp")
         assert store.study("1.2.8.2").reason_code == ""
@@ -158,3 +167,46 @@ def test_deliveries_queued_with_new_delivery(tmp_path):
         assert store.study("1.2.7.1").state is StudyState.SENDING
     finally:
         store.close()
+
+
+def test_jobs_command_lists_failed_and_not_applicable_with_reasons(tmp_path, capsys):
+    from cxr_ai.cli import main as cli_main
+
+    root = tmp_path / "var"
+    site = tmp_path / "site.toml"
+    site.write_text(f'[store]\nroot = "{root}"\n', encoding="utf-8")
+    store = JobStore(root / "jobs.sqlite3")
+    try:
+        for n in (1, 2, 3):
+            _record(store, study=f"1.2.8.{n}", sop=f"1.2.8.{n}.1", fp="fp")
+        store.association_closed(["1.2.8.1", "1.2.8.2", "1.2.8.3"], quiet_seconds=0)
+        store.claim_ready(limit=3)
+        store.complete_processing("1.2.8.1", results=[InstanceResult("1.2.8.1.1", InstanceState.NOT_APPLICABLE,
+                                                                     "body_part")], deliveries=[])
+        store.complete_processing("1.2.8.2", results=[InstanceResult("1.2.8.2.1", InstanceState.FAILED,
+                                                                     "decode_error")], deliveries=[])
+        store.complete_processing("1.2.8.3", results=[InstanceResult("1.2.8.3.1", InstanceState.PROCESSED)],
+                                  deliveries=[])
+        jobs = {s.study_key: s.job_id for s in store.studies()}
+    finally:
+        store.close()
+    capsys.readouterr()
+    assert cli_main(["jobs", "--config", str(site), "--state", "failed", "--state", "not_applicable",
+                     "--since", "1h", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"')]
+    listed = {r["job_id"]: r for r in rows if "job_id" in r}
+    assert set(listed) == {jobs["1.2.8.1"], jobs["1.2.8.2"]}
+    assert listed[jobs["1.2.8.1"]]["reason_code"] == "body_part"
+    assert listed[jobs["1.2.8.2"]]["reason_code"] == "instances_failed" and "decode_error" in listed[jobs["1.2.8.2"]]["reason"]
+    assert cli_main(["jobs", "--config", str(site), "--state", "failed", "--since", "2000-01-01"]) == 0
+    text = capsys.readouterr().out
+    assert f"FAILED          job {jobs['1.2.8.2']}" in text and "[instances_failed]" in text
+    assert jobs["1.2.8.1"] not in text
+    # a --since in the future lists nothing; a bad one says what it takes
+    assert cli_main(["jobs", "--config", str(site), "--state", "failed", "--since", "2999-01-01", "--json"]) == 0
+    assert '"job_id"' not in capsys.readouterr().out
+    import pytest as _pytest
+
+    with _pytest.raises(SystemExit):
+        cli_main(["jobs", "--config", str(site), "--since", "yesterday"])
+    assert "neither an ISO date/time" in capsys.readouterr().err
