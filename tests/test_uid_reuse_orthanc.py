@@ -8,13 +8,15 @@ so the second patient's SR, heatmap SC and Parametric Map never replace the firs
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from helpers_orthanc import free_port, start_orthanc
+from helpers_orthanc import start_orthanc
 from test_service_orthanc import PM, SC, SR_3D, FixedFindingsPipeline, _netns_or_run
 
 from cxr_ai.config import load_config
@@ -102,16 +104,11 @@ def _reuse(tmp_path: Path, rg1: Path, caplog) -> None:
         svc.stop(grace=5)
         orthanc.stop()
     # the jobs listing names the reuse (no patient data in it either)
-    capsys_out = tmp_path / "jobs.txt"
     cfg_path = tmp_path / "site.toml"
     cfg_path.write_text(f'[store]\nroot = "{tmp_path / "var"}"\n')
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert jobs_main(["--config", str(cfg_path)]) == 0
-    capsys_out.write_text(buf.getvalue())
     assert "SOP Instance UID reused across studies or patients: 2 instances" in buf.getvalue()
     assert "PAT-A" not in buf.getvalue() and "PAT-B" not in buf.getvalue()
 
