@@ -162,7 +162,6 @@ class ReasonCode(str, enum.Enum):
     PIPELINE_ERROR = "pipeline_error"
     RECORDING_FAILED = "recording_failed"
     UNKNOWN_STATE = "unknown_state"
-    RETRACTED = "retracted"
 
 
 @dataclass(frozen=True)
