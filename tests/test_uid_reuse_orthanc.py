@@ -116,3 +116,40 @@ def _reuse(tmp_path: Path, rg1: Path, caplog) -> None:
 @pytest.mark.slow
 def test_two_patients_with_one_sop_uid_both_reach_orthanc_intact(request, tmp_path: Path, rg1_paths, caplog) -> None:
     _netns_or_run(request, lambda: _reuse(tmp_path, rg1_paths["RG1_J2KI"], caplog))
+
+
+def test_same_study_two_patients_one_sop_uid_keeps_both_files_and_results(tmp_path: Path, rg1_paths) -> None:
+    """The reuse inside one study (the sender mixed two patients under one Study Instance UID):
+    both instances are spooled under their own file names, processed, and get results of
+    their own (delivered here to a folder destination)."""
+    (tmp_path / "in").mkdir()
+    files = _two_patients(rg1_paths["RG1_J2KI"], tmp_path / "in")
+    second = files[1][1]
+    second.StudyInstanceUID = files[0][1].StudyInstanceUID
+    second.SeriesInstanceUID = files[0][1].SeriesInstanceUID
+    second.save_as(files[1][0])
+    cfg = load_config(env={})
+    cfg["listener"].update(port=0, allowed_calling_aes=["TESTSCU"], min_free_mb=0.0)
+    cfg["store"].update(root=str(tmp_path / "var"), quiet_seconds=0.2)
+    cfg["http"].update(port=0)
+    cfg["routing"]["destinations"] = [{"name": "files", "kind": "folder", "path": "out"}]
+    svc = Service(cfg, pipeline_factory=FixedFindingsPipeline, base_dir=tmp_path)
+    try:
+        svc.start()
+        for path, _ in files:  # two associations, as two senders would
+            assert send_files([path], Peer(host="127.0.0.1", port=svc.dicom_port, ae_title="CXR_AI",
+                                           calling_ae="TESTSCU")) == [0]
+        assert svc.wait_idle(timeout=240, expected_instances=2)
+        [study] = svc.store.studies()
+        instances = svc.store.instances()
+        assert len(instances) == 2 and all(i.uid_reused for i in instances)
+        spooled = [Path(i.path) for i in instances]
+        assert len(set(spooled)) == 2 and all(p.is_file() for p in spooled)
+        assert sorted(str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) for p in spooled) == [
+            "PAT-A-0001", "PAT-B-0002"]
+        srs = [pydicom.dcmread(p) for p in (tmp_path / "out" / study.job_id).glob("SR-*.dcm")]
+        assert sorted(str(sr.PatientID) for sr in srs) == ["PAT-A-0001", "PAT-B-0002"]
+        assert len({str(sr.SOPInstanceUID) for sr in srs}) == 2
+        assert len(list((tmp_path / "out" / study.job_id).glob("fhir-*.json"))) == 2
+    finally:
+        svc.stop(grace=5)
