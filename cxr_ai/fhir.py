@@ -310,7 +310,7 @@ def build_observation(
     value = codes.PRESENT if finding.positive else codes.ABSENT
     data: dict[str, Any] = {
         "resourceType": "Observation",
-        "identifier": [uid_identifier(tracking_uid(rg.sop_instance_uid, model.device_uid, finding.key))],
+        "identifier": [uid_identifier(tracking_uid(rg.dataset, model.device_uid, finding.key))],
         "status": "preliminary",
         "category": [concept(codes.OBSERVATION_CATEGORY_IMAGING)],
         "code": concept(finding_concept, finding.display),
@@ -360,7 +360,7 @@ def build_diagnostic_report(
     prefix = "AI result, NOT FOR CLINICAL USE" if model.not_for_clinical_use else "AI result"
     data: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
-        "identifier": [uid_identifier(report_uid(rg.sop_instance_uid, model.device_uid))],
+        "identifier": [uid_identifier(report_uid(rg.dataset, model.device_uid))],
         "status": "preliminary",
         "category": [concept(codes.DIAGNOSTIC_SERVICE_RADIOLOGY)],
         "code": concept(codes.XR_CHEST_SINGLE_VIEW, "AI analysis of chest radiograph"),
@@ -419,14 +419,14 @@ def build_bundle(
         obs = build_observation(
             rg, model, finding, device_reference=device_url, options=options, issued=issued
         )
-        uid = tracking_uid(rg.sop_instance_uid, model.device_uid, finding.key)
+        uid = tracking_uid(rg.dataset, model.device_uid, finding.key)
         url = f"urn:uuid:{_uuid_for(uid)}"
         observation_urls.append(url)
         entries.append(_entry(obs, url, uid_identifier(uid), options))
     report = build_diagnostic_report(
         rg, model, findings, observation_references=observation_urls, options=options, issued=issued
     )
-    rep_uid = report_uid(rg.sop_instance_uid, model.device_uid)
+    rep_uid = report_uid(rg.dataset, model.device_uid)
     entries.append(_entry(report, f"urn:uuid:{_uuid_for(rep_uid)}", uid_identifier(rep_uid), options))
     return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
 

@@ -40,6 +40,7 @@ from cxr_ai.store.jobs import (
     JobStore,
     StudyState,
 )
+from cxr_ai.store.listing import recent_problems
 from cxr_ai.store.spool import Spool, safe_key
 from cxr_ai.workers import WorkerPool
 
@@ -325,6 +326,7 @@ class Service:
         failure with ``sqlite_synchronous = "normal"``). Returns how many were recorded."""
         from pydicom.filereader import read_file_meta_info
 
+        from cxr_ai.dicom.uids import patient_study_fingerprint
         from cxr_ai.net.scp import DatasetProblem, inspect_received
 
         missing = self.store.unrecorded_paths(self.spool.instance_files())
@@ -339,8 +341,11 @@ class Service:
                 continue
             study_key = safe_key(info.study_instance_uid)
             self.store.record_instance(study_key=study_key, study_uid=info.study_instance_uid,
-                                       sop_key=safe_key(info.sop_instance_uid), sop_uid=info.sop_instance_uid,
-                                       sop_class_uid=info.sop_class_uid, path=path, size=info.size)
+                                       sop_key=Path(path).stem, sop_uid=info.sop_instance_uid,
+                                       sop_class_uid=info.sop_class_uid, path=path, size=info.size,
+                                       patient_fp=patient_study_fingerprint(
+                                           study_instance_uid=info.study_instance_uid, patient_id=info.patient_id,
+                                           issuer_of_patient_id=info.issuer_of_patient_id))
             keys.append(study_key)
         if keys:
             self.store.association_closed(keys, quiet_seconds=self.settings.quiet_seconds)
@@ -385,7 +390,8 @@ class Service:
     def status(self) -> dict[str, Any]:
         return {"counts": self.store.counts(),
                 "dead_letters": [{"job_id": d.job_id, "destination": d.destination, "attempts": d.attempts,
-                                  "error": d.last_error} for d in self.store.deliveries(state=DeliveryState.DEAD)]}
+                                  "error": d.last_error} for d in self.store.deliveries(state=DeliveryState.DEAD)],
+                **recent_problems(self.store)}
 
     def wait_idle(self, *, timeout: float, expected_instances: int | None = None) -> bool:
         """Block until every study is final (tests, demo). True if reached in time."""

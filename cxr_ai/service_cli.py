@@ -16,7 +16,8 @@ from typing import Any
 from cxr_ai.config import load_config
 from cxr_ai.errors import ConfigError
 from cxr_ai.service import JsonLogFormatter, Service, configure_logging, run_service, validate_config
-from cxr_ai.store.jobs import DeliveryState, InstanceState, JobStore
+from cxr_ai.store.jobs import DeliveryState, InstanceState, JobStore, StudyState
+from cxr_ai.store.listing import study_listing
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,12 @@ def _fill_jobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="site TOML file (default: embedded defaults)")
     p.add_argument("--retry-dead", action="store_true", help="put dead-lettered deliveries back in the queue")
     p.add_argument("--destination", default=None, help="only this destination (with --retry-dead)")
+    p.add_argument("--state", action="append", default=None, choices=[s.value for s in StudyState],
+                   help="list the studies in this state, with their reasons (repeatable; e.g. failed)")
+    p.add_argument("--since", default=None, type=_since,
+                   help="only studies updated since then: an ISO date/time (UTC if no zone) or an age "
+                   "such as 30m, 24h, 7d")
+    p.add_argument("--json", action="store_true", help="print the listing as JSON lines")
 
 
 def _fill_demo(p: argparse.ArgumentParser) -> None:
@@ -95,6 +102,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+MSG_BAD_SINCE = ("--since {value!r} is neither an ISO date/time (2026-12-06 or 2026-12-06T08:00) nor an age "
+                 "(a number followed by s, m, h or d, e.g. 24h)")
+_AGE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _since(value: str) -> float:
+    """``--since``: an ISO date/time (UTC when it has no zone) or an age like ``24h``; epoch seconds."""
+    import datetime as dt
+    import time
+
+    text = value.strip()
+    if text[:-1].replace(".", "", 1).isdigit() and text[-1:].lower() in _AGE_UNITS:
+        return time.time() - float(text[:-1]) * _AGE_UNITS[text[-1].lower()]
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(MSG_BAD_SINCE.format(value=value)) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
 def _cmd_jobs(args: argparse.Namespace) -> int:
     settings = validate_config(load_config(args.config))
     store = JobStore(settings.db_path)
@@ -105,6 +134,25 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         print(json.dumps(store.counts(), indent=1))
         for d in store.deliveries(state=DeliveryState.DEAD):
             print(f"DEAD job {d.job_id} -> {d.destination}: {d.attempts} attempts; last error: {d.last_error}")
+        reused: dict[str, int] = {}
+        for inst in store.reused_uid_instances():
+            reused[inst.study_key] = reused.get(inst.study_key, 0) + 1
+        if args.state or args.since is not None:
+            states = [StudyState(s) for s in args.state] if args.state else None
+            for study in store.studies(state=states, since=args.since):
+                row = study_listing(study, reused=reused.get(study.study_key, 0))
+                row["study_uid"] = study.study_uid
+                if args.json:
+                    print(json.dumps(row))
+                else:
+                    print(f"{row['state'].upper():<15} job {row['job_id']}  {row['updated']}  study {study.study_uid}"
+                          + (f"  [{row['reason_code']}] {row['reason']}" if row["reason_code"] or row["reason"] else "")
+                          + (f"  ({reused[study.study_key]} instance(s) with a reused SOP Instance UID)"
+                             if study.study_key in reused else ""))
+        elif reused:
+            jobs = {s.study_key: s.job_id for s in store.studies()}
+            print(f"SOP Instance UID reused across studies or patients: {sum(reused.values())} instances in jobs "
+                  + ", ".join(sorted(jobs.get(k, k) for k in reused)) + " (each kept and processed separately)")
     finally:
         store.close()
     return 0

@@ -33,6 +33,7 @@ from cxr_ai.store.jobs import (
     InstanceState,
     JobStore,
     NewDelivery,
+    ReasonCode,
     StudyState,
 )
 from cxr_ai.store.spool import Spool, safe_key
@@ -256,7 +257,8 @@ class WorkerPool:
                 for c in claims:
                     try:
                         self.store.fail_processing(c.study.study_key, max_attempts=self.settings.max_attempts,
-                                                   reason=f"recording results failed: {type(exc).__name__}: {exc}"[:2000])
+                                                   reason=f"recording results failed: {type(exc).__name__}: {exc}"[:2000],
+                                                   code=ReasonCode.RECORDING_FAILED.value)
                     except Exception:  # broad on purpose: recovered at the next start
                         logger.exception("could not re-queue job %s", c.study.job_id)
             finally:
@@ -299,7 +301,7 @@ class WorkerPool:
             reason = f"pipeline error: {type(exc).__name__}: {exc}"
             state = self.store.fail_processing(c.study.study_key, reason=reason[:2000],
                                                max_attempts=self.settings.max_attempts)
-            logger.exception("job %s: pipeline raised (%s)", c.study.job_id, state.value)
+            logger.exception("job %s: pipeline raised (%s; reason pipeline_error)", c.study.job_id, state.value)
             if state is StudyState.FAILED:
                 self.metrics.studies_finished.labels("failed").inc()
             return
@@ -377,11 +379,14 @@ class WorkerPool:
         self.recorder.record([o for _, o in pairs if o is not None], received_at=claim.study.created_at)
         for outcome_name, n in counts.items():
             self.metrics.instances_processed.labels(outcome_name).inc(n)
+        code = ""
         if state in (StudyState.NOT_APPLICABLE, StudyState.FAILED):
             self.metrics.studies_finished.labels(state.value).inc()
+            record = self.store.study(claim.study.study_key)
+            code = f" (reason {record.reason_code or 'unknown'})" if record is not None else ""
         logger.info("job %s: %d instances processed (%s); %d result files (%d sent ahead) for %d destinations; "
-                    "study %s", job, len(pairs), ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
-                    len(files) + len(skip), len(skip), len(deliveries), state.value)
+                    "study %s%s", job, len(pairs), ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+                    len(files) + len(skip), len(skip), len(deliveries), state.value, code)
 
 
 def _pair(claims: Sequence[ClaimedStudy], outcomes: Sequence[Any]) -> list[tuple[ClaimedStudy, list[tuple[Any, Any]]]]:

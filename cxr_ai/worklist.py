@@ -239,6 +239,11 @@ class Worklist:
         with self._lock:
             self._db.execute("UPDATE studies SET read_at=? WHERE study_uid=?", (_ts(at), study_uid))
 
+    def remove_study(self, study_uid: str) -> bool:
+        """Delete a study from the worklist (its results were retracted). True if it was there."""
+        with self._lock:
+            return self._db.execute("DELETE FROM studies WHERE study_uid=?", (study_uid,)).rowcount > 0
+
     def ranked(self, *, now: float | dt.datetime | None = None, include_read: bool = False) -> list[RankedStudy]:
         """Unread studies in reading order (see the module docstring)."""
         t_now = _ts(now)

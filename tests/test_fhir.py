@@ -124,7 +124,7 @@ def test_observations_say_what_the_model_found(bundle, rg1):
         assert obs.subject.identifier.type.coding[0].code == "MR"
         # RG1: StudyDate 20040826, StudyTime 185059, TimezoneOffsetFromUTC -0400.
         assert obs.effectiveDateTime.isoformat() == "2004-08-26T18:50:59-04:00"
-        assert obs.identifier[0].value == f"urn:oid:{tracking_uid(rg1.SOPInstanceUID, DEMO.device_uid, finding.key)}"
+        assert obs.identifier[0].value == f"urn:oid:{tracking_uid(rg1, DEMO.device_uid, finding.key)}"
         assert "NOT FOR CLINICAL USE" in obs.note[0].text
 
 
@@ -135,7 +135,7 @@ def test_report_and_device(bundle, rg1):
     assert report.category[0].coding[0].code == "RAD"
     assert [r.reference for r in report.result] == [e.fullUrl for e in bundle.entry[1:3]]
     assert report.imagingStudy[0].identifier.value == f"urn:oid:{rg1.StudyInstanceUID}"
-    assert report.identifier[0].value == f"urn:oid:{report_uid(rg1.SOPInstanceUID, DEMO.device_uid)}"
+    assert report.identifier[0].value == f"urn:oid:{report_uid(rg1, DEMO.device_uid)}"
     assert [c.coding[0].code for c in report.conclusionCode] == [codes.CARDIOMEGALY.value]
     assert "NOT FOR CLINICAL USE" in report.conclusion and "Cardiomegaly: present" in report.conclusion
     device = _resources(bundle, "Device")[0]
@@ -369,7 +369,7 @@ def test_engine_accepts_the_transaction_and_links_everything(fhir_server, rg1):
     assert [e["response"]["status"] for e in response["entry"]] == ["201", "201", "201", "201"]
     device_id = response["entry"][0]["response"]["location"].split("/")[1]
 
-    tracking = tracking_uid(source.SOPInstanceUID, DEMO.device_uid, "cardiomegaly")
+    tracking = tracking_uid(source, DEMO.device_uid, "cardiomegaly")
     found = fhir_server.search(f"/Observation?identifier={urllib.parse.quote(f'{DICOM_UID_SYSTEM}|urn:oid:{tracking}')}")
     assert len(found) == 1
     obs = found[0]
@@ -381,7 +381,7 @@ def test_engine_accepts_the_transaction_and_links_everything(fhir_server, rg1):
     assert obs["subject"]["identifier"]["system"] == "urn:oid:2.16.840.1.113883.19.5"
 
     reports = fhir_server.search(
-        f"/DiagnosticReport?identifier={urllib.parse.quote(f'{DICOM_UID_SYSTEM}|urn:oid:{report_uid(source.SOPInstanceUID, DEMO.device_uid)}')}")
+        f"/DiagnosticReport?identifier={urllib.parse.quote(f'{DICOM_UID_SYSTEM}|urn:oid:{report_uid(source, DEMO.device_uid)}')}")
     assert len(reports) == 1
     for reference in reports[0]["result"]:
         kind, rid = reference["reference"].split("/")
@@ -438,5 +438,5 @@ def test_engine_refuses_a_transaction_with_an_invalid_entry(fhir_server, rg1):
     assert status == 400 and outcome["resourceType"] == "OperationOutcome", outcome
     assert "DiagnosticReport.status" in json.dumps(outcome)
     # All or nothing: the valid Observations of the refused transaction were not kept either.
-    tracking = tracking_uid(source.SOPInstanceUID, DEMO.device_uid, "cardiomegaly")
+    tracking = tracking_uid(source, DEMO.device_uid, "cardiomegaly")
     assert fhir_server.search(f"/Observation?identifier={urllib.parse.quote(f'{DICOM_UID_SYSTEM}|urn:oid:{tracking}')}") == []

@@ -95,7 +95,7 @@ def test_sr_is_valid_and_round_trips(name, sources, tmp_path, dciodvfy):
         assert row["source_sop_class_uid"] == source.SOPClassUID
         assert row["algorithm_name"] == DEMO.name and row["algorithm_version"] == DEMO.version
         assert row["device_uid"] == DEMO.device_uid
-        assert row["tracking_uid"] == tracking_uid(source.SOPInstanceUID, DEMO.device_uid, finding.key)
+        assert row["tracking_uid"] == tracking_uid(source, DEMO.device_uid, finding.key)
 
 
 def test_sr_header_copies_patient_and_study_and_opens_a_new_series(sources):
@@ -105,7 +105,7 @@ def test_sr_header_copies_patient_and_study_and_opens_a_new_series(sources):
                     "AccessionNumber", "StudyDate", "StudyTime"):
         assert sr[keyword].value == source[keyword].value, keyword
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
-    assert sr.SOPInstanceUID == report_uid(source.SOPInstanceUID, DEMO.device_uid)
+    assert sr.SOPInstanceUID == report_uid(source, DEMO.device_uid)
     assert sr.Modality == "SR"
     assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
     assert sr.SeriesDescription == f"cxr-ai AI results (Cardiomegaly, Low EF) - {NOT_FOR_CLINICAL_USE}"

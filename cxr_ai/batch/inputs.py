@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from cxr_ai.batch.state import RETRIEVED_DIR, TMP_PREFIX
 from cxr_ai.dicom.reader import is_valid_uid
+from cxr_ai.dicom.uids import patient_study_fingerprint
 from cxr_ai.errors import ConfigError
 
 logger = logging.getLogger("cxr_ai.batch")  # one logger for the package (sites and tests filter on it)
@@ -47,19 +49,31 @@ class WorkItem:
     path: str
     sop_uid: str
     study_uid: str
+    #: Fingerprint of (study, patient) (:func:`cxr_ai.dicom.uids.patient_study_fingerprint`).
+    patient_fp: str = ""
+    #: Set (to ``patient_fp``) when another item of the worklist has the same SOP Instance UID
+    #: for another study or patient: keeps this item's state key and output names its own.
+    variant: str = ""
 
     @property
     def key(self) -> str:
-        """State key: the SOP Instance UID, or the path for files without one."""
-        return self.sop_uid or f"file:{self.path}"
+        """State key: the SOP Instance UID (with the variant when the UID is reused), or the
+        path for files without one."""
+        if not self.sop_uid:
+            return f"file:{self.path}"
+        return f"{self.sop_uid}~{self.variant}" if self.variant else self.sop_uid
 
 
 @dataclass
 class Worklist:
     items: list[WorkItem] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # files that are not DICOM
-    #: files whose SOP Instance UID another file in the worklist already has: (kept, duplicate)
+    #: files whose SOP Instance UID another file in the worklist already has for the same study
+    #: and patient: (kept, duplicate)
     duplicates: list[tuple[str, str]] = field(default_factory=list)
+    #: files whose SOP Instance UID another file has for another study or patient: both are
+    #: processed, with results of their own (first, other)
+    uid_reused: list[tuple[str, str]] = field(default_factory=list)
 
     def studies(self) -> dict[str, list[WorkItem]]:
         """Items grouped by study (files without a study UID each form their own group)."""
@@ -69,7 +83,22 @@ class Worklist:
         return groups
 
 
-_HEADER_TAGS = ["SOPInstanceUID", "StudyInstanceUID"]
+_HEADER_TAGS = ["SOPInstanceUID", "StudyInstanceUID", "PatientID", "IssuerOfPatientID"]
+
+
+def _item(path: str, ds: Any) -> WorkItem:
+    """A work item from a data set or a DICOMDIR instance record (attributes read by name)."""
+
+    def text(keyword: str) -> str:
+        try:
+            return str(getattr(ds, keyword, "") or "")
+        except (AttributeError, KeyError, ValueError):
+            return ""
+
+    study = text("StudyInstanceUID")
+    fp = patient_study_fingerprint(study_instance_uid=study, patient_id=text("PatientID"),
+                                   issuer_of_patient_id=text("IssuerOfPatientID"))
+    return WorkItem(path, text("SOPInstanceUID"), study, fp)
 
 
 def _header_item(path: Path) -> WorkItem | None:
@@ -88,7 +117,7 @@ def _header_item(path: Path) -> WorkItem | None:
         return None
     except Exception:  # noqa: BLE001 - a malformed header: let the pipeline report why
         return WorkItem(str(path), "", "")
-    return WorkItem(str(path), str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("StudyInstanceUID", "") or ""))
+    return _item(str(path), ds)
 
 
 def scan_folder(root: str | os.PathLike, *, threads: int = 4) -> Worklist:
@@ -122,7 +151,7 @@ def scan_dicomdir(path: str | os.PathLike) -> Worklist:
         raise ConfigError(MSG_BAD_DICOMDIR.format(path=p, detail=f"{type(exc).__name__}: {exc}")) from exc
     wl = Worklist()
     for inst in fs:
-        wl.items.append(WorkItem(str(inst.path), str(inst.SOPInstanceUID), str(getattr(inst, "StudyInstanceUID", ""))))
+        wl.items.append(_item(str(inst.path), inst))
     return wl
 
 
@@ -134,18 +163,31 @@ def scan_inputs(inputs: Sequence[str | os.PathLike], *, threads: int = 4) -> Wor
         part = scan_dicomdir(p) if p.is_file() and p.name.upper() == "DICOMDIR" else scan_folder(p, threads=threads)
         wl.items.extend(part.items)
         wl.ignored.extend(part.ignored)
-    kept: dict[str, WorkItem] = {}
+    kept: dict[tuple[str, str], WorkItem] = {}
+    first: dict[str, WorkItem] = {}
     unique = []
     for it in sorted(wl.items, key=lambda i: (i.study_uid, i.sop_uid, i.path)):
-        if it.key in kept:  # the same SOP Instance UID twice: processed once, reported
-            wl.duplicates.append((kept[it.key].path, it.path))
+        if not it.sop_uid:
+            unique.append(it)
             continue
-        kept[it.key] = it
+        ident = (it.sop_uid, it.patient_fp)
+        if ident in kept:  # the same instance twice (same study and patient): processed once, reported
+            wl.duplicates.append((kept[ident].path, it.path))
+            continue
+        if it.sop_uid in first:  # the UID reused for another study or patient: both processed
+            wl.uid_reused.append((first[it.sop_uid].path, it.path))
+            it = dataclasses.replace(it, variant=it.patient_fp)
+        else:
+            first[it.sop_uid] = it
+        kept[ident] = it
         unique.append(it)
     wl.items = unique
     if wl.duplicates:
         logger.warning("%d files repeat a SOP Instance UID already in the worklist; each is processed "
                        "once (see the summary)", len(wl.duplicates))
+    if wl.uid_reused:
+        logger.warning("%d files reuse a SOP Instance UID that another file has for another study or patient; "
+                       "both are processed, with results of their own (see the summary)", len(wl.uid_reused))
     return wl
 
 

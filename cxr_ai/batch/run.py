@@ -45,7 +45,7 @@ MSG_WORKERS_AND_SCHEDULER = "give either --workers (a local Dask cluster) or --s
 # ============================================================================================
 
 
-def process_partition(items: list[tuple[str, str, str]], *, config_json: str, explain: bool,
+def process_partition(items: list[tuple[str, ...]], *, config_json: str, explain: bool,
                       out_dir: str, pkey_hex: str, threads: int, write: bool,
                       pool: str | None = None) -> list[dict[str, Any]]:
     """Dask task: process a partition of the worklist on this worker; return finished records.
@@ -87,6 +87,7 @@ class BatchSummary:
     failed: Counter = field(default_factory=Counter)
     ignored_files: int = 0
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (kept, not processed)
+    uid_reused: list[tuple[str, str]] = field(default_factory=list)  # (first, other): both processed
     elapsed_s: float = 0.0
     table_csv: str = ""
     table_parquet: str = ""
@@ -115,6 +116,10 @@ class BatchSummary:
         if self.duplicates:
             lines.append(f"  duplicate SOP Instance UID (not processed; the first file was): {len(self.duplicates)} files"
                          + "".join(f"\n    {dup} (same instance as {kept})" for kept, dup in self.duplicates[:20]))
+        if self.uid_reused:
+            lines.append(f"  SOP Instance UID reused for another study or patient (both processed, results of their "
+                         f"own): {len(self.uid_reused)} files"
+                         + "".join(f"\n    {other} (same UID as {first})" for first, other in self.uid_reused[:20]))
         if self.sent or self.send_errors:
             lines.append(f"  sent to PACS: {self.sent} objects, {len(self.send_errors)} errors")
         if self.table_csv:
@@ -199,7 +204,7 @@ def run_batch(
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = BatchSummary(total=len(worklist.items), ignored_files=len(worklist.ignored),
-                           duplicates=list(worklist.duplicates), dry_run=options.dry_run)
+                           duplicates=list(worklist.duplicates), uid_reused=list(worklist.uid_reused), dry_run=options.dry_run)
     bcfg = batch_section(cfg)
     threads = options.threads or int(bcfg.get("threads", 0) or 0) or max(2, _cores())
     pool = str(options.pool or bcfg.get("pool", "auto") or "auto")
@@ -354,7 +359,7 @@ def _run_dask(todo: Sequence[WorkItem], *, cfg: Mapping[str, Any], options: Batc
         parts = partition_studies(todo, n_partitions=n_workers * max(1, options.partitions_per_worker))
         config_json = json.dumps(cfg, sort_keys=True, default=str)
         futures = [
-            client.submit(process_partition, [(i.path, i.sop_uid, i.study_uid) for i in part],
+            client.submit(process_partition, [(i.path, i.sop_uid, i.study_uid, i.patient_fp, i.variant) for i in part],
                           config_json=config_json, explain=options.explain, out_dir=str(out_dir.resolve()),
                           pkey_hex=pkey.hex(), threads=threads, write=options.write_outputs,
                           pool=options.pool or None,

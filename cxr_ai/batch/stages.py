@@ -76,7 +76,7 @@ def _kind(ds: Any) -> str:
     return "obj"
 
 
-def write_outputs(outcome: Any, out_dir: Path) -> list[str]:
+def write_outputs(outcome: Any, out_dir: Path, *, variant: str = "") -> list[str]:
     """Write the instance's result objects under deterministic names; return them (relative).
 
     Temporary names first, fsync, then rename: a kill leaves either nothing or complete files
@@ -88,7 +88,7 @@ def write_outputs(outcome: Any, out_dir: Path) -> list[str]:
         return []
     study_dir = out_dir / STUDIES_DIR / safe_key(outcome.study_instance_uid or "unknown")
     study_dir.mkdir(parents=True, exist_ok=True)
-    sop = safe_key(outcome.sop_instance_uid)
+    sop = safe_key(outcome.sop_instance_uid) + (f"-{variant}" if variant else "")  # a reused UID: own names
     staged: list[tuple[Path, Path]] = []
     counts: Counter[str] = Counter()
     for ds in outcome.datasets:
@@ -131,7 +131,7 @@ def finish(pipeline: Any, prepared: Prepared, *, out_dir: Path, pkey: bytes, wri
             pipeline.build_outputs(outcome)  # the same objects as the listener
         else:
             pipeline.build_outputs(outcome, parts=())  # status and message only, no object
-    outputs = write_outputs(outcome, out_dir) if write else []
+    outputs = write_outputs(outcome, out_dir, variant=prepared.item.variant) if write else []
     row = outcome_row(outcome, model=pipeline.model_info, key=pkey,
                       finding_keys=_finding_keys(pipeline), n_outputs=len(outputs))
     outcome.radiograph = None  # free the pixels

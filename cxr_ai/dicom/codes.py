@@ -62,6 +62,11 @@ SALIENCY = Code("130404", "DCM", "Saliency")
 #: DCM 121007 "Device" (CID 270 Observer Type): the SR observer is the model, not a person.
 OBSERVER_TYPE_DEVICE = Code("121007", "DCM", "Device")
 
+#: DCM 113001 "Rejected for Patient Safety Reasons" (PS3.16 CID 7011 Rejected for Quality
+#: Reasons / CID 7010 Key Object Selection Document Title): the title of an IHE IOCM rejection
+#: note that withdraws cxr-ai's results of a study (``cxr-ai retract``).
+REJECTED_FOR_PATIENT_SAFETY = Code("113001", "DCM", "Rejected for Patient Safety Reasons")
+
 #: DCM 122411 "Threshold Value": the operating threshold reported next to the probability.
 THRESHOLD_VALUE = Code("122411", "DCM", "Threshold Value")
 

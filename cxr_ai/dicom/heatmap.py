@@ -56,11 +56,11 @@ from cxr_ai.dicom.sr import (
     PM_SERIES_NUMBER,
     SC_SERIES_NUMBER,
     check_source,
-    output_uid,
     sanitize_lo,
     series_description,
     software_versions,
 )
+from cxr_ai.dicom.uids import ResultIdentity, identity_of
 from cxr_ai.results import FindingResult, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -283,17 +283,16 @@ def build_heatmap_sc(
     pixels = np.concatenate([image, _banner(size[1], sc_text_lines(finding, model))], axis=0)
 
     orientation = _patient_orientation(source_ds)
-    study_uid = str(source_ds.StudyInstanceUID)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source_ds,
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_instance_uid or output_uid("sc-series", study_uid, model.device_uid),
+        series_instance_uid=series_instance_uid or identity_of(source_ds, model.device_uid).series_uid("sc"),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid
-        or output_uid("sc", str(source_ds.SOPInstanceUID), model.device_uid, finding.key),
+        or identity_of(source_ds, model.device_uid).sc_uid(finding.key),
         instance_number=instance_number,
         manufacturer=sanitize_lo(model.manufacturer),
         # highdicom requires an orientation on the PATIENT path; an unknown one is emptied below.
@@ -388,7 +387,7 @@ def map_geometry(source_ds: Dataset) -> MapGeometry:
     The Parametric Map IOD requires a Frame of Reference, plane position and orientation and
     pixel measures, which a projection radiograph does not have. The map therefore gets a
     frame of reference of its own: the source's image plane (UID derived from the source's
-    SOP Instance UID, shared by every map of that image), origin at the first pixel,
+    SOP Instance UID, study and patient, shared by every map of that image), origin at the first pixel,
     orientation from the source's PatientOrientation (else the frontal-chest convention),
     spacing from the source's PixelSpacing, else its Imager Pixel Spacing, else a nominal
     1 mm that the derivation description says is nominal. Registration with the source is
@@ -404,7 +403,7 @@ def map_geometry(source_ds: Dataset) -> MapGeometry:
             spacing_source = keyword
             break
     return MapGeometry(
-        frame_of_reference_uid=output_uid("frame-of-reference", str(source_ds.SOPInstanceUID)),
+        frame_of_reference_uid=ResultIdentity.of(source_ds=source_ds, device_uid="").frame_of_reference_uid(),
         orientation=orientation or FRONTAL_CHEST_ORIENTATION,
         orientation_from_source=orientation is not None,
         pixel_spacing=spacing,
@@ -471,7 +470,6 @@ def build_parametric_map(
         intercept=0.0,
         quantity_definition=codes.SALIENCY,
     )
-    study_uid = str(source_ds.StudyInstanceUID)
     qualification = (
         hd.ContentQualificationValues.RESEARCH if model.not_for_clinical_use
         else hd.ContentQualificationValues.PRODUCT
@@ -480,10 +478,10 @@ def build_parametric_map(
     pm = hd.pm.ParametricMap(
         source_images=[_geometry_source(source_ds, geometry)],
         pixel_array=stored,
-        series_instance_uid=series_instance_uid or output_uid("pm-series", study_uid, model.device_uid),
+        series_instance_uid=series_instance_uid or identity_of(source_ds, model.device_uid).series_uid("pm"),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid
-        or output_uid("pm", str(source_ds.SOPInstanceUID), model.device_uid, finding.key),
+        or identity_of(source_ds, model.device_uid).pm_uid(finding.key),
         instance_number=instance_number,
         manufacturer=sanitize_lo(model.manufacturer),
         manufacturer_model_name=sanitize_lo(model.name),

@@ -18,10 +18,12 @@ What the IHE AI Results (AIR) profile asks for, built with highdicom:
   CLINICAL USE"; Completion Flag COMPLETE and Verification Flag UNVERIFIED (no person has
   checked it), Preliminary Flag PRELIMINARY.
 
-UIDs are deterministic (:func:`output_uid`): the same model on the same instance gives the same
-SOP Instance UID and tracking UIDs, so a re-sent result replaces the earlier object in a PACS
-instead of duplicating it, and FHIR resources can carry the same identifiers. The series UID
-is per study, model and object kind, so a study's AI SRs share one series.
+UIDs are deterministic (:mod:`cxr_ai.dicom.uids`): the same model on the same instance of the
+same study and patient gives the same SOP Instance UID and tracking UIDs, so a re-sent result
+replaces the earlier object in a PACS instead of duplicating it, and FHIR resources can carry
+the same identifiers; a SOP Instance UID reused for another study or patient gives other UIDs.
+The series UID is per study, patient, model and object kind, so a study's AI SRs share one
+series.
 
 :func:`read_sr_findings` reads such a document back with highdicom (``srread`` /
 ``MeasurementReport``). :func:`outputs_for` builds every result object for one
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from cxr_ai import __version__
 from cxr_ai.dicom import codes
+from cxr_ai.dicom.uids import identity_of, output_uid  # noqa: F401 - output_uid re-exported
 from cxr_ai.results import OUTPUT_PARTS, FindingResult, ImageResult, ModelInfo
 
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time to keep import cheap
@@ -99,30 +101,14 @@ def check_source(source_ds: Dataset) -> None:
             raise ValueError(MSG_SOURCE_MISSING.format(keyword=keyword))
 
 
-#: Namespace of the name-based (version 5) UUIDs behind :func:`output_uid`.
-#: Fixed forever: changing it changes every output UID.
-_UID_NAMESPACE = uuid.UUID("56ece789-553c-4592-ad45-54d5046d9651")
-
-
-def output_uid(*parts: str) -> str:
-    """A deterministic UID from the given parts: ``2.25.<UUID as integer>`` (PS3.5 B.2).
-
-    The UUID is name-based (RFC 9562 version 5) over the parts joined unambiguously, so the
-    same inputs give the same UID and any change (another instance, model version, finding or
-    object kind) gives another.
-    """
-    name = "\x1f".join(str(p) for p in parts)
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
-
-
-def tracking_uid(source_sop_instance_uid: str, device_uid: str, finding_key: str) -> str:
+def tracking_uid(source_ds: Dataset, device_uid: str, finding_key: str) -> str:
     """Tracking UID of a finding's TID 1501 group; also the FHIR Observation identifier."""
-    return output_uid("tracking", source_sop_instance_uid, device_uid, finding_key)
+    return identity_of(source_ds, device_uid).tracking_uid(finding_key)
 
 
-def report_uid(source_sop_instance_uid: str, device_uid: str) -> str:
+def report_uid(source_ds: Dataset, device_uid: str) -> str:
     """Default SOP Instance UID of the SR; also the FHIR DiagnosticReport identifier."""
-    return output_uid("sr", source_sop_instance_uid, device_uid)
+    return identity_of(source_ds, device_uid).sr_uid()
 
 
 def series_description(kind: str, model: ModelInfo, findings: Sequence[FindingResult]) -> str:
@@ -170,7 +156,7 @@ def _group(
     concept = codes.finding_code(finding.key)
     algorithm = _algorithm(model, finding)
     tracking = hd.sr.TrackingIdentifier(
-        uid=tracking_uid(str(source_ds.SOPInstanceUID), model.device_uid, finding.key),
+        uid=tracking_uid(source_ds, model.device_uid, finding.key),
         identifier=sanitize_lo(f"{finding.display} ({model.label})"),
     )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -216,7 +202,7 @@ def build_sr(
     findings
         One TID 1501 group each, in order.
     series_instance_uid, sop_instance_uid
-        Override the deterministic UIDs (see :func:`output_uid`).
+        Override the deterministic UIDs (see :mod:`cxr_ai.dicom.uids`).
     series_number, instance_number
         Numbers of the new series and instance.
     institution_name
@@ -246,14 +232,13 @@ def build_sr(
         procedure_reported=codes.PLAIN_XRAY_CHEST,
         imaging_measurements=[_group(source_ds, model, f) for f in findings],
     )
-    study_uid = str(source_ds.StudyInstanceUID)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source_ds],
         content=report,
         series_instance_uid=series_instance_uid
-        or output_uid("sr-series", study_uid, model.device_uid),
+        or identity_of(source_ds, model.device_uid).series_uid("sr"),
         series_number=series_number,
-        sop_instance_uid=sop_instance_uid or report_uid(str(source_ds.SOPInstanceUID), model.device_uid),
+        sop_instance_uid=sop_instance_uid or report_uid(source_ds, model.device_uid),
         instance_number=instance_number,
         manufacturer=sanitize_lo(model.manufacturer),
         is_complete=True,

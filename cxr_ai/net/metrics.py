@@ -40,6 +40,10 @@ class _StoreCollector(Collector):
                                 value=counts["studies"].get("received", 0))
         yield GaugeMetricFamily("cxr_ai_dead_letters", "Deliveries that exhausted their retries",
                                 value=counts["outbox"].get("dead", 0))
+        identity = counts.get("identity", {})
+        yield GaugeMetricFamily("cxr_ai_sop_uid_reused_instances", "Instances in the job store whose SOP Instance "
+                                "UID is shared with another study or patient",
+                                value=identity.get("sop_uid_reused_instances", 0))
         if self._spool_root is not None:
             yield GaugeMetricFamily("cxr_ai_spool_free_bytes", "Free bytes on the spool file system",
                                     value=shutil.disk_usage(self._spool_root).free)
@@ -64,6 +68,8 @@ class ServiceMetrics:
                                         registry=r)
         self.deliveries = Counter("cxr_ai_deliveries", "Delivery attempts by destination and outcome",
                                   ["destination", "outcome"], registry=r)
+        self.sop_uid_reused = Counter("cxr_ai_sop_uid_reused", "Instances received whose SOP Instance UID was "
+                                      "already received for another study or patient (both kept)", registry=r)
         if counts is not None:
             r.register(_StoreCollector(counts, spool_root))
 

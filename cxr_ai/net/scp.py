@@ -32,6 +32,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from cxr_ai.dicom.uids import patient_study_fingerprint
 from cxr_ai.net.common import (
     DEFAULT_MAX_PDU,
     STORAGE_TRANSFER_SYNTAXES,
@@ -63,6 +64,10 @@ MSG_REJECT_LIMIT = ("A-ASSOCIATE-RJ rejected-transient, service-provider, local 
                     "already open; the sender should retry, or raise [listener] max_associations")
 
 
+MSG_UID_REUSED = ("C-STORE from %s: its SOP Instance UID was already received for another study or patient; "
+                  "both instances are kept and processed, with results of their own (see cxr-ai jobs)")
+
+
 class DatasetProblem(Exception):
     """A received data set that cannot be stored; carries the DIMSE status to answer."""
 
@@ -77,6 +82,8 @@ class HeaderInfo:
     sop_instance_uid: str
     study_instance_uid: str
     size: int
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
 
 
 def _check_encapsulated(f, start: int, size: int, tag) -> None:
@@ -136,6 +143,7 @@ def inspect_received(path: str | os.PathLike, *, affected_sop_class: str, affect
         sop_class = str(ds.get("SOPClassUID", "") or "")
         sop_instance = str(ds.get("SOPInstanceUID", "") or "")
         study = str(ds.get("StudyInstanceUID", "") or "")
+        patient = (str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or ""))
     except (ValueError, TypeError, KeyError) as exc:
         raise DatasetProblem(Status.CANNOT_UNDERSTAND, f"UID attributes could not be decoded: {exc}") from exc
     if sop_class != affected_sop_class:
@@ -147,7 +155,7 @@ def inspect_received(path: str | os.PathLike, *, affected_sop_class: str, affect
                              "SOP Instance UID in the data set differs from the Affected SOP Instance UID")
     if not study:
         raise DatasetProblem(Status.DATASET_DOES_NOT_MATCH, "Study Instance UID (Type 1) is missing")
-    return HeaderInfo(sop_class, sop_instance, study, size)
+    return HeaderInfo(sop_class, sop_instance, study, size, *patient)
 
 
 @dataclass
@@ -333,12 +341,22 @@ class StorageSCP:
         study_key, sop_key = safe_key(info.study_instance_uid), safe_key(info.sop_instance_uid)
         if not (is_valid_uid(info.study_instance_uid) and is_valid_uid(info.sop_instance_uid)):
             logger.warning("C-STORE from %s carries a malformed UID; stored under a hashed name", calling)
-        dest = self.spool.commit_file(path, study_uid=info.study_instance_uid, sop_uid=info.sop_instance_uid)
+        fingerprint = patient_study_fingerprint(study_instance_uid=info.study_instance_uid,
+                                                patient_id=info.patient_id,
+                                                issuer_of_patient_id=info.issuer_of_patient_id)
+        sop_key, reused = self.store.instance_key(study_key=study_key, sop_key=sop_key,
+                                                  sop_uid=info.sop_instance_uid, patient_fp=fingerprint)
+        if reused:
+            logger.warning(MSG_UID_REUSED, calling)
+            if self.metrics is not None:
+                self.metrics.sop_uid_reused.inc()
+        dest = self.spool.commit_file(path, study_uid=info.study_instance_uid, sop_uid=info.sop_instance_uid,
+                                      sop_key=sop_key)
         try:
             study = self.store.record_instance(
                 study_key=study_key, study_uid=info.study_instance_uid, sop_key=sop_key,
                 sop_uid=info.sop_instance_uid, sop_class_uid=info.sop_class_uid, path=dest,
-                size=info.size, calling_ae=calling)
+                size=info.size, calling_ae=calling, patient_fp=fingerprint)
         except Exception:  # broad on purpose: answered as out of resources; the sender retries
             logger.exception("job store could not record an instance from %s; answered out of resources", calling)
             return Status.OUT_OF_RESOURCES

@@ -25,6 +25,7 @@ patient data never appear at INFO level.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -40,7 +41,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+#: Version of the database layout, kept in ``PRAGMA user_version`` (and, for the first
+#: release, which did not set it, in ``meta.schema_version``). Opening an older store migrates
+#: it step by step (:data:`_MIGRATIONS`) in one transaction.
+SCHEMA_VERSION = 2
 
 MSG_NEWER_SCHEMA = (
     "job store {path} has schema version {found}, newer than this cxr-ai understands "
@@ -92,7 +96,9 @@ CREATE TABLE IF NOT EXISTS studies (
     ready_at         REAL,
     processed_at     REAL,
     results_sent_at  REAL,
-    files_removed    INTEGER NOT NULL DEFAULT 0
+    files_removed    INTEGER NOT NULL DEFAULT 0,
+    reason_code      TEXT NOT NULL DEFAULT '',
+    retracted_at     REAL
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies(state, ready_at);
 CREATE TABLE IF NOT EXISTS instances (
@@ -106,9 +112,12 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at   REAL NOT NULL,
     state         TEXT NOT NULL,
     reason        TEXT NOT NULL DEFAULT '',
-    result_json   TEXT
+    result_json   TEXT,
+    patient_fp    TEXT NOT NULL DEFAULT '',
+    uid_reused    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_key, state);
+CREATE INDEX IF NOT EXISTS instances_sop_uid ON instances(sop_uid);
 CREATE TABLE IF NOT EXISTS outbox (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     study_key       TEXT NOT NULL REFERENCES studies(study_key),
@@ -127,6 +136,34 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox(destination, state, next_attempt
 """
 
 
+#: Steps from version N-1 to N (statements run in one transaction with the version bump).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 2: patient/study fingerprint and SOP Instance UID reuse on instances; a reason code and
+    # retraction time on studies.
+    2: (
+        "ALTER TABLE instances ADD COLUMN patient_fp TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE instances ADD COLUMN uid_reused INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX IF NOT EXISTS instances_sop_uid ON instances(sop_uid)",
+        "ALTER TABLE studies ADD COLUMN reason_code TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE studies ADD COLUMN retracted_at REAL",
+    ),
+}
+
+
+class ReasonCode(str, enum.Enum):
+    """Why a study is failed or not applicable (stable strings; logged and listed, never PHI).
+
+    Not-applicable studies carry the applicability gate's reasons instead
+    (:class:`cxr_ai.dicom.gate.GateReason` values, e.g. ``body_part``), joined by ``+``.
+    """
+
+    INSTANCES_FAILED = "instances_failed"
+    DELIVERY_DEAD = "delivery_dead"
+    PIPELINE_ERROR = "pipeline_error"
+    RECORDING_FAILED = "recording_failed"
+    UNKNOWN_STATE = "unknown_state"
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     sop_key: str
@@ -140,6 +177,10 @@ class InstanceRecord:
     state: InstanceState
     reason: str
     result: dict[str, Any] | None
+    #: Fingerprint of (study, patient) (:func:`cxr_ai.dicom.uids.patient_study_fingerprint`).
+    patient_fp: str = ""
+    #: Its SOP Instance UID was also received for another study or patient.
+    uid_reused: bool = False
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> InstanceRecord:
@@ -149,6 +190,7 @@ class InstanceRecord:
             calling_ae=row["calling_ae"], received_at=row["received_at"],
             state=InstanceState(row["state"]), reason=row["reason"],
             result=json.loads(row["result_json"]) if row["result_json"] else None,
+            patient_fp=row["patient_fp"], uid_reused=bool(row["uid_reused"]),
         )
 
 
@@ -167,6 +209,8 @@ class StudyRecord:
     processed_at: float | None
     results_sent_at: float | None
     files_removed: bool
+    reason_code: str = ""
+    retracted_at: float | None = None
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> StudyRecord:
@@ -177,6 +221,7 @@ class StudyRecord:
             last_received_at=row["last_received_at"], ready_at=row["ready_at"],
             processed_at=row["processed_at"], results_sent_at=row["results_sent_at"],
             files_removed=bool(row["files_removed"]),
+            reason_code=row["reason_code"], retracted_at=row["retracted_at"],
         )
 
 
@@ -303,24 +348,67 @@ class JobStore:
 
     def _init_schema(self) -> None:
         with self._tx() as conn:
-            for stmt in _SCHEMA.strip().split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) > SCHEMA_VERSION:
-                raise RuntimeError(MSG_NEWER_SCHEMA.format(path=self.path, found=row["value"], expected=SCHEMA_VERSION))
-            # Older versions would be migrated here, step by step, inside this transaction.
+            found = self._stored_version(conn)
+            if found > SCHEMA_VERSION:
+                raise RuntimeError(MSG_NEWER_SCHEMA.format(path=self.path, found=found, expected=SCHEMA_VERSION))
+            if found == 0:
+                for stmt in _SCHEMA.strip().split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+            else:
+                for version in range(found + 1, SCHEMA_VERSION + 1):
+                    for stmt in _MIGRATIONS[version]:
+                        conn.execute(stmt)
+                if found < SCHEMA_VERSION:
+                    logger.warning("job store migrated from schema version %d to %d", found, SCHEMA_VERSION)
+            conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE"
+                         " SET value=excluded.value", (str(SCHEMA_VERSION),))
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION:d}")
+
+    @staticmethod
+    def _stored_version(conn: sqlite3.Connection) -> int:
+        """The schema version of the database: 0 for an empty one."""
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        if not has_meta:
+            return version
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return max(version, int(row["value"]) if row else 0)
 
     def schema_version(self) -> int:
-        row = self._conn().execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        return int(row["value"])
+        return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
 
     # -- receiving ------------------------------------------------------------------------
+    def instance_key(self, *, study_key: str, sop_key: str, sop_uid: str, patient_fp: str) -> tuple[str, bool]:
+        """The key (and spool file name) under which to keep an instance, and whether its SOP
+        Instance UID was already received for another study or patient.
+
+        ``sop_key`` (the safe form of the UID) unless that key is taken by an instance of
+        another study or patient: then a key derived from the UID, the study and the patient,
+        so both instances are kept and processed. A re-send of the same instance (same UID,
+        study and patient) gets the key it had, and replaces it.
+        """
+        return self._instance_key(self._conn(), study_key=study_key, sop_key=sop_key, sop_uid=sop_uid,
+                                  patient_fp=patient_fp)
+
+    @staticmethod
+    def _instance_key(conn: sqlite3.Connection, *, study_key: str, sop_key: str, sop_uid: str,
+                      patient_fp: str) -> tuple[str, bool]:
+        rows = conn.execute("SELECT sop_key, study_key, patient_fp FROM instances WHERE sop_uid=? OR sop_key=?",
+                            (sop_uid, sop_key)).fetchall()
+        # a row recorded before fingerprints existed (patient_fp '') matches on the study alone
+        same = [r for r in rows if r["study_key"] == study_key and r["patient_fp"] in (patient_fp, "")]
+        reused = len(same) < len(rows)
+        if same:
+            return same[0]["sop_key"], reused
+        if not any(r["sop_key"] == sop_key for r in rows):
+            return sop_key, reused
+        digest = hashlib.sha256("\x1f".join((sop_uid, study_key, patient_fp)).encode("utf-8", "surrogateescape"))
+        return "h" + digest.hexdigest()[:40], True
+
     def record_instance(
         self, *, study_key: str, study_uid: str, sop_key: str, sop_uid: str, sop_class_uid: str,
-        path: str | os.PathLike, size: int, calling_ae: str = "",
+        path: str | os.PathLike, size: int, calling_ae: str = "", patient_fp: str = "",
     ) -> StudyRecord:
         """Record a durably spooled instance and (re)open its study for processing.
 
@@ -328,9 +416,16 @@ class JobStore:
         instance is processed; a study being processed stays ``processing`` and the worker
         leaves the new instance for the next round. Its readiness clock restarts: the study
         is not ready until :meth:`association_closed` (or the open-association timeout).
+
+        ``sop_key`` should come from :meth:`instance_key`; should another instance of another
+        study or patient have taken it meanwhile, the instance is recorded under a derived
+        key instead (never over the other one). Instances whose SOP Instance UID is shared
+        with another study or patient are marked ``uid_reused`` (both of them).
         """
         now = self._clock()
         with self._tx() as conn:
+            sop_key, reused = self._instance_key(conn, study_key=study_key, sop_key=sop_key, sop_uid=sop_uid,
+                                                 patient_fp=patient_fp)
             row = conn.execute("SELECT * FROM studies WHERE study_key=?", (study_key,)).fetchone()
             if row is None:
                 conn.execute(
@@ -343,20 +438,23 @@ class JobStore:
                              (now, now, study_key))
             else:
                 conn.execute(
-                    "UPDATE studies SET state=?, reason='', last_received_at=?, updated_at=?, ready_at=NULL,"
-                    " files_removed=0 WHERE study_key=?",
+                    "UPDATE studies SET state=?, reason='', reason_code='', last_received_at=?, updated_at=?,"
+                    " ready_at=NULL, files_removed=0 WHERE study_key=?",
                     (StudyState.RECEIVED.value, now, now, study_key),
                 )
             conn.execute(
                 "INSERT INTO instances(sop_key, sop_uid, sop_class_uid, study_key, path, size, calling_ae,"
-                " received_at, state) VALUES (?,?,?,?,?,?,?,?,?)"
+                " received_at, state, patient_fp, uid_reused) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(sop_key) DO UPDATE SET sop_uid=excluded.sop_uid,"
                 " sop_class_uid=excluded.sop_class_uid, study_key=excluded.study_key, path=excluded.path,"
                 " size=excluded.size, calling_ae=excluded.calling_ae, received_at=excluded.received_at,"
-                " state=excluded.state, reason='', result_json=NULL",
+                " state=excluded.state, reason='', result_json=NULL, patient_fp=excluded.patient_fp,"
+                " uid_reused=excluded.uid_reused",
                 (sop_key, sop_uid, sop_class_uid, study_key, str(path), int(size), calling_ae, now,
-                 InstanceState.RECEIVED.value),
+                 InstanceState.RECEIVED.value, patient_fp, int(reused)),
             )
+            if reused:
+                conn.execute("UPDATE instances SET uid_reused=1 WHERE sop_uid=?", (sop_uid,))
             row = conn.execute("SELECT * FROM studies WHERE study_key=?", (study_key,)).fetchone()
         return StudyRecord._from_row(row)
 
@@ -398,8 +496,8 @@ class JobStore:
             marks = ",".join("?" * len(known))
             n_bad = conn.execute(
                 f"UPDATE studies SET reason='job store row had an unknown state ' || quote(state) ||"
-                f" '; marked failed at start', state=?, updated_at=? WHERE state NOT IN ({marks})",
-                (StudyState.FAILED.value, now, *known),
+                f" '; marked failed at start', state=?, reason_code=?, updated_at=? WHERE state NOT IN ({marks})",
+                (StudyState.FAILED.value, ReasonCode.UNKNOWN_STATE.value, now, *known),
             ).rowcount
             known_i = [s.value for s in InstanceState]
             conn.execute(
@@ -474,9 +572,9 @@ class JobStore:
                      r.sop_key, InstanceState.PROCESSING.value),
                 )
             self._insert_deliveries(conn, study_key, deliveries, now)
-            state, reason = self._settle(conn, study_key)
-            conn.execute("UPDATE studies SET state=?, reason=?, processed_at=?, updated_at=? WHERE study_key=?",
-                         (state.value, reason, now, now, study_key))
+            state, code, reason = self._settle(conn, study_key)
+            conn.execute("UPDATE studies SET state=?, reason=?, reason_code=?, processed_at=?, updated_at=?"
+                         " WHERE study_key=?", (state.value, reason, code, now, now, study_key))
         return state
 
     def queue_deliveries(self, study_key: str, deliveries: Sequence[NewDelivery]) -> int:
@@ -518,7 +616,8 @@ class JobStore:
             n += 1
         return n
 
-    def fail_processing(self, study_key: str, *, reason: str, max_attempts: int) -> StudyState:
+    def fail_processing(self, study_key: str, *, reason: str, max_attempts: int,
+                        code: str = ReasonCode.PIPELINE_ERROR.value) -> StudyState:
         """The pipeline raised for this study: retry (back to received) or give up (failed)."""
         now = self._clock()
         with self._tx() as conn:
@@ -533,8 +632,8 @@ class JobStore:
                 state = StudyState.FAILED
                 conn.execute("UPDATE instances SET state=?, reason=? WHERE study_key=? AND state=?",
                              (InstanceState.FAILED.value, reason, study_key, InstanceState.PROCESSING.value))
-                conn.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_key=?",
-                             (state.value, reason, now, study_key))
+                conn.execute("UPDATE studies SET state=?, reason=?, reason_code=?, updated_at=? WHERE study_key=?",
+                             (state.value, reason, code, now, study_key))
         return state
 
     def requeue(self, study_keys: Iterable[str]) -> None:
@@ -548,27 +647,38 @@ class JobStore:
                     conn.execute("UPDATE instances SET state=? WHERE study_key=? AND state=?",
                                  (InstanceState.RECEIVED.value, key, InstanceState.PROCESSING.value))
 
-    def _settle(self, conn: sqlite3.Connection, study_key: str) -> tuple[StudyState, str]:
-        """The state a study should be in, given its instances and deliveries."""
+    def _settle(self, conn: sqlite3.Connection, study_key: str) -> tuple[StudyState, str, str]:
+        """The state a study should be in, given its instances and deliveries: (state, code, reason)."""
         inst = {r["state"]: r["n"] for r in conn.execute(
             "SELECT state, COUNT(*) AS n FROM instances WHERE study_key=? GROUP BY state", (study_key,))}
         if inst.get(InstanceState.PROCESSING.value):
-            return StudyState.PROCESSING, ""
+            return StudyState.PROCESSING, "", ""
         if inst.get(InstanceState.RECEIVED.value):
-            return StudyState.RECEIVED, ""
+            return StudyState.RECEIVED, "", ""
         out = {r["state"]: r["n"] for r in conn.execute(
             "SELECT state, COUNT(*) AS n FROM outbox WHERE study_key=? GROUP BY state", (study_key,))}
         if out.get(DeliveryState.PENDING.value):
-            return StudyState.SENDING, ""
+            return StudyState.SENDING, "", ""
         if out.get(DeliveryState.DEAD.value):
             dests = [r["destination"] for r in conn.execute(
                 "SELECT DISTINCT destination FROM outbox WHERE study_key=? AND state=?", (study_key, DeliveryState.DEAD.value))]
-            return StudyState.FAILED, f"delivery dead-lettered for destination(s): {', '.join(dests)}"
+            return (StudyState.FAILED, ReasonCode.DELIVERY_DEAD.value,
+                    f"delivery dead-lettered for destination(s): {', '.join(dests)}")
         if inst.get(InstanceState.FAILED.value):
-            return StudyState.FAILED, f"{inst[InstanceState.FAILED.value]} instance(s) failed in the pipeline"
+            kinds = self._instance_reasons(conn, study_key, InstanceState.FAILED)
+            return (StudyState.FAILED, ReasonCode.INSTANCES_FAILED.value,
+                    f"{inst[InstanceState.FAILED.value]} instance(s) failed in the pipeline ({kinds or 'no reason'})")
         if not inst.get(InstanceState.PROCESSED.value):
-            return StudyState.NOT_APPLICABLE, "no instance the models may read"
-        return StudyState.RESULTS_SENT, ""
+            kinds = self._instance_reasons(conn, study_key, InstanceState.NOT_APPLICABLE)
+            return StudyState.NOT_APPLICABLE, kinds, f"no instance the models may read ({kinds or 'no reason'})"
+        return StudyState.RESULTS_SENT, "", ""
+
+    @staticmethod
+    def _instance_reasons(conn: sqlite3.Connection, study_key: str, state: InstanceState) -> str:
+        """The distinct reasons of a study's instances in ``state``, joined by ``+`` (codes only)."""
+        return "+".join(sorted({r["reason"].split(":", 1)[0].strip()[:40] for r in conn.execute(
+            "SELECT reason FROM instances WHERE study_key=? AND state=?", (study_key, state.value))
+            if r["reason"]}))
 
     # -- outbox ---------------------------------------------------------------------------
     def due_deliveries(self, destination: str, *, limit: int = 10) -> list[Delivery]:
@@ -607,11 +717,12 @@ class JobStore:
         current = StudyState(conn.execute("SELECT state FROM studies WHERE study_key=?", (key,)).fetchone()["state"])
         if current != StudyState.SENDING:
             return current  # new instances arrived meanwhile: the worker settles it later
-        state, reason = self._settle(conn, key)
+        state, code, reason = self._settle(conn, key)
         if state != current:
             sent_at = now if state == StudyState.RESULTS_SENT else None
-            conn.execute("UPDATE studies SET state=?, reason=?, results_sent_at=COALESCE(?, results_sent_at),"
-                         " updated_at=? WHERE study_key=?", (state.value, reason, sent_at, now, key))
+            conn.execute("UPDATE studies SET state=?, reason=?, reason_code=?, results_sent_at=COALESCE(?, "
+                         "results_sent_at), updated_at=? WHERE study_key=?", (state.value, reason, code, sent_at,
+                                                                              now, key))
         return state
 
     def retry_dead(self, *, destination: str | None = None) -> int:
@@ -627,7 +738,8 @@ class JobStore:
             for r in rows:
                 conn.execute("UPDATE outbox SET state=?, attempts=0, next_attempt_at=?, updated_at=? WHERE id=?",
                              (DeliveryState.PENDING.value, now, now, r["id"]))
-                conn.execute("UPDATE studies SET state=?, reason='', updated_at=? WHERE study_key=? AND state=?",
+                conn.execute("UPDATE studies SET state=?, reason='', reason_code='', updated_at=? WHERE study_key=?"
+                             " AND state=?",
                              (StudyState.SENDING.value, now, r["study_key"], StudyState.FAILED.value))
             return len(rows)
 
@@ -662,13 +774,43 @@ class JobStore:
         row = self._conn().execute("SELECT * FROM studies WHERE study_key=?", (study_key,)).fetchone()
         return StudyRecord._from_row(row) if row else None
 
-    def studies(self, *, state: StudyState | None = None) -> list[StudyRecord]:
-        if state is None:
-            rows = self._conn().execute("SELECT * FROM studies ORDER BY created_at").fetchall()
+    def studies(self, *, state: StudyState | Sequence[StudyState] | None = None, since: float | None = None,
+                limit: int | None = None, newest_first: bool = False) -> list[StudyRecord]:
+        """Studies, optionally in ``state`` (one or several) and updated at or after ``since``."""
+        q, args = "SELECT * FROM studies WHERE 1=1", []
+        if state is not None:
+            states = [state] if isinstance(state, StudyState) else list(state)
+            q += f" AND state IN ({','.join('?' * len(states))})"
+            args += [s.value for s in states]
+        if since is not None:
+            q += " AND updated_at>=?"
+            args.append(float(since))
+        q += " ORDER BY updated_at DESC" if newest_first else " ORDER BY created_at"
+        if limit is not None:
+            q += " LIMIT ?"
+            args.append(int(limit))
+        return [StudyRecord._from_row(r) for r in self._conn().execute(q, args).fetchall()]
+
+    def find_studies(self, *, study_uid: str | None = None, job_id: str | None = None) -> list[StudyRecord]:
+        """Studies by Study Instance UID or job id (exact match)."""
+        if study_uid is not None:
+            rows = self._conn().execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchall()
+        elif job_id is not None:
+            rows = self._conn().execute("SELECT * FROM studies WHERE job_id=?", (job_id,)).fetchall()
         else:
-            rows = self._conn().execute("SELECT * FROM studies WHERE state=? ORDER BY created_at",
-                                        (state.value,)).fetchall()
+            raise ValueError("find_studies needs study_uid or job_id")
         return [StudyRecord._from_row(r) for r in rows]
+
+    def reused_uid_instances(self) -> list[InstanceRecord]:
+        """Instances whose SOP Instance UID was also received for another study or patient."""
+        rows = self._conn().execute("SELECT * FROM instances WHERE uid_reused=1 ORDER BY sop_uid, received_at")
+        return [InstanceRecord._from_row(r) for r in rows.fetchall()]
+
+    def mark_retracted(self, study_key: str) -> None:
+        """Record that the study's results were withdrawn (``cxr-ai retract``)."""
+        now = self._clock()
+        with self._tx() as conn:
+            conn.execute("UPDATE studies SET retracted_at=?, updated_at=? WHERE study_key=?", (now, now, study_key))
 
     def instances(self, study_key: str | None = None) -> list[InstanceRecord]:
         if study_key is None:
@@ -695,6 +837,8 @@ class JobStore:
         for table, enum_ in (("studies", StudyState), ("instances", InstanceState), ("outbox", DeliveryState)):
             got = {r["state"]: r["n"] for r in conn.execute(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
             out[table] = {s.value: int(got.get(s.value, 0)) for s in enum_}
+        row = conn.execute("SELECT COUNT(*) AS n, COUNT(DISTINCT sop_uid) AS u FROM instances WHERE uid_reused=1").fetchone()
+        out["identity"] = {"sop_uid_reused_instances": int(row["n"]), "sop_uid_reused_uids": int(row["u"])}
         return out
 
     def unrecorded_paths(self, paths: Iterable[str | os.PathLike]) -> list[str]:

@@ -91,13 +91,18 @@ class Spool:
     def instance_path(self, study_key: str, sop_key: str) -> Path:
         return self.instances / study_key / f"{sop_key}.dcm"
 
-    def commit_file(self, src: str | os.PathLike, *, study_uid: object, sop_uid: object) -> Path:
+    def commit_file(self, src: str | os.PathLike, *, study_uid: object, sop_uid: object,
+                    sop_key: str | None = None) -> Path:
         """Make ``src`` durable under the spool and return its final path.
 
         ``src`` is moved (renamed when on the same file system, else copied to
         ``incoming/`` first); on return the data and the directory entry are on disk.
+        ``sop_key`` (from :meth:`cxr_ai.store.jobs.JobStore.instance_key`) names the file
+        when the SOP Instance UID is shared with another patient in the same study.
         """
-        study_key, sop_key = safe_key(study_uid), safe_key(sop_uid)
+        if sop_key is not None and not (is_valid_uid(sop_key) or _HASH_KEY_RE.match(sop_key)):
+            raise ValueError(f"{sop_key!r} is not an instance key made by safe_key() or the job store")
+        study_key, sop_key = safe_key(study_uid), sop_key or safe_key(sop_uid)
         dest = self.instance_path(study_key, sop_key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         src = Path(src)

@@ -1,0 +1,40 @@
+"""What ``cxr-ai jobs`` and ``/status`` show of the job store: states, reason codes, reused
+SOP Instance UIDs. Job ids only: no patient data (the ``jobs`` command adds the Study Instance
+UID for the operator)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from cxr_ai.store.jobs import JobStore, StudyRecord, StudyState
+
+
+def study_listing(study: StudyRecord, *, reused: int = 0) -> dict[str, Any]:
+    """One study as the ``jobs`` listing and ``/status`` show it (no patient data)."""
+    row: dict[str, Any] = {
+        "job_id": study.job_id, "state": study.state.value, "reason_code": study.reason_code,
+        "reason": study.reason,
+        "updated": dt.datetime.fromtimestamp(study.updated_at, dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if reused:
+        row["sop_uid_reused_instances"] = reused
+    if study.retracted_at is not None:
+        row["retracted"] = dt.datetime.fromtimestamp(study.retracted_at, dt.timezone.utc).isoformat(timespec="seconds")
+    return row
+
+
+#: How many failed / not-applicable studies ``/status`` lists (newest first).
+STATUS_RECENT = 20
+
+
+def recent_problems(store: JobStore, *, limit: int = STATUS_RECENT) -> dict[str, Any]:
+    """The ``/status`` lists: recent failed and not-applicable studies with reason codes, and
+    the jobs holding instances whose SOP Instance UID was reused (no patient data)."""
+    reused: dict[str, int] = {}
+    for inst in store.reused_uid_instances():
+        reused[inst.study_key] = reused.get(inst.study_key, 0) + 1
+    recent = store.studies(state=(StudyState.FAILED, StudyState.NOT_APPLICABLE), newest_first=True, limit=limit)
+    jobs = {s.study_key: s.job_id for s in store.studies()} if reused else {}
+    return {"recent_problems": [study_listing(s, reused=reused.get(s.study_key, 0)) for s in recent],
+            "sop_uid_reused": [{"job_id": jobs.get(k, ""), "instances": n} for k, n in sorted(reused.items())]}

@@ -1,0 +1,141 @@
+"""``cxr-ai retract`` against a real Orthanc and the real FHIR engine: the IOCM rejection note
+(KOS, DCM 113001) reaches the PACS in the study and references every SR / SC / PM, passes
+dciodvfy; the Observations and DiagnosticReport become entered-in-error on the FHIR server;
+the study leaves the worklist; the audit log records it (no patient data)."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pydicom
+import pytest
+from helpers_orthanc import start_fhir_server, start_orthanc
+from test_service_orthanc import PM, SC, SR_3D, FixedFindingsPipeline, _netns_or_run
+
+from cxr_ai.cli import main as cli_main
+from cxr_ai.config import load_config
+from cxr_ai.net.scu import Peer, send_files
+from cxr_ai.service import Service
+from cxr_ai.store import StudyState
+from cxr_ai.store.jobs import JobStore
+from cxr_ai.worklist import Worklist
+
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+class RecordedPipeline(FixedFindingsPipeline):
+    """The fixed-findings pipeline with the radiograph on each outcome, as the real pipeline
+    hands it over (the worklist and prediction log are filled from it)."""
+
+    def process_study(self, paths):
+        from cxr_ai.dicom.gate import check_applicability
+
+        outcomes = super().process_study(paths)
+        for path, outcome in zip(paths, outcomes):
+            outcome.radiograph = check_applicability(path)[1]
+        return outcomes
+
+
+def _retract(tmp_path: Path, rg1: Path, dciodvfy) -> None:
+    fhir = start_fhir_server()
+    orthanc = start_orthanc(tmp_path / "orthanc", cxr_ai_port=None, senders={"cxr-ai": "CXR_AI"})
+    root = tmp_path / "var"
+    site = tmp_path / "site.toml"
+    site.write_text(
+        f'[listener]\nport = 0\nallowed_calling_aes = ["TESTSCU"]\nmin_free_mb = 0.0\n'
+        f'[store]\nroot = "{root}"\nquiet_seconds = 0.2\n[http]\nport = 0\n'
+        f'[routing]\nbackoff_initial_seconds = 0.5\ndestinations = [\n'
+        f' {{name = "pacs", kind = "dicom", host = "127.0.0.1", port = {orthanc.dicom_port}, ae_title = "ORTHANC"}},\n'
+        f' {{name = "ehr", kind = "fhir", url = "{fhir.base_url}"}},\n]\n', encoding="utf-8")
+    cfg = load_config(site, env={})
+    svc = Service(cfg, pipeline_factory=RecordedPipeline, base_dir=tmp_path)
+    src = pydicom.dcmread(rg1, stop_before_pixels=True)
+    try:
+        svc.start()
+        assert send_files([rg1], Peer(host="127.0.0.1", port=svc.dicom_port, ae_title="CXR_AI",
+                                      calling_ae="TESTSCU")) == [0]
+        assert svc.wait_idle(timeout=240, expected_instances=1)
+        [study] = svc.store.studies()
+        assert study.state in (StudyState.RESULTS_SENT, StudyState.DONE), svc.store.deliveries()
+        with Worklist(root / "worklist.sqlite3") as wl:
+            assert [s.study_uid for s in wl.ranked()] == [str(src.StudyInstanceUID)]
+        observations = fhir.get("Observation")["entry"]
+        assert observations and all(e["resource"]["status"] == "preliminary" for e in observations)
+
+        # withdraw it, by accession number, while the service runs
+        out = io.StringIO()
+        with redirect_stdout(out):
+            rc = cli_main(["retract", "--accession", str(src.AccessionNumber), "--reason", "wrong patient (test)",
+                           "--config", str(site)])
+        assert rc == 0, out.getvalue()
+        summary = json.loads(out.getvalue().strip().splitlines()[-1])
+        assert summary["job_id"] == study.job_id and summary["rejected_objects"] == 5
+        assert summary["pacs"] == {"pacs": "sent"} and summary["fhir"] == {"ehr": "3 marked entered-in-error"}
+        assert summary["worklist_removed"] is True
+    finally:
+        svc.stop(grace=5)
+    try:
+        # the PACS holds the rejection note in the study, referencing every result object
+        [orthanc_study] = orthanc.post("/tools/lookup", str(src.StudyInstanceUID))
+        by_class: dict[str, list[str]] = {}
+        for s in orthanc.get(f"/studies/{orthanc_study['ID']}/series"):
+            for inst_id in s["Instances"]:
+                tags = orthanc.get(f"/instances/{inst_id}/simplified-tags")
+                by_class.setdefault(tags["SOPClassUID"], []).append(inst_id)
+        assert {k: len(v) for k, v in by_class.items()} == {SR_3D: 1, SC: 2, PM: 2, KOS: 1}
+        import urllib.request
+
+        with urllib.request.urlopen(f"{orthanc.url}/instances/{by_class[KOS][0]}/file", timeout=20) as r:
+            note = pydicom.dcmread(io.BytesIO(r.read()))
+        title = note.ConceptNameCodeSequence[0]
+        assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
+            "113001", "DCM", "Rejected for Patient Safety Reasons")
+        assert note.PatientID == src.PatientID and note.StudyInstanceUID == src.StudyInstanceUID
+        referenced = {str(i.ReferencedSOPInstanceUID) for item in note.CurrentRequestedProcedureEvidenceSequence
+                      for series in item.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
+        sent = set()
+        for kind in (SR_3D, SC, PM):
+            for inst_id in by_class[kind]:
+                sent.add(orthanc.get(f"/instances/{inst_id}/simplified-tags")["SOPInstanceUID"])
+        assert referenced == sent and len(sent) == 5
+        in_tree = {str(c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for c in note.ContentSequence
+                   if "ReferencedSOPSequence" in c}
+        assert in_tree == sent
+        [note_file] = (root / "spool" / "results" / summary["job_id"]).glob("KO-*.dcm")
+        report = dciodvfy(note_file)
+        assert not report.errors, report.output
+
+        # FHIR: every Observation and the DiagnosticReport are entered-in-error
+        for kind, n in (("Observation", 2), ("DiagnosticReport", 1)):
+            entries = fhir.get(kind)["entry"]
+            assert len(entries) == n and all(e["resource"]["status"] == "entered-in-error" for e in entries), entries
+        # the worklist no longer lists it; the job store and the audit log say what was done
+        with Worklist(root / "worklist.sqlite3") as wl:
+            assert wl.ranked(include_read=True) == []
+        store = JobStore(root / "jobs.sqlite3")
+        assert store.studies()[0].retracted_at is not None
+        store.close()
+        [line] = (root / "audit.jsonl").read_text().splitlines()
+        audit = json.loads(line)
+        assert audit["action"] == "retract" and audit["reason"] == "wrong patient (test)"
+        assert audit["job_id"] == summary["job_id"] and sorted(audit["rejected_objects"]) == sorted(sent)
+        assert audit["pacs"] == {"pacs": "sent"} and audit["worklist_removed"] is True
+        assert str(src.PatientID) not in line and str(src.PatientName) not in line
+        # a retraction that names nothing known fails clearly
+        err = io.StringIO()
+        from contextlib import redirect_stderr
+
+        with redirect_stderr(err):
+            assert cli_main(["retract", "--job", "Jnothing", "--reason", "x", "--config", str(site)]) == 2
+        assert "no study in the job store matches job Jnothing" in err.getvalue()
+    finally:
+        orthanc.stop()
+        fhir.stop()
+
+
+@pytest.mark.slow
+def test_retract_withdraws_results_at_orthanc_and_fhir(request, tmp_path: Path, rg1_paths, dciodvfy) -> None:
+    _netns_or_run(request, lambda: _retract(tmp_path, rg1_paths["RG1_J2KI"], dciodvfy))

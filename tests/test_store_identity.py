@@ -1,0 +1,212 @@
+"""Job store: schema version and migration of the first release's store, SOP Instance UID reuse
+across studies and patients (both instances kept), reason codes and the listings."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cxr_ai.store.jobs import (
+    SCHEMA_VERSION,
+    InstanceResult,
+    InstanceState,
+    JobStore,
+    NewDelivery,
+    ReasonCode,
+    StudyState,
+)
+
+V1_DUMP = Path(__file__).parent / "data" / "jobstore_v1.sql"
+CT = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def _v1_store(path: Path) -> Path:
+    con = sqlite3.connect(path)
+    con.executescript(V1_DUMP.read_text())
+    con.close()
+    return path
+
+
+def test_a_first_release_store_is_migrated_and_keeps_its_rows(tmp_path):
+    db = _v1_store(tmp_path / "jobs.sqlite3")
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 0
+        assert "patient_fp" not in {r[1] for r in con.execute("PRAGMA table_info(instances)")}
+    store = JobStore(db)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        studies = {s.study_uid: s for s in store.studies()}
+        assert set(studies) == {"1.2.3.1", "1.2.3.2"}
+        assert studies["1.2.3.1"].state is StudyState.SENDING
+        assert studies["1.2.3.2"].state is StudyState.NOT_APPLICABLE
+        assert studies["1.2.3.2"].reason_code == ""  # not known to the old release
+        assert [d.items for d in store.deliveries()] == [["SR-x.dcm"]]
+        # the migrated store works: a re-send of an old instance replaces it (same key), not a reuse
+        key, reused = store.instance_key(study_key="1.2.3.1", sop_key="1.2.3.1.1", sop_uid="1.2.3.1.1",
+                                         patient_fp="fp-a")
+        assert (key, reused) == ("1.2.3.1.1", False)
+        store.record_instance(study_key="1.2.3.1", study_uid="1.2.3.1", sop_key=key, sop_uid="1.2.3.1.1",
+                              sop_class_uid=CT, path="/x.dcm", size=1, patient_fp="fp-a")
+        assert [i.sop_key for i in store.instances("1.2.3.1")] == ["1.2.3.1.1"]
+        assert store.counts()["identity"]["sop_uid_reused_instances"] == 0
+    finally:
+        store.close()
+    # opened again: nothing to migrate, same version
+    again = JobStore(db)
+    assert again.schema_version() == SCHEMA_VERSION
+    again.close()
+
+
+def _record(store: JobStore, *, study: str, sop: str, fp: str) -> str:
+    key, _ = store.instance_key(study_key=study, sop_key=sop, sop_uid=sop, patient_fp=fp)
+    store.record_instance(study_key=study, study_uid=study, sop_key=key, sop_uid=sop, sop_class_uid=CT,
+                          path=f"/spool/{study}/{key}.dcm", size=10, patient_fp=fp)
+    return key
+
+
+@pytest.mark.parametrize("second", [("1.2.9.2", "fp-b"), ("1.2.9.1", "fp-b"), ("1.2.9.2", "fp-a")],
+                         ids=["other-study-other-patient", "same-study-other-patient", "other-study-same-patient"])
+def test_a_reused_sop_uid_keeps_both_instances(tmp_path, second):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        first = _record(store, study="1.2.9.1", sop="1.2.9.0.7", fp="fp-a")
+        other = _record(store, study=second[0], sop="1.2.9.0.7", fp=second[1])
+        assert first == "1.2.9.0.7" and other != first and other.startswith("h")
+        rows = store.instances()
+        assert len(rows) == 2 and all(r.uid_reused for r in rows)
+        assert {(r.study_key, r.patient_fp) for r in rows} == {("1.2.9.1", "fp-a"), second}
+        assert store.counts()["identity"] == {"sop_uid_reused_instances": 2, "sop_uid_reused_uids": 1}
+        # a re-send of either replaces it (same key), and adds no instance
+        assert _record(store, study=second[0], sop="1.2.9.0.7", fp=second[1]) == other
+        assert _record(store, study="1.2.9.1", sop="1.2.9.0.7", fp="fp-a") == first
+        assert len(store.instances()) == 2
+    finally:
+        store.close()
+
+
+def test_a_resend_for_the_same_patient_and_study_is_no_reuse(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        assert _record(store, study="1.2.9.1", sop="1.2.9.0.8", fp="fp-a") == "1.2.9.0.8"
+        assert _record(store, study="1.2.9.1", sop="1.2.9.0.8", fp="fp-a") == "1.2.9.0.8"
+        assert not store.reused_uid_instances()
+        assert store.counts()["identity"]["sop_uid_reused_instances"] == 0
+    finally:
+        store.close()
+
+
+def test_a_race_for_one_key_never_overwrites_the_other_patient(tmp_path):
+    """Two senders both asked for the plain key before either recorded: the second gets its own."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        k1, _ = store.instance_key(study_key="1.2.9.1", sop_key="1.2.9.0.9", sop_uid="1.2.9.0.9", patient_fp="fp-a")
+        k2, _ = store.instance_key(study_key="1.2.9.2", sop_key="1.2.9.0.9", sop_uid="1.2.9.0.9", patient_fp="fp-b")
+        assert k1 == k2
+        for study, fp in (("1.2.9.1", "fp-a"), ("1.2.9.2", "fp-b")):
+            store.record_instance(study_key=study, study_uid=study, sop_key=k1, sop_uid="1.2.9.0.9",
+                                  sop_class_uid=CT, path=f"/spool/{study}/x.dcm", size=1, patient_fp=fp)
+        rows = store.instances()
+        assert len(rows) == 2 and {r.study_key for r in rows} == {"1.2.9.1", "1.2.9.2"}
+    finally:
+        store.close()
+
+
+def test_failed_and_not_applicable_studies_carry_reason_codes_and_are_listed(tmp_path):
+    now = [1000.0]
+    store = JobStore(tmp_path / "jobs.sqlite3", clock=lambda: now[0])
+    try:
+        for n in (1, 2, 3):
+            _record(store, study=f"1.2.8.{n}", sop=f"1.2.8.{n}.1", fp="fp")
+        store.association_closed(["1.2.8.1", "1.2.8.2", "1.2.8.3"], quiet_seconds=0)
+        claims = {c.study.study_key: c for c in store.claim_ready(limit=3)}
+        store.complete_processing("1.2.8.1", results=[InstanceResult("1.2.8.1.1", InstanceState.NOT_APPLICABLE,
+                                                                     "body_part")], deliveries=[])
+        store.complete_processing("1.2.8.2", results=[InstanceResult("1.2.8.2.1", InstanceState.FAILED,
+                                                                     "decode_error")], deliveries=[])
+        now[0] = 2000.0
+        assert store.fail_processing("1.2.8.3", reason="pipeline error: boom", max_attempts=1) is StudyState.FAILED
+        assert len(claims) == 3
+        by = {s.study_key: s for s in store.studies()}
+        assert (by["1.2.8.1"].state, by["1.2.8.1"].reason_code) == (StudyState.NOT_APPLICABLE, "body_part")
+        assert (by["1.2.8.2"].state, by["1.2.8.2"].reason_code) == (StudyState.FAILED,
+                                                                    ReasonCode.INSTANCES_FAILED.value)
+        assert "decode_error" in by["1.2.8.2"].reason
+        assert by["1.2.8.3"].reason_code == ReasonCode.PIPELINE_ERROR.value
+        failed = store.studies(state=StudyState.FAILED)
+        assert {s.study_key for s in failed} == {"1.2.8.2", "1.2.8.3"}
+        assert [s.study_key for s in store.studies(state=StudyState.FAILED, since=1500.0)] == ["1.2.8.3"]
+        recent = store.studies(state=(StudyState.FAILED, StudyState.NOT_APPLICABLE), newest_first=True, limit=2)
+        assert recent[0].study_key == "1.2.8.3" and len(recent) == 2
+        from cxr_ai.store.listing import recent_problems
+
+        shown = recent_problems(store)
+        assert [(r["job_id"], r["state"], r["reason_code"]) for r in shown["recent_problems"]][0] == (
+            by["1.2.8.3"].job_id, "failed", "pipeline_error")
+        assert {r["reason_code"] for r in shown["recent_problems"]} == {"pipeline_error", "instances_failed",
+                                                                       "body_part"}
+        assert shown["sop_uid_reused"] == []
+        # a new instance re-opens the study and clears its reason
+        _record(store, study="1.2.8.2", sop="1.2.8.2.2", fp="fp")
+        assert store.study("1.2.8.2").reason_code == ""
+    finally:
+        store.close()
+
+
+def test_deliveries_queued_with_new_delivery(tmp_path):
+    """The outbox still takes NewDelivery rows after the schema change (smoke of the v2 layout)."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        _record(store, study="1.2.7.1", sop="1.2.7.1.1", fp="fp")
+        store.association_closed(["1.2.7.1"], quiet_seconds=0)
+        store.claim_ready()
+        store.complete_processing("1.2.7.1", results=[InstanceResult("1.2.7.1.1", InstanceState.PROCESSED)],
+                                  deliveries=[NewDelivery("pacs", ["a.dcm"])])
+        assert store.study("1.2.7.1").state is StudyState.SENDING
+    finally:
+        store.close()
+
+
+def test_jobs_command_lists_failed_and_not_applicable_with_reasons(tmp_path, capsys):
+    from cxr_ai.cli import main as cli_main
+
+    root = tmp_path / "var"
+    site = tmp_path / "site.toml"
+    site.write_text(f'[store]\nroot = "{root}"\n', encoding="utf-8")
+    store = JobStore(root / "jobs.sqlite3")
+    try:
+        for n in (1, 2, 3):
+            _record(store, study=f"1.2.8.{n}", sop=f"1.2.8.{n}.1", fp="fp")
+        store.association_closed(["1.2.8.1", "1.2.8.2", "1.2.8.3"], quiet_seconds=0)
+        store.claim_ready(limit=3)
+        store.complete_processing("1.2.8.1", results=[InstanceResult("1.2.8.1.1", InstanceState.NOT_APPLICABLE,
+                                                                     "body_part")], deliveries=[])
+        store.complete_processing("1.2.8.2", results=[InstanceResult("1.2.8.2.1", InstanceState.FAILED,
+                                                                     "decode_error")], deliveries=[])
+        store.complete_processing("1.2.8.3", results=[InstanceResult("1.2.8.3.1", InstanceState.PROCESSED)],
+                                  deliveries=[])
+        jobs = {s.study_key: s.job_id for s in store.studies()}
+    finally:
+        store.close()
+    capsys.readouterr()
+    assert cli_main(["jobs", "--config", str(site), "--state", "failed", "--state", "not_applicable",
+                     "--since", "1h", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"')]
+    listed = {r["job_id"]: r for r in rows if "job_id" in r}
+    assert set(listed) == {jobs["1.2.8.1"], jobs["1.2.8.2"]}
+    assert listed[jobs["1.2.8.1"]]["reason_code"] == "body_part"
+    assert listed[jobs["1.2.8.2"]]["reason_code"] == "instances_failed" and "decode_error" in listed[jobs["1.2.8.2"]]["reason"]
+    assert cli_main(["jobs", "--config", str(site), "--state", "failed", "--since", "2000-01-01"]) == 0
+    text = capsys.readouterr().out
+    assert f"FAILED          job {jobs['1.2.8.2']}" in text and "[instances_failed]" in text
+    assert jobs["1.2.8.1"] not in text
+    # a --since in the future lists nothing; a bad one says what it takes
+    assert cli_main(["jobs", "--config", str(site), "--state", "failed", "--since", "2999-01-01", "--json"]) == 0
+    assert '"job_id"' not in capsys.readouterr().out
+    import pytest as _pytest
+
+    with _pytest.raises(SystemExit):
+        cli_main(["jobs", "--config", str(site), "--since", "yesterday"])
+    assert "neither an ISO date/time" in capsys.readouterr().err
