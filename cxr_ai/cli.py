@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_parser(sub)
     add_worklist_parser(sub)
     add_evaluate_parser(sub)
+    for sp in sub.choices.values():  # -v works after the subcommand too (`cxr-ai evaluate -v ...`)
+        if "-v" not in sp._option_string_actions:
+            sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                            help="more logging (-v, -vv); also accepted before the command")
     return parser
 
 
