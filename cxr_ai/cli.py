@@ -23,20 +23,39 @@ def _configure_logging(verbosity: int) -> None:
     )
 
 
+#: Strength of the ``--shift-group`` degradation when ``--shift-strength`` is not given: 1.0
+#: (veil, blur and noise at full strength) is what the evaluator and the monitor are tested to
+#: flag for the shifted group; 0 would mark no image as shifted.
+DEFAULT_SHIFT_STRENGTH = 1.0
+
+
 def _cmd_phantoms(args: argparse.Namespace) -> int:
+    from cxr_ai.errors import ConfigError
     from cxr_ai.phantoms import PhantomConfig, generate_studies
 
     shift = None
+    strength = 0.0
     if args.shift_group:
         key, _, value = args.shift_group.partition("=")
         if not value:
             raise SystemExit("--shift-group must look like race=Black")
         shift = {key: value}
-    config = PhantomConfig(n_studies=args.n, seed=args.seed, shift_group=shift,
-                           **({"size": args.size} if args.size else {}))
+        strength = DEFAULT_SHIFT_STRENGTH if args.shift_strength is None else args.shift_strength
+        if strength <= 0:
+            raise SystemExit(f"--shift-strength {strength} shifts nothing; give a value in (0, 1] "
+                             "or leave --shift-group out")
+    elif args.shift_strength is not None:
+        raise SystemExit("--shift-strength needs --shift-group (e.g. --shift-group race=Black)")
+    try:
+        config = PhantomConfig(n_studies=args.n, seed=args.seed, shift_group=shift, shift_strength=strength,
+                               **({"size": args.size} if args.size else {}))
+    except ConfigError as exc:
+        raise SystemExit(f"cxr-ai phantoms: {exc}") from exc
     table = generate_studies(args.out, config)
+    n_shifted = int(table["shifted"].astype(bool).sum()) if "shifted" in table else 0
     print(f"wrote {len(table)} instances in {table['study_uid'].nunique()} studies to {args.out} "
-          f"(labels: {Path(args.out) / 'labels.csv'})")
+          f"(labels: {Path(args.out) / 'labels.csv'})"
+          + (f"; {n_shifted} instances of {args.shift_group} shifted at strength {strength:g}" if shift else ""))
     return 0
 
 
@@ -77,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=20, help="number of studies (default 20)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--size", type=int, default=None, help="long side in pixels (default: realistic 1.5-2.5k)")
-    p.add_argument("--shift-group", default=None, help="subgroup with degraded images, e.g. race=Black")
+    p.add_argument("--shift-group", default=None,
+                   help="subgroup with degraded images (acquisition-quality shift), e.g. race=Black; keys "
+                        "race, sex, insurance")
+    p.add_argument("--shift-strength", type=float, default=None,
+                   help=f"0..1 strength of the --shift-group degradation (default {DEFAULT_SHIFT_STRENGTH:g} "
+                        "when --shift-group is given)")
     p.set_defaults(func=_cmd_phantoms)
 
     p = sub.add_parser("check", help="read DICOM files and print the applicability decision")

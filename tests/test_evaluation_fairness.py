@@ -89,6 +89,8 @@ def flag_decisions(report: dict, metrics: tuple[str, ...]) -> list[tuple[str, st
                     if gr["small"]:
                         continue
                     for m in metrics:
+                        if m == "ece" and not gr["ece_flaggable"]:
+                            continue  # never flagged: too few images per calibration bin
                         gap = gr["gap_to_overall"][m]
                         d, ci = gap["difference"]["value"], gap["difference"]["ci"]
                         if d is None or ci is None:
@@ -264,3 +266,23 @@ def test_verbose_after_the_subcommand_and_help_on_every_option(tmp_path, capsys)
     assert 'id = "Image Index" of Data_Entry_2017.csv' in text
     assert 'id = "Path" of train.csv/valid.csv' in text
     assert "p_F (probability) and thr_F (operating threshold) or pred_F" in text
+
+
+def test_calibration_error_is_flagged_for_a_miscalibrated_group_not_for_a_small_calibrated_one():
+    from cxr_ai.evaluation.metrics import MetricSettings, flagged_gaps, group_metrics
+
+    rng = np.random.default_rng(5)
+    n = 6000
+    g = rng.choice(["A", "B", "tiny"], n, p=[0.6, 0.39, 0.01])
+    s = rng.random(n)
+    y = (rng.random(n) < s).astype(int)  # calibrated for everyone...
+    b = g == "B"
+    s_out = s.copy()
+    s_out[b] = np.clip(s[b] * 0.5 + 0.45, 0, 1)  # ...but B's scores are pushed upwards: same ranking
+    r = group_metrics(y, s_out, s_out >= 0.5, g, settings=MetricSettings(n_boot=200, random_state=0))
+    flags = {(f["group"], f["metric"]) for f in flagged_gaps(r, min_abs_gap=0.05)}
+    assert ("B", "ece") in flags and ("B", "auroc") not in flags
+    tiny = next(x for x in r["groups"] if x["group"] == "tiny")
+    assert tiny["n"] < 100 and not tiny["ece_flaggable"] and "biased upwards" in tiny["ece_status"]
+    assert not any(grp == "tiny" for grp, _ in flags), flags
+    assert ("A", "ece") not in flags, flags

@@ -91,6 +91,8 @@ STATUS_NO_NEGATIVES = "not estimable: the group has no negative cases"
 STATUS_NO_POSITIVE_DECISIONS = "not estimable: the model made no positive decision in the group"
 STATUS_NO_NEGATIVE_DECISIONS = "not estimable: the model made no negative decision in the group"
 STATUS_SMALL = "small group (n={n} < {min_n}): interpret with caution"
+STATUS_ECE_FEW = ("calibration error not flagged: {n} images < {min_n} ({per_bin} per bin x {bins} bins); "
+                  "ECE is biased upwards in small samples")
 STATUS_NO_REFERENCE = "not estimable: the reference value is not estimable"
 STATUS_RATIO_ZERO = "not estimable: the reference value is 0"
 
@@ -275,6 +277,12 @@ def _excludes(ci: list[float] | None, value: float) -> bool:
 
 # --- Main entry -----------------------------------------------------------------------------
 
+#: A group's calibration error is flagged only with at least this many images per bin on
+#: average: binned ECE is biased upwards by roughly sqrt(bins / n), so a small, well-calibrated
+#: group shows a larger ECE than the whole sample by chance alone.
+MIN_IMAGES_PER_ECE_BIN = 10
+
+
 @dataclass(frozen=True)
 class MetricSettings:
     """How subgroup metrics are computed."""
@@ -284,6 +292,11 @@ class MetricSettings:
     random_state: int = 0
     min_group_size: int = 30
     calibration_bins: int = 10
+
+    @property
+    def min_ece_group_size(self) -> int:
+        """Smallest group whose calibration error may be flagged."""
+        return MIN_IMAGES_PER_ECE_BIN * self.calibration_bins
 
 
 def group_metrics(
@@ -355,8 +368,12 @@ def group_metrics(
             ci = _ci(reps_group[label][metric], settings.ci_level) if reps_group else None
             cells[metric] = _cell(float(mf.by_group.loc[label, metric]) if label in mf.by_group.index
                                   else float(mf.by_group.iloc[k][metric]), ci, st)
+        ece_flaggable = c["n"] >= settings.min_ece_group_size
         groups_out.append({
-            "group": label, **c, "small": small,
+            "group": label, **c, "small": small, "ece_flaggable": ece_flaggable,
+            **({} if ece_flaggable else {"ece_status": STATUS_ECE_FEW.format(
+                n=c["n"], min_n=settings.min_ece_group_size, per_bin=MIN_IMAGES_PER_ECE_BIN,
+                bins=settings.calibration_bins)}),
             "status": STATUS_SMALL.format(n=c["n"], min_n=settings.min_group_size) if small else STATUS_OK,
             "metrics": cells,
             "calibration": calibration(y[codes == k], s[codes == k], n_bins=settings.calibration_bins),
@@ -461,6 +478,8 @@ def flagged_gaps(result: Mapping[str, Any], *, metrics: Sequence[str] = DEFAULT_
         if gr["small"]:
             continue
         for metric in resolve_metrics(metrics):
+            if metric == "ece" and not gr.get("ece_flaggable", True):
+                continue
             gap = gr[reference][metric]
             value = gap["difference"]["value"]
             if gap["significant"] and gap["worse"] and value is not None and abs(value) >= min_abs_gap:
