@@ -99,7 +99,7 @@ from cxr_ai.dicom import codes
 from cxr_ai.dicom.reader import Radiograph, read_radiograph
 from cxr_ai.dicom.sr import report_uid, tracking_uid
 from cxr_ai.errors import ConfigError
-from cxr_ai.results import FindingResult, ModelInfo
+from cxr_ai.results import FindingResult, ModelInfo, format_probability
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +402,7 @@ def build_diagnostic_report(
     issued = issued or dt.datetime.now(dt.timezone.utc)
     summary = "; ".join(
         f"{f.display}: {'present' if f.positive else 'absent'} "
-        f"(probability {f.probability:.2f}, threshold {f.threshold:.2f})"
+        f"(probability {format_probability(f.probability)}, threshold {f.threshold:.2f})"
         for f in findings
     )
     prefix = "AI result, NOT FOR CLINICAL USE" if model.not_for_clinical_use else "AI result"

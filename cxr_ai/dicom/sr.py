@@ -47,6 +47,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from cxr_ai import __version__
 from cxr_ai.dicom import codes
+from cxr_ai.errors import ConfigError
 from cxr_ai.results import OUTPUT_PARTS, FindingResult, ImageResult, ModelInfo
 
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time to keep import cheap
@@ -264,6 +265,9 @@ def build_sr(
         manufacturer_model_name=sanitize_lo(model.name),
         software_versions=software_versions(model),
     )
+    from cxr_ai.dicom import headers
+
+    headers.finish(sr, source_ds, model, description=f"AI findings by {model.label}")
     logger.debug(
         "built SR %s with %d finding group(s) for instance %s",
         sr.SOPInstanceUID, len(findings), source_ds.SOPInstanceUID,
@@ -362,6 +366,9 @@ def _threshold(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> float | No
 # --- all outputs of one image ----------------------------------------------------------------
 
 MSG_UNKNOWN_PARTS = "unknown output part(s) {parts}; choose from {known}"
+#: ``[outputs] heatmaps_for``: heatmap objects for the positive findings only, or for all.
+HEATMAPS_FOR: tuple[str, ...] = ("positive", "all")
+MSG_HEATMAPS_FOR = "[outputs] heatmaps_for = {value!r} is not known; choose \"positive\" (default) or \"all\"."
 
 
 @dataclass
@@ -457,7 +464,12 @@ def outputs_for(
             source_ds, model, findings,
             series_number=int(out_cfg["sr_series_number"]), instance_number=instance_number,
         )
-    with_maps = [f for f in findings if f.heatmap is not None]
+    heatmaps_for = str(out_cfg.get("heatmaps_for", "positive"))
+    if heatmaps_for not in HEATMAPS_FOR:
+        raise ConfigError(MSG_HEATMAPS_FOR.format(value=heatmaps_for))
+    # Localisation for the findings the model called present (the SR still reports every
+    # finding, Absent with its probability); "all" adds maps of the negative findings too.
+    with_maps = [f for f in findings if f.heatmap is not None and (heatmaps_for == "all" or f.positive)]
     if with_maps and out_cfg["heatmap_sc"] and "heatmap_sc" in include:
         if display_image is None:
             from cxr_ai.imaging import display_array
