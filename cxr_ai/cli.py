@@ -81,6 +81,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_conformance(args: argparse.Namespace) -> int:
+    """Write (or check) the DICOM Conformance Statement generated from the code's tables."""
+    from cxr_ai.conformance import render
+
+    text = render()
+    out = Path(args.out)
+    if args.check:
+        current = out.read_text(encoding="utf-8") if out.is_file() else ""
+        if current != text:
+            print(f"{out} is out of date with the code: run `cxr-ai conformance --out {out}` "
+                  "(make conformance-statement) and commit it", file=sys.stderr)
+            return 1
+        print(f"{out} matches the code")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxr-ai",
@@ -109,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="site config TOML")
     p.add_argument("--details", action="store_true", help="also print the metadata read")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("conformance", help="write the DICOM Conformance Statement generated from the code")
+    p.add_argument("--out", default="docs/dicom-conformance-statement.md",
+                   help="output file (default docs/dicom-conformance-statement.md)")
+    p.add_argument("--check", action="store_true",
+                   help="do not write; exit 1 if the file differs from what the code generates")
+    p.set_defaults(func=_cmd_conformance)
 
     from cxr_ai.batch import add_batch_parser
     from cxr_ai.evaluation.cli import add_evaluate_parser

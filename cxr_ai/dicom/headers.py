@@ -60,6 +60,8 @@ SERIES_KEYWORDS: tuple[str, ...] = (
 def copy_patient_study(target: Dataset, source: Dataset) -> None:
     """Give ``target`` the source's value of every :data:`PATIENT_STUDY_KEYWORDS` attribute
     the source has (deep copies: the source is never shared or changed)."""
+    if "SpecificCharacterSet" in source:  # the copied names are encoded in the source's set
+        target["SpecificCharacterSet"] = copy.deepcopy(source["SpecificCharacterSet"])
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in source:
             target[keyword] = copy.deepcopy(source[keyword])
