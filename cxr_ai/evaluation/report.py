@@ -116,6 +116,8 @@ def calibration_figure(result: Mapping[str, Any], finding: str) -> str | None:
 
 
 def gap_figure(result: Mapping[str, Any], finding: str, metrics: Sequence[str] = GAP_METRICS) -> str:
+    """Gap bars with CIs; red = a flagged gap (the same decision as the report's flag list)."""
+    flagged = {(f["group"], f["metric"]) for f in result.get("flagged", ())}
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.45 * len(result["groups"]) + 1.6),
                              sharey=True)
     labels = [gr["group"] for gr in result["groups"]]
@@ -129,7 +131,7 @@ def gap_figure(result: Mapping[str, Any], finding: str, metrics: Sequence[str] =
             vals.append(v)
             lo.append(v - ci[0])
             hi.append(ci[1] - v)
-            colors.append("#c0392b" if gap["significant"] and gap["worse"] and not gr["small"]
+            colors.append("#c0392b" if (gr["group"], metric) in flagged
                           else "#95a5a6" if gr["small"] or d["value"] is None else "#2e86c1")
         yy = np.arange(len(labels))
         ax.barh(yy, vals, xerr=[lo, hi], color=colors, capsize=3)
@@ -137,7 +139,7 @@ def gap_figure(result: Mapping[str, Any], finding: str, metrics: Sequence[str] =
         ax.set_yticks(yy, labels)
         ax.set_title(f"{metric} − overall", fontsize=9)
     fig.subplots_adjust(left=0.16, right=0.98, bottom=0.12, top=0.8, wspace=0.15)
-    fig.suptitle(f"{finding}: gaps by {result['attribute']} (95% CI; red = significant, harmful; grey = small/not estimable)",
+    fig.suptitle(f"{finding}: gaps by {result['attribute']} (95% CI; red = flagged; grey = small/not estimable)",
                  fontsize=9)
     return _png(fig)
 
