@@ -78,7 +78,9 @@ def _result_objects() -> list[Any]:
     result = ImageResult(str(source.SOPInstanceUID), str(source.StudyInstanceUID),
                          GateDecision(True, GateReason.ACCEPTED, "ok"), model=model,
                          findings=[FindingResult("cardiomegaly", "Cardiomegaly", 0.9, 0.5, heatmap=heat)])
-    outputs = outputs_for(result, source, config=default_config())
+    cfg = default_config()
+    cfg["outputs"]["segmentation"] = True  # listed too (opt-in)
+    outputs = outputs_for(result, source, config=cfg)
     assert outputs is not None
     return outputs.dicom()
 
@@ -99,6 +101,7 @@ def render(config: Mapping[str, Any] | None = None) -> str:
     from cxr_ai.config import default_config
     from cxr_ai.dicom import codes
     from cxr_ai.dicom.sr import HEATMAPS_FOR, PM_SERIES_NUMBER, SC_SERIES_NUMBER, SR_SERIES_NUMBER
+    from cxr_ai.dicom.segmentation import SEG_SERIES_NUMBER
     from cxr_ai.net import query
     from cxr_ai.net.common import STORAGE_TRANSFER_SYNTAXES
     from cxr_ai.net.scu import MAX_CONTEXTS
@@ -193,6 +196,8 @@ def render(config: Mapping[str, Any] | None = None) -> str:
         ts = str(o.file_meta.TransferSyntaxUID)
         rows.append([_uid_name(str(o.SOPClassUID)), f"`{o.SOPClassUID}`", f"{_uid_name(ts)} (`{ts}`)"])
     s.append(_table(["Result object SOP Class", "UID", "Transfer syntax proposed"], rows) + "\n")
+    s.append("The Segmentation is sent only with `[outputs] segmentation = true`; the others follow "
+             "`[outputs] sr`, `heatmap_sc` and `parametric_map`.\n")
     s.append("Each result object is proposed in its own transfer syntax plus Explicit and Implicit VR Little "
              f"Endian; at most {MAX_CONTEXTS} presentation contexts per association. C-STORE statuses Success "
              "and Warning count as delivered; anything else, a rejected association or a lost connection leaves "
@@ -253,6 +258,9 @@ def render(config: Mapping[str, Any] | None = None) -> str:
          f"Mapping (quantity DCM {codes.SALIENCY.value} {codes.SALIENCY.meaning}), one instance per finding. "
          f"Series number {PM_SERIES_NUMBER}. Frame of Reference: its own (a projection radiograph has none); "
          "see the README for what viewers do with it."],
+        ["Segmentation (opt-in)", "The same map as a FRACTIONAL (PROBABILITY, 0-255) Segmentation without a "
+         "Frame of Reference, one frame on the source frame, one segment per finding (segmented property = the "
+         f"finding's concept, algorithm AUTOMATIC). Series number {SEG_SERIES_NUMBER}."],
     ]) + "\n")
     s.append(f"Heatmap objects are made for `[outputs] heatmaps_for` = {' or '.join(repr(v) for v in HEATMAPS_FOR)} "
              f"findings (default {out_cfg.get('heatmaps_for', 'positive')!r}); the SR reports every finding. "

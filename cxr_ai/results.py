@@ -54,7 +54,7 @@ def format_probability(p: float) -> str:
 #: The result parts of one image: the findings (SR, FHIR) need only the model's probabilities;
 #: the heatmap objects (SC, Parametric Map) need the Grad-CAM maps too.
 RESULT_PARTS: tuple[str, ...] = ("sr", "fhir")
-HEATMAP_PARTS: tuple[str, ...] = ("heatmap_sc", "parametric_map")
+HEATMAP_PARTS: tuple[str, ...] = ("heatmap_sc", "parametric_map", "segmentation")
 OUTPUT_PARTS: tuple[str, ...] = RESULT_PARTS + HEATMAP_PARTS
 
 

@@ -57,9 +57,9 @@ def _findings(ds: Dataset, seed: int) -> list[FindingResult]:
             FindingResult("low_ef", "Low ejection fraction", 0.0004, 0.35, heatmap=heat)]
 
 
-def _outputs(source: Dataset, *, heatmaps_for: str, n_images: int = 2) -> list[Dataset]:
+def _outputs(source: Dataset, *, heatmaps_for: str, n_images: int = 2, segmentation: bool = True) -> list[Dataset]:
     cfg = default_config()
-    cfg["outputs"].update(sc_max_side=256, heatmaps_for=heatmaps_for)
+    cfg["outputs"].update(sc_max_side=256, heatmaps_for=heatmaps_for, segmentation=segmentation)
     objects: list[Dataset] = []
     for i in range(n_images):
         ds = _image(source, i)
@@ -83,8 +83,9 @@ def _value(ds: Dataset, keyword: str) -> object:
 
 def test_every_object_kind_is_there(study_all) -> None:
     kinds = sorted({ds.SOPClassUID.name for ds in study_all})
-    assert kinds == ["Comprehensive 3D SR Storage", "Parametric Map Storage", "Secondary Capture Image Storage"]
-    assert len(study_all) == 2 * (1 + 2 + 2)
+    assert kinds == ["Comprehensive 3D SR Storage", "Parametric Map Storage", "Secondary Capture Image Storage",
+                     "Segmentation Storage"]
+    assert len(study_all) == 2 * (1 + 2 + 2 + 2)
 
 
 def test_patient_and_study_attributes_are_the_same_in_every_object(source, study_all) -> None:
@@ -104,7 +105,7 @@ def test_series_attributes_are_identical_within_each_series(study_all) -> None:
     series: dict[str, list[Dataset]] = {}
     for ds in study_all:
         series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
-    assert len(series) == 3  # one series per object kind per study
+    assert len(series) == 4  # one series per object kind per study
     for uid, members in series.items():
         assert len(members) >= 2
         for keyword in SERIES_KEYWORDS:
@@ -134,7 +135,7 @@ def test_contributing_equipment_names_the_algorithm_first(study_all) -> None:
 
 
 def test_heatmaps_for_positive_findings_by_default_and_the_sr_still_reports_absent(source) -> None:
-    objects = _outputs(source, heatmaps_for="positive", n_images=1)
+    objects = _outputs(source, heatmaps_for="positive", n_images=1, segmentation=False)
     pms = [ds for ds in objects if ds.SOPClassUID.name == "Parametric Map Storage"]
     scs = [ds for ds in objects if ds.SOPClassUID.name == "Secondary Capture Image Storage"]
     assert [ds.ContentLabel for ds in pms] == ["CARDIOMEGALY_MAP"] and len(scs) == 1
@@ -180,8 +181,36 @@ def test_all_objects_pass_dciodvfy_dsrdump_and_highdicom(study_all, tmp_path, dc
             dump = subprocess.run([shutil.which("dsrdump") or "dsrdump", str(path)], capture_output=True, text=True,
                                   check=False)
             assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout, dump.stderr
+        elif ds.SOPClassUID.name == "Segmentation Storage":
+            seg = hd.seg.segread(path)
+            assert seg.SegmentationType == "FRACTIONAL" and seg.get("FrameOfReferenceUID") is None
         elif ds.SOPClassUID.name == "Parametric Map Storage":
             assert hd.pm.ParametricMap.from_dataset(pydicom.dcmread(path)).ContentLabel.endswith("_MAP")
         else:
             image = hd.imread(path)  # highdicom reads it back as an image
             assert image.BurnedInAnnotation == "YES" and image.SamplesPerPixel == 3
+
+
+def test_segmentation_overlays_the_source_pixel_for_pixel(source) -> None:
+    """The opt-in Segmentation: one FRACTIONAL frame on the one source frame, found through
+    the references a 2D viewer uses (ReferencedSeriesSequence, per-frame Source Image), the
+    heat stored to within one 8-bit step; off by default."""
+    from cxr_ai.dicom.segmentation import stored_fraction
+
+    assert default_config()["outputs"]["segmentation"] is False
+    assert not [d for d in _outputs(source, heatmaps_for="all", n_images=1, segmentation=False)
+                if d.SOPClassUID.name == "Segmentation Storage"]
+    objects = _outputs(source, heatmaps_for="positive", n_images=1)
+    segs = [d for d in objects if d.SOPClassUID.name == "Segmentation Storage"]
+    assert len(segs) == 1
+    seg = segs[0]
+    image = _image(source, 0)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image.SeriesInstanceUID
+    ref = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == image.SOPInstanceUID
+    assert (seg.Rows, seg.Columns) == (image.Rows, image.Columns)
+    heat = _findings(image, 0)[0].heatmap
+    assert np.abs(stored_fraction(seg) - heat).max() <= 0.5 / 255 + 1e-6
+    item = seg.SegmentSequence[0]
+    assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == codes.CARDIOMEGALY.value
+    assert item.SegmentAlgorithmType == "AUTOMATIC"

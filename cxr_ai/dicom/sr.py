@@ -378,12 +378,13 @@ class ImageOutputs:
     sr: hd.sr.Comprehensive3DSR | None
     heatmap_scs: list[hd.sc.SCImage] = field(default_factory=list)
     parametric_maps: list[hd.pm.ParametricMap] = field(default_factory=list)
+    segmentations: list[hd.seg.Segmentation] = field(default_factory=list)
     fhir_bundle: Bundle | None = None
 
     def dicom(self) -> list[Dataset]:
         """Every DICOM object, SR first."""
         objects: list[Dataset] = [self.sr] if self.sr is not None else []
-        return objects + list(self.heatmap_scs) + list(self.parametric_maps)
+        return objects + list(self.heatmap_scs) + list(self.parametric_maps) + list(self.segmentations)
 
     def save(self, directory: str | os.PathLike) -> list[Path]:
         """Write each DICOM object as ``<SOPInstanceUID>.dcm`` (and ``fhir-bundle.json``)."""
@@ -495,6 +496,15 @@ def outputs_for(
             first_instance_number=instance_number,
             transfer_syntax_uid=str(out_cfg["pm_transfer_syntax"]),
         )
+    if with_maps and out_cfg.get("segmentation", False) and "segmentation" in include:
+        from cxr_ai.dicom.segmentation import SEG_SERIES_NUMBER, build_segmentation
+
+        outputs.segmentations = [
+            build_segmentation(source_ds, f, model,
+                               series_number=int(out_cfg.get("seg_series_number", SEG_SERIES_NUMBER)),
+                               instance_number=instance_number + i)
+            for i, f in enumerate(with_maps)
+        ]
     if "fhir" in include:
         outputs.fhir_bundle = fhir.build_bundle(
             source_ds, model, findings, options=fhir.FhirOptions.from_config(cfg)
