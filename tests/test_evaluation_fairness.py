@@ -247,6 +247,7 @@ def test_input_errors_are_one_line_naming_the_input(tmp_path, capsys, case, need
     err = capsys.readouterr().err
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("cxr-ai evaluate: ") and err.count("cxr-ai evaluate:") == 1, err
     assert needle.format(tmp=tmp_path) in err, err
 
 

@@ -67,7 +67,7 @@ underdiagnosis, FPR, calibration error) unless --flag-metrics says otherwise. PP
 follow each group's prevalence; they are reported beside it, not flagged.
 """
 
-MSG_INPUT = "cxr-ai evaluate: {what} {path}: {error}"
+MSG_INPUT = "{what} {path}: {error}"
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
