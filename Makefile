@@ -17,7 +17,7 @@ DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools chromium
 NODE_PACKAGES := nodejs npm
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps python-deps node-deps demo test bench demo-bundle clean
+.PHONY: setup system-deps python-deps node-deps demo test bench demo-bundle conformance-statement clean
 
 setup: system-deps python-deps node-deps
 
@@ -56,6 +56,11 @@ bench: setup
 
 demo-bundle: setup
 	$(PY) -m training.demo
+
+# The DICOM Conformance Statement, generated from the code's own tables (a test checks the
+# committed file matches).
+conformance-statement: setup
+	$(VENV)/bin/cxr-ai conformance --out docs/dicom-conformance-statement.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache var out

@@ -36,9 +36,15 @@ explicit ``save_*`` helpers):
   findings as ``conclusionCode``; identifier = the SR's SOP Instance UID (same report, two
   encodings).
 - A **transaction Bundle**: ``fullUrl`` ``urn:uuid:`` (UUIDs derived from those UIDs, so a
-  re-sent result has the same ones), ``request`` POST with conditional create
-  (``ifNoneExist`` on the identifier) so a re-sent result does not duplicate anything, and
-  the Device is shared by every result of the same bundle version.
+  re-sent result has the same ones). A resend **replaces** (``[fhir] resend = "replace"``,
+  the default): the Observations and the DiagnosticReport go as a *conditional update*
+  (``PUT Observation?identifier=<system>|<value>``, FHIR R4 3.1.0.4.3): the server updates
+  the one resource with that identifier, or creates it when there is none, so a corrected
+  or re-run result overwrites the earlier one in place (same id, new version). The Device
+  goes as a conditional create (``ifNoneExist``), shared by every result of the same bundle
+  version. ``resend = "keep"`` sends everything as conditional create: the first result
+  stays and a resend changes nothing. Identifiers derive from the source instance and the
+  model (:mod:`cxr_ai.dicom.sr`), so an update only ever touches the same image's result.
 - **NDJSON** (:func:`to_ndjson`) for sites without a FHIR server: one resource per line (FHIR
   Bulk Data format), ids = the bundle's UUIDs, ``urn:uuid:`` references rewritten to
   ``Type/id``.
@@ -51,14 +57,19 @@ Patient identifier system (``subject.identifier.system``), first rule that appli
    ``urn:oid:<id>``, URI -> itself, UUID -> ``urn:uuid:<id>``;
 3. an IssuerOfPatientID that is itself an OID -> ``urn:oid:<oid>``, or a URI (``urn:``,
    ``http(s)://``) -> itself;
-4. otherwise ``default_patient_identifier_system`` (may be empty: then no system), and a
-   non-empty issuer is kept as ``assigner.display``.
+4. otherwise ``default_patient_identifier_system``, and a non-empty issuer is kept as
+   ``assigner.display``.
+
+A patient identifier without a system cannot be matched by the receiving system, so the
+listener refuses to start with a FHIR destination when ``default_patient_identifier_system``
+is not set (:func:`require_patient_system`, :data:`MSG_NO_PATIENT_SYSTEM`).
 
 ``Identifier.type`` is always v2-0203 ``MR``. An image without PatientID gets no ``subject``.
 
-Effective time: StudyDate + StudyTime with the file's TimezoneOffsetFromUTC; without an offset,
-the ``default_timezone`` (IANA name) if configured, else the date alone (FHIR requires a time
-zone whenever a time is given).
+Effective time: StudyDate + StudyTime in, first that applies, (1) the file's
+TimezoneOffsetFromUTC, (2) the ``[fhir] default_timezone`` (IANA name), (3) the host's
+local time zone, with its daylight-saving rule for that date (FHIR requires a time zone
+whenever a time is given). :func:`effective_datetime_source` says which one applied.
 """
 
 from __future__ import annotations
@@ -73,6 +84,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fhir.resources.R4B.bundle import Bundle
@@ -87,7 +99,7 @@ from cxr_ai.dicom import codes
 from cxr_ai.dicom.reader import Radiograph, read_radiograph
 from cxr_ai.dicom.sr import report_uid, tracking_uid
 from cxr_ai.errors import ConfigError
-from cxr_ai.results import FindingResult, ModelInfo
+from cxr_ai.results import FindingResult, ModelInfo, format_probability
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +119,14 @@ MSG_BAD_SYSTEM_MAP = (
     "[fhir] patient_identifier_systems must be a list of tables with keys 'issuer' and "
     "'system', e.g. [{{ issuer = \"HOSP_A\", system = \"urn:oid:1.2.3\" }}]; got {value!r}"
 )
+MSG_NO_PATIENT_SYSTEM = (
+    "FHIR delivery is on (routing destination {destination!r}) but no patient identifier system is "
+    "configured: set [fhir] default_patient_identifier_system to your patient-ID namespace (e.g. "
+    "\"urn:oid:<your MRN assigning authority OID>\"), and list other issuers in [fhir] "
+    "patient_identifier_systems; without a system the receiving server cannot match the patient."
+)
+MSG_BAD_RESEND = "[fhir] resend {value!r} is not known; choose \"replace\" (conditional update) or \"keep\"."
+RESEND_MODES: tuple[str, ...] = ("replace", "keep")
 MSG_NOT_RESOURCES = "to_ndjson takes a Bundle or FHIR resources, got {kind}"
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
@@ -121,8 +141,12 @@ class FhirOptions:
     default_patient_identifier_system: str = ""
     default_timezone: str = ""
     conditional_create: bool = True
+    #: What a resend of the same result does: "replace" (conditional update) or "keep".
+    resend: str = "replace"
 
     def __post_init__(self) -> None:
+        if self.resend not in RESEND_MODES:
+            raise ConfigError(MSG_BAD_RESEND.format(value=self.resend))
         if self.default_timezone:
             try:
                 ZoneInfo(self.default_timezone)
@@ -146,7 +170,20 @@ class FhirOptions:
             default_patient_identifier_system=str(section.get("default_patient_identifier_system", "")),
             default_timezone=str(section.get("default_timezone", "")),
             conditional_create=bool(section.get("conditional_create", True)),
+            resend=str(section.get("resend", "replace")),
         )
+
+
+def require_patient_system(options: FhirOptions, *, destination: str) -> None:
+    """Refuse FHIR delivery without a default patient identifier system.
+
+    Raises
+    ------
+    ConfigError
+        :data:`MSG_NO_PATIENT_SYSTEM`, naming the key to set.
+    """
+    if not options.default_patient_identifier_system.strip():
+        raise ConfigError(MSG_NO_PATIENT_SYSTEM.format(destination=destination))
 
 
 # --- small builders --------------------------------------------------------------------------
@@ -223,6 +260,17 @@ def subject_reference(rg: Radiograph, options: FhirOptions) -> dict[str, Any] | 
     return {"type": "Patient", "identifier": identifier}
 
 
+def effective_datetime_source(rg: Radiograph, options: FhirOptions) -> str:
+    """Where the time zone of :func:`effective_datetime` comes from: ``"dicom"``
+    (TimezoneOffsetFromUTC), ``"config"`` ([fhir] default_timezone), ``"host"`` (the local
+    zone) or ``"date-only"`` (no study time)."""
+    if rg.study_date is None or _parse_tm(rg.study_time) is None:
+        return "date-only"
+    if _parse_offset(str(rg.dataset.get("TimezoneOffsetFromUTC", "") or "")) is not None:
+        return "dicom"
+    return "config" if options.default_timezone else "host"
+
+
 def effective_datetime(rg: Radiograph, options: FhirOptions) -> str | None:
     """The study's date and time as a FHIR dateTime (see the module doc for time zones)."""
     if rg.study_date is None:
@@ -236,7 +284,7 @@ def effective_datetime(rg: Radiograph, options: FhirOptions) -> str | None:
         return moment.replace(tzinfo=tz).isoformat()
     if options.default_timezone:
         return moment.replace(tzinfo=ZoneInfo(options.default_timezone)).isoformat()
-    return rg.study_date.isoformat()
+    return moment.astimezone().isoformat()  # naive = local: the host zone's offset on that date
 
 
 def _parse_tm(value: str) -> dt.time | None:
@@ -354,7 +402,7 @@ def build_diagnostic_report(
     issued = issued or dt.datetime.now(dt.timezone.utc)
     summary = "; ".join(
         f"{f.display}: {'present' if f.positive else 'absent'} "
-        f"(probability {f.probability:.2f}, threshold {f.threshold:.2f})"
+        f"(probability {format_probability(f.probability)}, threshold {f.threshold:.2f})"
         for f in findings
     )
     prefix = "AI result, NOT FOR CLINICAL USE" if model.not_for_clinical_use else "AI result"
@@ -382,11 +430,18 @@ def build_diagnostic_report(
 
 
 def _entry(
-    resource: Resource, full_url: str, identifier: Mapping[str, str], options: FhirOptions
+    resource: Resource, full_url: str, identifier: Mapping[str, str], options: FhirOptions,
+    *, replace: bool = False,
 ) -> dict[str, Any]:
-    request: dict[str, Any] = {"method": "POST", "url": resource.get_resource_type()}
+    """A transaction entry: conditional update (``replace``, see the module doc), conditional
+    create, or a plain POST when ``conditional_create`` is off."""
+    kind = resource.get_resource_type()
+    search = f"identifier={quote(identifier['system'], safe=':/')}|{quote(identifier['value'], safe=':/')}"
+    if replace and options.resend == "replace":
+        return {"fullUrl": full_url, "resource": resource, "request": {"method": "PUT", "url": f"{kind}?{search}"}}
+    request: dict[str, Any] = {"method": "POST", "url": kind}
     if options.conditional_create:
-        request["ifNoneExist"] = f"identifier={identifier['system']}|{identifier['value']}"
+        request["ifNoneExist"] = search
     return {"fullUrl": full_url, "resource": resource, "request": request}
 
 
@@ -422,12 +477,13 @@ def build_bundle(
         uid = tracking_uid(rg.dataset, model.device_uid, finding.key)
         url = f"urn:uuid:{_uuid_for(uid)}"
         observation_urls.append(url)
-        entries.append(_entry(obs, url, uid_identifier(uid), options))
+        entries.append(_entry(obs, url, uid_identifier(uid), options, replace=True))
     report = build_diagnostic_report(
         rg, model, findings, observation_references=observation_urls, options=options, issued=issued
     )
     rep_uid = report_uid(rg.dataset, model.device_uid)
-    entries.append(_entry(report, f"urn:uuid:{_uuid_for(rep_uid)}", uid_identifier(rep_uid), options))
+    entries.append(_entry(report, f"urn:uuid:{_uuid_for(rep_uid)}", uid_identifier(rep_uid), options,
+                          replace=True))
     return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
 
 

@@ -31,10 +31,30 @@ class ModelInfo:
         return f"{self.name} {self.version}"
 
 
+#: Probabilities beyond these bounds are shown as "> 0.99" / "< 0.01", never as 1.00 / 0.00.
+PROBABILITY_DISPLAY_BOUNDS: tuple[float, float] = (0.01, 0.99)
+
+
+def format_probability(p: float) -> str:
+    """A model probability for people to read: two decimals, but never certainty.
+
+    ``0.9989`` is ``"> 0.99"`` (two decimals would print ``"1.00"``), ``0.0004`` is
+    ``"< 0.01"``; a model probability is an estimate, and a burned-in "1.00" reads as a fact.
+    Every image, page and report that prints a probability uses this function.
+    """
+    lo, hi = PROBABILITY_DISPLAY_BOUNDS
+    value = float(p)
+    if value > hi:
+        return f"> {hi:.2f}"
+    if value < lo:
+        return f"< {lo:.2f}"
+    return f"{value:.2f}"
+
+
 #: The result parts of one image: the findings (SR, FHIR) need only the model's probabilities;
 #: the heatmap objects (SC, Parametric Map) need the Grad-CAM maps too.
 RESULT_PARTS: tuple[str, ...] = ("sr", "fhir")
-HEATMAP_PARTS: tuple[str, ...] = ("heatmap_sc", "parametric_map")
+HEATMAP_PARTS: tuple[str, ...] = ("heatmap_sc", "parametric_map", "segmentation")
 OUTPUT_PARTS: tuple[str, ...] = RESULT_PARTS + HEATMAP_PARTS
 
 

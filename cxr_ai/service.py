@@ -161,6 +161,11 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
     names = [d.name for d in destinations]
     if len(set(names)) != len(names):
         raise ConfigError(f"[routing] destinations have duplicate names: {names}")
+    fhir_destinations = [d.name for d in destinations if d.kind == "fhir"]
+    if fhir_destinations:  # a patient the FHIR server cannot match is worse than no delivery
+        from cxr_ai.fhir import FhirOptions, require_patient_system
+
+        require_patient_system(FhirOptions.from_config(config), destination=fhir_destinations[0])
     pipeline = _get(wk, "workers", "pipeline", str, "'package.module:Name'", check=lambda v: ":" in v)
     return ServiceSettings(
         listener=listener,

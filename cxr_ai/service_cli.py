@@ -15,6 +15,7 @@ from typing import Any
 
 from cxr_ai.config import load_config
 from cxr_ai.errors import ConfigError
+from cxr_ai.results import format_probability
 from cxr_ai.service import JsonLogFormatter, Service, configure_logging, run_service, validate_config
 from cxr_ai.store.jobs import DeliveryState, InstanceState, JobStore, StudyState
 from cxr_ai.store.listing import study_listing
@@ -232,7 +233,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     reasons.append(inst.reason or inst.state.value)
                 for f in (inst.result or {}).get("findings", []):
                     best = max(best, f["probability"])
-                    parts.append(f"{f['display']} {f['probability']:.2f}{'+' if f['positive'] else ''}")
+                    parts.append(f"{f['display']} {format_probability(f['probability'])}{'+' if f['positive'] else ''}")
             label = "; ".join(parts) if parts else f"not applicable ({', '.join(sorted(set(reasons)))})"
             rows.append((best, study, label))
         rows.sort(key=lambda r: -r[0])

@@ -354,7 +354,8 @@ def load_results_table(worklist: Worklist, table: Any, *, received_at: float | N
 
     if not isinstance(table, pd.DataFrame):
         p = Path(table)
-        table = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+        table = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(
+            p, dtype={"study_uid": str, "sop_uid": str, "report_uid": str})
     keys = [c[2:] for c in table.columns if c.startswith("p_")]
     n = 0
     for study, group in table[table["status"] == "processed"].groupby("study_uid"):
@@ -363,7 +364,12 @@ def load_results_table(worklist: Worklist, table: Any, *, received_at: float | N
             for k in keys:
                 if pd.notna(row.get(f"p_{k}")) and pd.notna(row.get(f"thr_{k}")):
                     findings.append({"key": k, "probability": float(row[f"p_{k}"]), "threshold": float(row[f"thr_{k}"])})
+        reports = ([str(u) for u in group["report_uid"].dropna().unique() if str(u).strip()]
+                   if "report_uid" in group else [])  # the AI reports (SR = DiagnosticReport ids)
         worklist.upsert_study(str(study), findings, received_at=received_at,
-                              patient_key=str(group["patient_key"].iloc[0] if "patient_key" in group else "") or "")
+                              patient_key=str(group["patient_key"].iloc[0] if "patient_key" in group else "") or "",
+                              report_uid=reports[0] if reports else "")
+        for uid in reports[1:]:
+            worklist.upsert_study(str(study), [], received_at=received_at, report_uid=uid)
         n += 1
     return n

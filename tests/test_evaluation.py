@@ -58,13 +58,16 @@ def test_every_metric_equals_sklearn_and_fairlearn():
     r = group_metrics(y, s, p, g, settings=MetricSettings(n_boot=0), attribute="g")
     ref = {
         "sensitivity": true_positive_rate, "specificity": true_negative_rate,
-        "fpr": false_positive_rate, "fnr": false_negative_rate, "underdiagnosis": false_negative_rate,
+        "fpr": false_positive_rate, "fnr": false_negative_rate,
     }
     for gr in r["groups"]:
         m = g == gr["group"]
         assert gr["n"] == m.sum()
         assert gr["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y[m], s[m]), abs=1e-12)
         assert gr["metrics"]["ppv"]["value"] == pytest.approx(precision_score(y[m], p[m]), abs=1e-12)
+        assert gr["metrics"]["npv"]["value"] == pytest.approx(precision_score(y[m], p[m], pos_label=0), abs=1e-12)
+        assert gr["metrics"]["ece"]["value"] == pytest.approx(expected_calibration_error(y[m], s[m]), abs=1e-12)
+        assert gr["prevalence"] == pytest.approx(y[m].mean())
         for name, fn in ref.items():
             assert gr["metrics"][name]["value"] == pytest.approx(fn(y[m], p[m], pos_label=1), abs=1e-12)
     assert r["overall"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
@@ -166,13 +169,19 @@ def test_load_nih(tmp_path):
     assert set(t["race"]) == {"Unknown"} and t["sex"].tolist() == ["M", "M", "M", "F"]
 
 
-@pytest.mark.parametrize("policy,expected", [("u_ones", [np.nan, 1, 1, 0]), ("u_zeros", [np.nan, 0, 1, 0]),
-                                             ("ignore", [np.nan, np.nan, 1, 0])])
-def test_load_chexpert_uncertainty_policies(tmp_path, policy, expected):
+@pytest.mark.parametrize("policy,blank,expected", [
+    ("u_ones", "ignore", [np.nan, 1, 1, 0]), ("u_zeros", "ignore", [np.nan, 0, 1, 0]),
+    ("ignore", "ignore", [np.nan, np.nan, 1, 0]), ("u_ones", "negative", [0, 1, 1, 0]),
+    ("ignore", "negative", [0, np.nan, 1, 0])])
+def test_load_chexpert_uncertainty_and_blank_policies(tmp_path, policy, blank, expected):
     f = tmp_path / "train.csv"
     f.write_text(CHEXPERT_CSV)
-    t = L.load_chexpert(f, uncertainty=policy)
+    t = L.load_chexpert(f, uncertainty=policy, blank=blank)
     np.testing.assert_array_equal(t["cardiomegaly"].to_numpy(), np.array(expected, dtype=float))
+    summary = t.attrs[L.POLICY_ATTR]
+    assert summary["uncertain_policy"] == policy and summary["blank_policy"] == blank
+    assert summary["columns"]["Cardiomegaly"] == {"n_rows": 4, "n_uncertain": 1, "n_blank": 1,
+                                                  "n_positive": 1, "n_negative": 1}
     assert t["patient_id"].tolist() == ["patient00001", "patient00002", "patient00002", "patient00003"]
     assert t["sex"].tolist() == ["F", "F", "F", "M"]
 
@@ -182,8 +191,10 @@ def test_chexpert_policy_is_required_and_checked(tmp_path):
     f.write_text(CHEXPERT_CSV)
     with pytest.raises(ValueError, match="uncertainty policy 'maybe' is not known"):
         L.load_chexpert(f, uncertainty="maybe")
-    with pytest.raises(ValueError, match="uncertainty policy None"):
+    with pytest.raises(ValueError, match="need an explicit uncertainty policy: pass --uncertain"):
         L.load_labels(f, fmt="chexpert")
+    with pytest.raises(ValueError, match="blank-label policy 'zero' is not known"):
+        L.load_labels(f, fmt="chexpert", uncertainty="ignore", blank="zero")
 
 
 def test_wrong_format_names_the_missing_columns(tmp_path):
@@ -225,7 +236,10 @@ def test_load_mimic_joins_and_reports_unmatched(tmp_path):
     assert by.loc["10000764", "race"] == "Black" and by.loc["10000764", "insurance"] == "Medicare"
     assert by.loc["10000764", "age"] == 86 and by.loc["10000764", "sex"] == "M"
     assert set(by.loc["10000032", "insurance"]) == {"Medicaid"}  # the most recent admission
-    np.testing.assert_array_equal(truth["cardiomegaly"].to_numpy(), [np.nan, 0.0, 1.0])  # blank, -1 (u_zeros), 1
+    np.testing.assert_array_equal(truth["cardiomegaly"].to_numpy(), [0.0, 0.0, 1.0])  # blank (negative), -1 (u_zeros), 1
+    assert truth.attrs[L.POLICY_ATTR]["columns"]["Cardiomegaly"]["n_blank"] == 1
+    ignored, _ = L.load_labels(tmp_path, fmt="mimic", uncertainty="u_zeros", blank="ignore")
+    np.testing.assert_array_equal(ignored["cardiomegaly"].to_numpy(), [np.nan, 0.0, 1.0])
     img_lab = reports[0]
     assert (img_lab.n_left_unmatched, img_lab.n_right_unmatched) == (1, 1)
     assert img_lab.examples_left_unmatched == ["10008888/58888888"]
@@ -405,10 +419,17 @@ def test_every_bootstrap_replicate_equals_the_libraries_on_the_resampled_rows():
         assert got["fpr"][b] == pytest.approx(false_positive_rate(yy, pp, pos_label=1), abs=1e-12)
         assert got["fnr"][b] == pytest.approx(false_negative_rate(yy, pp, pos_label=1), abs=1e-12)
         assert got["ppv"][b] == pytest.approx(precision_score(yy, pp), abs=1e-12)
+        assert got["npv"][b] == pytest.approx(precision_score(yy, pp, pos_label=0), abs=1e-12)
+        assert got["ece"][b] == pytest.approx(expected_calibration_error(yy, ss), abs=1e-12)
 
 
 def test_cli_choices_match_the_loaders() -> None:
     from cxr_ai.evaluation import cli, labels
 
+    from cxr_ai.evaluation import metrics
+
     assert cli.LABEL_FORMATS == labels.LABEL_FORMATS
     assert cli.UNCERTAINTY_POLICIES == labels.UNCERTAINTY_POLICIES
+    assert cli.BLANK_POLICIES == labels.BLANK_POLICIES
+    assert cli.DEFAULT_BLANK_POLICY == labels.DEFAULT_BLANK_POLICY
+    assert cli.DEFAULT_FLAG_METRICS == metrics.DEFAULT_FLAG_METRICS

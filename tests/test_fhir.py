@@ -91,9 +91,15 @@ def test_bundle_round_trips_through_fhir_resources(bundle):
         "Device", "Observation", "Observation", "DiagnosticReport"]
     for entry in bundle.entry:
         assert re.fullmatch(r"urn:uuid:[0-9a-f-]{36}", entry.fullUrl)
-        assert entry.request.method == "POST" and entry.request.url == entry.resource.get_resource_type()
+        kind = entry.resource.get_resource_type()
         identifier = entry.resource.identifier[0]
-        assert entry.request.ifNoneExist == f"identifier={identifier.system}|{identifier.value}"
+        search = f"identifier={identifier.system}|{identifier.value}"
+        if kind == "Device":  # shared by every result of the bundle version: create once
+            assert entry.request.method == "POST" and entry.request.url == kind
+            assert entry.request.ifNoneExist == search
+        else:  # a resend replaces: conditional update on the identifier
+            assert entry.request.method == "PUT" and entry.request.url == f"{kind}?{search}"
+            assert entry.request.ifNoneExist is None
     for kind, cls in (("Observation", Observation), ("DiagnosticReport", DiagnosticReport), ("Device", Device)):
         for resource in _resources(bundle, kind):
             assert cls.model_validate(json.loads(resource.model_dump_json())) == resource
@@ -206,12 +212,26 @@ def test_image_without_patient_id_has_no_subject(rg1):
     assert _resources(bundle, "Observation")[0].subject is None
 
 
-def test_effective_time_needs_a_time_zone(rg1):
+def test_effective_time_zone_from_dicom_then_config_then_host(rg1, monkeypatch):
+    import time
+
+    from cxr_ai.fhir import effective_datetime_source
+
     no_tz = _with(rg1)
     del no_tz.TimezoneOffsetFromUTC
     rg = read_radiograph(no_tz)
-    assert effective_datetime(rg, FhirOptions()) == "2004-08-26"  # a time without zone is not FHIR
+    for zone, expected in (("Asia/Kolkata", "2004-08-26T18:50:59+05:30"), ("Europe/Berlin", "2004-08-26T18:50:59+02:00")):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        try:  # a time without zone is not FHIR: the host's zone (with its summer time on that date)
+            assert effective_datetime(rg, FhirOptions()) == expected
+            assert effective_datetime_source(rg, FhirOptions()) == "host"
+        finally:
+            monkeypatch.delenv("TZ")
+            time.tzset()
     assert effective_datetime(rg, FhirOptions(default_timezone="America/New_York")) == "2004-08-26T18:50:59-04:00"
+    assert effective_datetime_source(rg, FhirOptions(default_timezone="America/New_York")) == "config"
+    assert effective_datetime_source(read_radiograph(rg1), FhirOptions(default_timezone="America/New_York")) == "dicom"
     assert effective_datetime(read_radiograph(_with(rg1, StudyTime="0930")), FhirOptions()) == "2004-08-26T09:30:00-04:00"
     assert effective_datetime(read_radiograph(_with(rg1, StudyDate="")), FhirOptions()) is None
 
@@ -230,6 +250,26 @@ def test_options_from_config_and_their_errors():
     with pytest.raises(ConfigError) as info:
         FhirOptions(default_timezone="Mars/Olympus")
     assert str(info.value) == MSG_BAD_TIMEZONE.format(value="Mars/Olympus")
+    with pytest.raises(ConfigError, match='resend .maybe. is not known'):
+        FhirOptions(resend="maybe")
+
+
+def test_fhir_delivery_refuses_to_start_without_a_patient_identifier_system(tmp_path):
+    from cxr_ai.fhir import MSG_NO_PATIENT_SYSTEM
+    from cxr_ai.service import validate_config as service_settings
+
+    config = load_config(env={})
+    config["routing"]["destinations"] = [{"name": "ehr", "kind": "fhir", "url": "http://127.0.0.1:9/fhir"}]
+    with pytest.raises(ConfigError) as info:
+        service_settings(config, base_dir=tmp_path)
+    assert str(info.value) == MSG_NO_PATIENT_SYSTEM.format(destination="ehr")
+    assert "[fhir] default_patient_identifier_system" in str(info.value)
+    config["fhir"]["default_patient_identifier_system"] = "urn:oid:2.16.840.1.113883.19.5"
+    assert [d.name for d in service_settings(config, base_dir=tmp_path).destinations] == ["ehr"]
+    # without FHIR delivery nothing is required
+    config["fhir"]["default_patient_identifier_system"] = ""
+    config["routing"]["destinations"] = [{"name": "out", "kind": "folder", "path": str(tmp_path)}]
+    service_settings(config, base_dir=tmp_path)
 
 
 # --- NDJSON -----------------------------------------------------------------------------------
@@ -388,11 +428,63 @@ def test_engine_accepts_the_transaction_and_links_everything(fhir_server, rg1):
         status, resource = fhir_server.request("GET", f"/{kind}/{rid}")
         assert status == 200 and resource["resourceType"] == "Observation"
 
-    # Sent again (a retry): conditional create finds everything, nothing is duplicated.
+    # Sent again (a retry): the Device is found, the results are updated in place; nothing is
+    # duplicated.
     status, response = fhir_server.request("POST", "/", bundle.model_dump_json())
-    assert status == 200 and [e["response"]["status"] for e in response["entry"]] == ["200"] * 4
+    assert status == 200 and [e["response"]["status"] for e in response["entry"]] == ["200"] * 4, response
     assert len(fhir_server.search(f"/Observation?identifier={urllib.parse.quote(f'{DICOM_UID_SYSTEM}|urn:oid:{tracking}')}")) == 1
     assert len(fhir_server.search(f"/Device?identifier={urllib.parse.quote(f'{DICOM_UID_SYSTEM}|urn:oid:{DEMO.device_uid}')}")) == 1
+
+
+def _one(fhir_server: FhirServer, kind: str, uid: str) -> dict[str, Any]:
+    found = fhir_server.search(f"/{kind}?identifier={urllib.parse.quote(f'{DICOM_UID_SYSTEM}|urn:oid:{uid}')}")
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.slow
+def test_engine_resend_replaces_the_result_and_keep_keeps_it(fhir_server, rg1):
+    """A re-run with a newer ``issued`` and another probability replaces the Observations and
+    the DiagnosticReport in place (same ids, new versions); another image's result is
+    untouched; with ``resend = "keep"`` the first result stays."""
+    source = _with(rg1, SOPInstanceUID="1.2.826.0.1.3680043.10.543.77")
+    other = _with(rg1, SOPInstanceUID="1.2.826.0.1.3680043.10.543.78", PatientID="OTHER-PATIENT")
+    options = FhirOptions(default_patient_identifier_system="urn:oid:2.16.840.1.113883.19.5")
+    first = build_bundle(source, DEMO, FINDINGS, issued=ISSUED, options=options)
+    status, response = fhir_server.request("POST", "/", first.model_dump_json())
+    assert status == 200 and [e["response"]["status"] for e in response["entry"]][1:] == ["201"] * 3, response
+    status, _ = fhir_server.request("POST", "/", build_bundle(other, DEMO, FINDINGS, issued=ISSUED,
+                                                              options=options).model_dump_json())
+    assert status == 200
+    tracking = tracking_uid(source, DEMO.device_uid, "cardiomegaly")
+    report = report_uid(source, DEMO.device_uid)
+    before = _one(fhir_server, "Observation", tracking)
+    report_before = _one(fhir_server, "DiagnosticReport", report)
+
+    later = ISSUED + dt.timedelta(days=1)
+    rerun = [FindingResult("cardiomegaly", "Cardiomegaly", 0.4101, 0.5), FINDINGS[1]]
+    status, response = fhir_server.request("POST", "/", build_bundle(source, DEMO, rerun, issued=later,
+                                                                     options=options).model_dump_json())
+    assert status == 200 and [e["response"]["status"] for e in response["entry"]] == ["200"] * 4, response
+    after = _one(fhir_server, "Observation", tracking)
+    assert after["id"] == before["id"] and after["meta"]["versionId"] != before["meta"]["versionId"]
+    assert after["component"][0]["valueQuantity"]["value"] == pytest.approx(0.4101)
+    assert after["valueCodeableConcept"]["coding"][0]["code"] == codes.ABSENT.value
+    assert after["issued"].startswith("2024-05-18")
+    report_after = _one(fhir_server, "DiagnosticReport", report)
+    assert report_after["id"] == report_before["id"] and "absent (probability 0.41" in report_after["conclusion"]
+    assert f"Observation/{after['id']}" in {r["reference"] for r in report_after["result"]}
+    # the other patient's result is untouched
+    untouched = _one(fhir_server, "Observation", tracking_uid(other, DEMO.device_uid, "cardiomegaly"))
+    assert untouched["component"][0]["valueQuantity"]["value"] == pytest.approx(0.8312)
+    assert untouched["subject"]["identifier"]["value"] == "OTHER-PATIENT"
+
+    keep = FhirOptions(default_patient_identifier_system="urn:oid:2.16.840.1.113883.19.5", resend="keep")
+    again = [FindingResult("cardiomegaly", "Cardiomegaly", 0.9, 0.5), FINDINGS[1]]
+    status, response = fhir_server.request("POST", "/", build_bundle(source, DEMO, again, issued=later,
+                                                                     options=keep).model_dump_json())
+    assert status == 200 and [e["response"]["status"] for e in response["entry"]] == ["200"] * 4
+    assert _one(fhir_server, "Observation", tracking)["component"][0]["valueQuantity"]["value"] == pytest.approx(0.4101)
 
 
 @pytest.mark.slow

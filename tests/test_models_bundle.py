@@ -76,8 +76,11 @@ def test_round_trip(bundle_dir: Path) -> None:
     info = b.model_info()
     assert info.not_for_clinical_use is True
     assert info.intended_use == "tests only"
-    assert info.device_uid == device_uid("unit-test-model", "1.2.3")
-    assert device_uid("unit-test-model", "1.2.4") != info.device_uid
+    sha = b.cxr["weights"]["sha256"]
+    assert info.device_uid == device_uid("unit-test-model", "1.2.3", weights_sha256=sha)
+    assert device_uid("unit-test-model", "1.2.4", weights_sha256=sha) != info.device_uid
+    # retrained (other weights), same name and version: another device
+    assert device_uid("unit-test-model", "1.2.3", weights_sha256="0" * 64) != info.device_uid
     assert (bundle_dir / "docs" / "README.md").read_text().startswith("# unit-test-model 1.2.3")
     assert "NOT FOR CLINICAL USE" in (bundle_dir / "docs" / "README.md").read_text()
     assert (bundle_dir / "LICENSE").is_file()

@@ -243,8 +243,9 @@ def test_gap_and_drift_alerts_are_logged_and_exposed(tmp_path, caplog):
     rec = monitor.update(now=T0 + dt.timedelta(days=1))
     gaps = {(a["group"], a["metric"]) for a in rec["alerts"] if a["kind"] == "gap"}
     # Black: noisy scores, an AUROC gap. Asian: scores pushed up by a monotone map, so the
-    # ranking (AUROC) is intact but specificity at the threshold collapses. White: nothing.
-    assert ("Black", "auroc") in gaps and ("Asian", "specificity") in gaps
+    # ranking (AUROC) is intact but specificity at the threshold collapses (FPR rises) and the
+    # probabilities are no longer calibrated. White: nothing.
+    assert ("Black", "auroc") in gaps and ("Asian", "fpr") in gaps and ("Asian", "ece") in gaps
     assert ("Asian", "auroc") not in gaps and not any(g == "White" for g, _ in gaps)
     drift = {a["group"] for a in rec["alerts"] if a["kind"] == "drift"}
     assert "Asian" in drift and "White" not in drift

@@ -162,6 +162,7 @@ def base_config(tmp: Path, destinations: list[dict], **sections: dict) -> dict:
     cfg["routing"].update(poll_seconds=0.1, backoff_initial_seconds=0.2, backoff_max_seconds=0.5,
                           max_attempts=50, destinations=destinations)
     cfg["http"].update(port=0)
+    cfg["fhir"].update(default_patient_identifier_system="urn:oid:2.16.840.1.113883.19.5")  # HL7's example OID
     for name, values in sections.items():
         cfg[name].update(values)
     return cfg

@@ -96,6 +96,7 @@ def _roundtrip(tmp_path: Path, rg1: Path, pipeline_factory, *, results_first: bo
     cfg["listener"].update(port=cxr_port, allowed_calling_aes=["ORTHANC"], min_free_mb=0.0)
     cfg["store"].update(root=str(tmp_path / "var"), quiet_seconds=0.2)
     cfg["http"].update(port=0)
+    cfg["fhir"].update(default_patient_identifier_system="urn:oid:2.16.840.1.113883.19.5")
     cfg["routing"].update(backoff_initial_seconds=0.5, destinations=[
         {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": "ORTHANC"},
         {"name": "ehr", "kind": "fhir", "url": fhir.base_url, "token": "test-token"},

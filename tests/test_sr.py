@@ -194,7 +194,12 @@ def test_outputs_for_an_accepted_image(rg1_paths, tmp_path):
         sop_instance_uid=rg.sop_instance_uid, study_instance_uid=rg.study_instance_uid,
         decision=decision, model=DEMO, findings=findings,
     )
-    outputs = outputs_for(result, source)
+    assert [f.positive for f in findings] == [True, False]
+    default = outputs_for(result, source)  # heatmaps for the positive finding only
+    assert default is not None and len(default.heatmap_scs) == 1 and len(default.parametric_maps) == 1
+    config_all = default_config()
+    config_all["outputs"]["heatmaps_for"] = "all"
+    outputs = outputs_for(result, source, config=config_all)
     assert outputs is not None and outputs.sr is not None
     assert len(outputs.heatmap_scs) == 2 and len(outputs.parametric_maps) == 2
     assert outputs.fhir_bundle is not None and len(outputs.fhir_bundle.entry) == 4

@@ -209,6 +209,11 @@ def run_batch(
     threads = options.threads or int(bcfg.get("threads", 0) or 0) or max(2, _cores())
     pool = str(options.pool or bcfg.get("pool", "auto") or "auto")
     pool_kind(pool, write=options.write_outputs)  # a typo fails here, before any work
+    if options.write_outputs and not options.dry_run and not str(
+            cfg.get("fhir", {}).get("default_patient_identifier_system", "") or "").strip():
+        logger.warning("the FHIR bundles written next to the results carry no patient identifier system for "
+                       "issuers that are not mapped: set [fhir] default_patient_identifier_system before "
+                       "delivering them to a FHIR server")
     use_dask = bool(options.workers or options.scheduler)
     if options.workers and options.scheduler:
         raise ConfigError(MSG_WORKERS_AND_SCHEDULER)

@@ -51,8 +51,27 @@ def outcome_row(outcome: Any, *, model: Any, key: bytes, finding_keys: Sequence[
         ethnic_group=(rg.ethnic_group or "") if rg else "",
         study_date=rg.study_date.isoformat() if rg and rg.study_date else "",
         n_outputs=n_outputs,
+        report_uid=report_identifier(outcome),
     )
     return row
+
+
+def report_identifier(outcome: Any) -> str:
+    """The identifier of the instance's AI report: the SR's SOP Instance UID, which is also the
+    FHIR DiagnosticReport identifier (:mod:`cxr_ai.fhir`); taken from the FHIR bundle when no
+    SR was built; ``""`` when no report was made (rejected, failed, ``--no-outputs``)."""
+    sr = next((ds for ds in getattr(outcome, "datasets", None) or [] if str(ds.get("Modality", "")) == "SR"), None)
+    if sr is not None:
+        return str(sr.SOPInstanceUID)
+    bundle = getattr(outcome, "fhir_bundle", None) or {}
+    for entry in bundle.get("entry", []):
+        resource = entry.get("resource", {})
+        if resource.get("resourceType") == "DiagnosticReport":
+            for identifier in resource.get("identifier", []):
+                value = str(identifier.get("value", ""))
+                if value.startswith("urn:oid:"):
+                    return value[len("urn:oid:"):]
+    return ""
 
 
 def write_table(rows: Iterable[Mapping[str, Any]], out_dir: Path, *, finding_keys: Sequence[str]) -> tuple[Path, Path]:

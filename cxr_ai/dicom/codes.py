@@ -70,6 +70,13 @@ REJECTED_FOR_PATIENT_SAFETY = Code("113001", "DCM", "Rejected for Patient Safety
 #: DCM 122411 "Threshold Value": the operating threshold reported next to the probability.
 THRESHOLD_VALUE = Code("122411", "DCM", "Threshold Value")
 
+#: DCM 109102 "Processing Equipment" (CID 7005 Contributing Equipment Purposes of Reference):
+#: the purpose of the Contributing Equipment item that names the algorithm
+#: (:mod:`cxr_ai.dicom.headers`; CID 7005 has no "Processing Algorithm" concept).
+PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
+#: DCM 109101 "Acquisition Equipment" (CID 7005): the source's own device, kept after it.
+ACQUISITION_EQUIPMENT = Code("109101", "DCM", "Acquisition Equipment")
+
 # FHIR-only concepts. Their scheme designators are local names that :data:`FHIR_SYSTEMS` maps
 # to the HL7 code system URIs (terminology.hl7.org).
 #: observation-category "imaging" (FHIR R4 Observation.category, preferred binding).

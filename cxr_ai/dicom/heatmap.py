@@ -49,7 +49,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
-from cxr_ai.dicom import codes
+from cxr_ai.dicom import codes, headers
 from cxr_ai.dicom.sr import (
     LO_MAX,
     NOT_FOR_CLINICAL_USE,
@@ -61,7 +61,7 @@ from cxr_ai.dicom.sr import (
     software_versions,
 )
 from cxr_ai.dicom.uids import ResultIdentity, identity_of
-from cxr_ai.results import FindingResult, ModelInfo
+from cxr_ai.results import FindingResult, ModelInfo, format_probability
 
 logger = logging.getLogger(__name__)
 
@@ -215,12 +215,17 @@ def overlay_rgb(
     return np.asarray(blended, dtype=np.uint8)
 
 
+def _p_text(p: float) -> str:
+    text = format_probability(p)
+    return text if text[0] in "<>" else f"= {text}"
+
+
 def sc_text_lines(finding: FindingResult, model: ModelInfo) -> list[str]:
     """The burned-in text (ASCII)."""
     verdict = "POSITIVE" if finding.positive else "negative"
     model_line = model.label + (f"  |  {NOT_FOR_CLINICAL_USE}" if model.not_for_clinical_use else "")
     lines = [
-        f"{finding.display}: {verdict}  p = {finding.probability:.2f} (threshold {finding.threshold:.2f})",
+        f"{finding.display}: {verdict}  p {_p_text(finding.probability)} (threshold {finding.threshold:.2f})",
         DIAGNOSTIC_WARNING,
         model_line,
     ]
@@ -297,7 +302,8 @@ def build_heatmap_sc(
         manufacturer=sanitize_lo(model.manufacturer),
         # highdicom requires an orientation on the PATIENT path; an unknown one is emptied below.
         patient_orientation=orientation or ("L", "F"),
-        series_description=series_description("heatmap", model, [finding]),
+        # series-level: the same for every finding (the finding is named per instance below)
+        series_description=series_description("heatmap", model, []),
         manufacturer_model_name=sanitize_lo(model.name),
         software_versions=software_versions(model),
     )
@@ -322,6 +328,7 @@ def build_heatmap_sc(
         for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if keyword in source_ds:
                 setattr(sc, keyword, source_ds[keyword].value)
+    headers.finish(sc, source_ds, model, description=f"{finding.display} heatmap (Grad-CAM) by {model.label}")
     logger.debug(
         "built heatmap SC %s (%s) for instance %s", sc.SOPInstanceUID, finding.key, source_ds.SOPInstanceUID
     )
@@ -496,7 +503,7 @@ def build_parametric_map(
         content_label=label,
         content_description=sanitize_lo(f"{finding.display} Grad-CAM saliency - {DIAGNOSTIC_WARNING}"),
         content_qualification=qualification,
-        series_description=series_description("heatmap map", model, [finding]),
+        series_description=series_description("heatmap map", model, []),  # series-level: no finding
     )
     # Frame Anatomy (C.7.6.16.2.8): the chest, an unpaired region. Saying so is what makes
     # the General Series Laterality (Type 2C) not required.
@@ -513,6 +520,7 @@ def build_parametric_map(
     for frame in pm.PerFrameFunctionalGroupsSequence:
         for item in frame.get("DerivationImageSequence", []):
             item.DerivationDescription = derivation[:1024]
+    headers.finish(pm, source_ds, model, description=f"{finding.display} saliency map (Grad-CAM) by {model.label}")
     logger.debug(
         "built Parametric Map %s (%s) for instance %s", pm.SOPInstanceUID, finding.key, source_ds.SOPInstanceUID
     )

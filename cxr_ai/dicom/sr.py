@@ -49,6 +49,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 from cxr_ai import __version__
 from cxr_ai.dicom import codes
 from cxr_ai.dicom.uids import identity_of, output_uid  # noqa: F401 - output_uid re-exported
+from cxr_ai.errors import ConfigError
 from cxr_ai.results import OUTPUT_PARTS, FindingResult, ImageResult, ModelInfo
 
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time to keep import cheap
@@ -249,6 +250,9 @@ def build_sr(
         manufacturer_model_name=sanitize_lo(model.name),
         software_versions=software_versions(model),
     )
+    from cxr_ai.dicom import headers
+
+    headers.finish(sr, source_ds, model, description=f"AI findings by {model.label}")
     logger.debug(
         "built SR %s with %d finding group(s) for instance %s",
         sr.SOPInstanceUID, len(findings), source_ds.SOPInstanceUID,
@@ -347,6 +351,9 @@ def _threshold(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> float | No
 # --- all outputs of one image ----------------------------------------------------------------
 
 MSG_UNKNOWN_PARTS = "unknown output part(s) {parts}; choose from {known}"
+#: ``[outputs] heatmaps_for``: heatmap objects for the positive findings only, or for all.
+HEATMAPS_FOR: tuple[str, ...] = ("positive", "all")
+MSG_HEATMAPS_FOR = "[outputs] heatmaps_for = {value!r} is not known; choose \"positive\" (default) or \"all\"."
 
 
 @dataclass
@@ -356,12 +363,13 @@ class ImageOutputs:
     sr: hd.sr.Comprehensive3DSR | None
     heatmap_scs: list[hd.sc.SCImage] = field(default_factory=list)
     parametric_maps: list[hd.pm.ParametricMap] = field(default_factory=list)
+    segmentations: list[hd.seg.Segmentation] = field(default_factory=list)
     fhir_bundle: Bundle | None = None
 
     def dicom(self) -> list[Dataset]:
         """Every DICOM object, SR first."""
         objects: list[Dataset] = [self.sr] if self.sr is not None else []
-        return objects + list(self.heatmap_scs) + list(self.parametric_maps)
+        return objects + list(self.heatmap_scs) + list(self.parametric_maps) + list(self.segmentations)
 
     def save(self, directory: str | os.PathLike) -> list[Path]:
         """Write each DICOM object as ``<SOPInstanceUID>.dcm`` (and ``fhir-bundle.json``)."""
@@ -442,7 +450,12 @@ def outputs_for(
             source_ds, model, findings,
             series_number=int(out_cfg["sr_series_number"]), instance_number=instance_number,
         )
-    with_maps = [f for f in findings if f.heatmap is not None]
+    heatmaps_for = str(out_cfg.get("heatmaps_for", "positive"))
+    if heatmaps_for not in HEATMAPS_FOR:
+        raise ConfigError(MSG_HEATMAPS_FOR.format(value=heatmaps_for))
+    # Localisation for the findings the model called present (the SR still reports every
+    # finding, Absent with its probability); "all" adds maps of the negative findings too.
+    with_maps = [f for f in findings if f.heatmap is not None and (heatmaps_for == "all" or f.positive)]
     if with_maps and out_cfg["heatmap_sc"] and "heatmap_sc" in include:
         if display_image is None:
             from cxr_ai.imaging import display_array
@@ -468,6 +481,15 @@ def outputs_for(
             first_instance_number=instance_number,
             transfer_syntax_uid=str(out_cfg["pm_transfer_syntax"]),
         )
+    if with_maps and out_cfg.get("segmentation", False) and "segmentation" in include:
+        from cxr_ai.dicom.segmentation import SEG_SERIES_NUMBER, build_segmentation
+
+        outputs.segmentations = [
+            build_segmentation(source_ds, f, model,
+                               series_number=int(out_cfg.get("seg_series_number", SEG_SERIES_NUMBER)),
+                               instance_number=instance_number + i)
+            for i, f in enumerate(with_maps)
+        ]
     if "fhir" in include:
         outputs.fhir_bundle = fhir.build_bundle(
             source_ds, model, findings, options=fhir.FhirOptions.from_config(cfg)

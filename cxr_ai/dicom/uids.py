@@ -94,6 +94,10 @@ class ResultIdentity:
         """SOP Instance UID of a finding's Parametric Map."""
         return output_uid("pm", *self._instance(), finding_key)
 
+    def seg_uid(self, finding_key: str) -> str:
+        """SOP Instance UID of a finding's (opt-in) Segmentation."""
+        return output_uid("seg", *self._instance(), finding_key)
+
     def frame_of_reference_uid(self) -> str:
         """Frame of Reference of the Parametric Maps of this source image (shared by its maps).
 
@@ -104,7 +108,7 @@ class ResultIdentity:
 
     # -- series (one per study, patient, model and kind) ---------------------------------
     def series_uid(self, kind: str) -> str:
-        """Series Instance UID of the ``kind`` objects (``"sr"``, ``"sc"``, ``"pm"``) of this study."""
+        """Series Instance UID of the ``kind`` objects (``"sr"``, ``"sc"``, ``"pm"``, ``"seg"``) of this study."""
         return output_uid(f"{kind}-series", *self._patient_study())
 
 

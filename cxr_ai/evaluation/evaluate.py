@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,13 @@ from cxr_ai.evaluation.labels import (
     explicit_join,
     fill_demographics,
 )
-from cxr_ai.evaluation.metrics import MetricSettings, flagged_gaps, group_metrics
+from cxr_ai.evaluation.metrics import (
+    DEFAULT_FLAG_METRICS,
+    MetricSettings,
+    flagged_gaps,
+    group_metrics,
+    resolve_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,12 @@ class EvaluationSettings:
     #: CI excluding 0 (statistical significance). Many groups x metrics are tested at once, so
     #: CIs alone flag tiny chance gaps; the bound keeps the flags to gaps that matter.
     gap_bound: float = 0.05
+    #: Metrics on which harm is flagged: by default only those that do not depend on a
+    #: group's prevalence (PPV/NPV do; they are reported with prevalence, flagged on request).
+    flag_metrics: tuple[str, ...] = DEFAULT_FLAG_METRICS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flag_metrics", resolve_metrics(self.flag_metrics))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,7 +122,7 @@ def evaluate_joined(frame: pd.DataFrame, *, settings: EvaluationSettings = Evalu
             for gr in r["groups"]:
                 m = (groups == gr["group"]).to_numpy()
                 gr["confusion_matrix"] = confusion_matrix(y[m], p[m].astype(int), labels=[0, 1]).tolist()
-            r["flagged"] = flagged_gaps(r, min_abs_gap=settings.gap_bound)
+            r["flagged"] = flagged_gaps(r, metrics=settings.flag_metrics, min_abs_gap=settings.gap_bound)
             res["attributes"][attr_name] = r
         res["overall"] = next(iter(res["attributes"].values()))["overall"] if res["attributes"] else {}
         out["findings"][finding] = res
@@ -193,9 +205,7 @@ def evaluate_frames(predictions_df: pd.DataFrame, truth_df: pd.DataFrame, *,
                                       joined.loc[~accepted, "gate_reason"].value_counts().items()}
     findings = tuple(f for f in settings.findings if f"p_{f}" in joined)
     missing = [f for f in settings.findings if f not in findings]
-    s = EvaluationSettings(findings=findings, attributes=settings.attributes,
-                           intersections=settings.intersections, metrics=settings.metrics,
-                           gap_bound=settings.gap_bound)
+    s = replace(settings, findings=findings)
     result = evaluate_joined(joined[accepted].reset_index(drop=True), settings=s, name=name)
     for f in missing:
         result["findings"][f] = {"status": f"not estimable: the predictions have no p_{f}"}

@@ -46,6 +46,13 @@ TRUTH_COLUMNS: tuple[str, ...] = (
 )
 LABEL_FORMATS: tuple[str, ...] = ("ours", "nih", "chexpert", "mimic", "dicom")
 UNCERTAINTY_POLICIES: tuple[str, ...] = ("u_ones", "u_zeros", "ignore")
+#: What a blank (unmentioned) CheXpert/MIMIC label becomes. ``negative`` is the convention of
+#: the CheXpert paper and its labeller (a finding the report does not mention is taken as
+#: absent); ``ignore`` excludes those rows from that finding's metrics.
+BLANK_POLICIES: tuple[str, ...] = ("negative", "ignore")
+DEFAULT_BLANK_POLICY = "negative"
+#: Key of ``DataFrame.attrs`` where the CheXpert/MIMIC loaders put :func:`policy_summary`.
+POLICY_ATTR = "label_policy"
 UNKNOWN = "Unknown"
 #: Lower edges of the default age bands (years), as in Seyyed-Kalantari et al., Nat Med 2021.
 DEFAULT_AGE_EDGES: tuple[int, ...] = (0, 20, 40, 60, 80)
@@ -60,6 +67,15 @@ MSG_BAD_POLICY = (
 )
 MSG_MISSING_FILE = (
     "{what} not found at {path}; {hint}"
+)
+MSG_NO_UNCERTAINTY_POLICY = (
+    "{fmt} labels need an explicit uncertainty policy: pass --uncertain u_ones (uncertain = "
+    "positive), u_zeros (uncertain = negative) or ignore (uncertain rows left out); there is no "
+    "default because the choice changes the results."
+)
+MSG_BAD_BLANK = (
+    "blank-label policy {policy!r} is not known; choose one of {known} (negative: an unmentioned "
+    "finding is absent, the CheXpert convention; ignore: unmentioned rows are left out)."
 )
 MSG_BAD_FORMAT = "labels format {fmt!r} is not known; choose one of {known}."
 MSG_NO_MATCH = (
@@ -260,26 +276,44 @@ def load_nih(path: str | os.PathLike, *, age_edges: Sequence[int] = DEFAULT_AGE_
     return _finish(frame, "nih", age_edges=age_edges)
 
 
-def apply_uncertainty_policy(values: pd.Series, policy: str) -> pd.Series:
+def apply_uncertainty_policy(values: pd.Series, policy: str, *,
+                             blank: str = DEFAULT_BLANK_POLICY) -> pd.Series:
     """CheXpert-style labels (1.0, 0.0, -1.0 uncertain, blank unmentioned) to 1/0/NaN.
 
-    ``u_ones``: uncertain → 1; ``u_zeros``: uncertain → 0; ``ignore``: uncertain → NaN
-    (excluded from that finding's metrics). Unmentioned (blank) is always NaN: the labeller
-    found no mention, which is not a negative.
+    ``policy`` (uncertain): ``u_ones`` → 1; ``u_zeros`` → 0; ``ignore`` → NaN (excluded from
+    that finding's metrics). ``blank`` (unmentioned): ``negative`` → 0, the convention of
+    CheXpert and its labeller; ``ignore`` → NaN.
     """
     if policy not in UNCERTAINTY_POLICIES:
         raise ValueError(MSG_BAD_POLICY.format(policy=policy, known=UNCERTAINTY_POLICIES))
+    if blank not in BLANK_POLICIES:
+        raise ValueError(MSG_BAD_BLANK.format(policy=blank, known=BLANK_POLICIES))
     v = pd.to_numeric(values, errors="coerce").astype(float)
+    unmentioned = v.isna()
     uncertain = {"u_ones": 1.0, "u_zeros": 0.0, "ignore": np.nan}[policy]
-    return v.where(v != -1.0, uncertain)
+    v = v.where(v != -1.0, uncertain)
+    return v.mask(unmentioned, 0.0) if blank == "negative" else v
 
 
-def load_chexpert(path: str | os.PathLike, *, uncertainty: str,
+def policy_summary(columns: dict[str, pd.Series], *, uncertainty: str, blank: str) -> dict[str, Any]:
+    """How many rows each label policy touched, per source column (for the report)."""
+    out: dict[str, Any] = {"uncertain_policy": uncertainty, "blank_policy": blank, "columns": {}}
+    for name, raw in columns.items():
+        v = pd.to_numeric(raw, errors="coerce")
+        out["columns"][name] = {"n_rows": int(len(v)), "n_uncertain": int((v == -1.0).sum()),
+                                "n_blank": int(v.isna().sum()), "n_positive": int((v == 1.0).sum()),
+                                "n_negative": int((v == 0.0).sum())}
+    return out
+
+
+def load_chexpert(path: str | os.PathLike, *, uncertainty: str, blank: str = DEFAULT_BLANK_POLICY,
                   age_edges: Sequence[int] = DEFAULT_AGE_EDGES) -> pd.DataFrame:
     """CheXpert ``train.csv`` / ``valid.csv``; ``id`` = ``Path``.
 
-    ``uncertainty`` is required (no default): one of :data:`UNCERTAINTY_POLICIES`.
-    ``patient_id`` / ``study_id`` come from the path (``.../patient00001/study1/...``).
+    ``uncertainty`` is required (no default): one of :data:`UNCERTAINTY_POLICIES`; ``blank``
+    one of :data:`BLANK_POLICIES`. ``patient_id`` / ``study_id`` come from the path
+    (``.../patient00001/study1/...``). ``attrs[POLICY_ATTR]`` of the result counts the rows
+    each policy affected (:func:`policy_summary`).
     """
     if uncertainty not in UNCERTAINTY_POLICIES:
         raise ValueError(MSG_BAD_POLICY.format(policy=uncertainty, known=UNCERTAINTY_POLICIES))
@@ -291,18 +325,22 @@ def load_chexpert(path: str | os.PathLike, *, uncertainty: str,
         "id": table["Path"],
         "patient_id": parts[0].fillna(""),
         "study_id": (parts[0] + "/" + parts[1]).fillna(""),
-        "cardiomegaly": apply_uncertainty_policy(table["Cardiomegaly"], uncertainty),
-        "no_finding": apply_uncertainty_policy(table["No Finding"], uncertainty),
+        "cardiomegaly": apply_uncertainty_policy(table["Cardiomegaly"], uncertainty, blank=blank),
+        "no_finding": apply_uncertainty_policy(table["No Finding"], uncertainty, blank=blank),
         "sex": table["Sex"],
         "age": table["Age"],
     })
-    return _finish(frame, "chexpert", age_edges=age_edges)
+    out = _finish(frame, "chexpert", age_edges=age_edges)
+    out.attrs[POLICY_ATTR] = policy_summary({"Cardiomegaly": table["Cardiomegaly"],
+                                             "No Finding": table["No Finding"]},
+                                            uncertainty=uncertainty, blank=blank)
+    return out
 
 
 def load_mimic(
     chexpert_csv: str | os.PathLike, metadata_csv: str | os.PathLike, *,
     patients_csv: str | os.PathLike | None, admissions_csv: str | os.PathLike | None,
-    uncertainty: str, age_edges: Sequence[int] = DEFAULT_AGE_EDGES,
+    uncertainty: str, blank: str = DEFAULT_BLANK_POLICY, age_edges: Sequence[int] = DEFAULT_AGE_EDGES,
 ) -> tuple[pd.DataFrame, list[JoinReport]]:
     """MIMIC-CXR-JPG labels joined with MIMIC-IV demographics; ``id`` = ``dicom_id``.
 
@@ -369,12 +407,16 @@ def load_mimic(
         "id": frame["dicom_id"],
         "patient_id": frame["subject_id"].astype(str),
         "study_id": frame["study_id"].astype(str),
-        "cardiomegaly": apply_uncertainty_policy(frame["Cardiomegaly"], uncertainty),
-        "no_finding": apply_uncertainty_policy(frame["No Finding"], uncertainty),
+        "cardiomegaly": apply_uncertainty_policy(frame["Cardiomegaly"], uncertainty, blank=blank),
+        "no_finding": apply_uncertainty_policy(frame["No Finding"], uncertainty, blank=blank),
         "sex": frame["sex"], "age": frame["age"], "race": frame["race"],
         "insurance": frame["insurance"],
     })
-    return _finish(out, "mimic", age_edges=age_edges), reports
+    result = _finish(out, "mimic", age_edges=age_edges)
+    result.attrs[POLICY_ATTR] = policy_summary({"Cardiomegaly": frame["Cardiomegaly"],
+                                                "No Finding": frame["No Finding"]},
+                                               uncertainty=uncertainty, blank=blank)
+    return result, reports
 
 
 def find_mimic_files(directory: str | os.PathLike) -> dict[str, Path | None]:
@@ -422,9 +464,11 @@ def load_dicom_demographics(root: str | os.PathLike, *,
 
 
 def load_labels(path: str | os.PathLike, *, fmt: str, uncertainty: str | None = None,
+                blank: str = DEFAULT_BLANK_POLICY,
                 age_edges: Sequence[int] = DEFAULT_AGE_EDGES) -> tuple[pd.DataFrame, list[JoinReport]]:
     """Dispatch on ``fmt`` (:data:`LABEL_FORMATS`). ``mimic`` takes the folder of its CSVs;
-    ``dicom`` a folder of DICOM files. Returns ``(truth, join_reports)``."""
+    ``dicom`` a folder of DICOM files. Returns ``(truth, join_reports)``; for CheXpert and
+    MIMIC ``truth.attrs[POLICY_ATTR]`` says which label policies applied to how many rows."""
     if fmt not in LABEL_FORMATS:
         raise ValueError(MSG_BAD_FORMAT.format(fmt=fmt, known=LABEL_FORMATS))
     p = Path(path)
@@ -432,18 +476,20 @@ def load_labels(path: str | os.PathLike, *, fmt: str, uncertainty: str | None = 
         raise FileNotFoundError(MSG_MISSING_FILE.format(
             what=f"labels ({fmt})", path=p, hint="check the --labels path"))
     if fmt in ("chexpert", "mimic") and uncertainty is None:
-        raise ValueError(MSG_BAD_POLICY.format(policy=uncertainty, known=UNCERTAINTY_POLICIES))
+        raise ValueError(MSG_NO_UNCERTAINTY_POLICY.format(fmt=fmt))
+    if blank not in BLANK_POLICIES:
+        raise ValueError(MSG_BAD_BLANK.format(policy=blank, known=BLANK_POLICIES))
     if fmt == "ours":
         return load_ours(p, age_edges=age_edges), []
     if fmt == "nih":
         return load_nih(p, age_edges=age_edges), []
     if fmt == "chexpert":
-        return load_chexpert(p, uncertainty=uncertainty, age_edges=age_edges), []  # type: ignore[arg-type]
+        return load_chexpert(p, uncertainty=uncertainty, blank=blank, age_edges=age_edges), []  # type: ignore[arg-type]
     if fmt == "mimic":
         files = find_mimic_files(p)
         return load_mimic(files["chexpert"], files["metadata"], patients_csv=files["patients"],  # type: ignore[arg-type]
                           admissions_csv=files["admissions"], uncertainty=uncertainty,  # type: ignore[arg-type]
-                          age_edges=age_edges)
+                          blank=blank, age_edges=age_edges)
     return load_dicom_demographics(p, age_edges=age_edges), []
 
 

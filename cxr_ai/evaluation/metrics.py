@@ -11,13 +11,22 @@ Metric definitions (positive class = the finding present, at the bundle's thresh
 - ``auroc``: :func:`sklearn.metrics.roc_auc_score` of the probability.
 - ``sensitivity`` (TPR), ``specificity`` (TNR), ``fpr``, ``fnr``: fairlearn's
   ``true_positive_rate`` etc.
-- ``ppv``: :func:`sklearn.metrics.precision_score`.
-- ``underdiagnosis``: Seyyed-Kalantari et al. (Nat Med 2021) define underdiagnosis as the
+- ``ppv``: :func:`sklearn.metrics.precision_score`; ``npv``: the same of the negative
+  decision. Both follow each group's prevalence (Bayes), so a model that is equally good
+  for every group still shows PPV/NPV gaps wherever prevalence differs: they are reported
+  beside each group's ``prevalence`` and are not flagged unless asked (``flag_metrics``).
+- ``ece``: expected calibration error (:func:`expected_calibration_error`).
+- Underdiagnosis: Seyyed-Kalantari et al. (Nat Med 2021) define underdiagnosis as the
   false-positive rate of the *"No Finding"* decision: the model calls a patient healthy who
   has a finding. For one finding, the "no finding" decision is the negative decision, and its
   false-positive rate is P(decision negative | finding present) = **FNR of the finding**.
-  That is what this column holds. (For a model with a real "No Finding" head, the paper's
-  quantity is its FPR; pass that head as its own finding.)
+  So ``fnr`` *is* underdiagnosis (one column, not two; ``underdiagnosis`` is accepted as an
+  alias wherever metrics are named). For a model with a real "No Finding" head, the paper's
+  quantity is its FPR; pass that head as its own finding.
+
+Harm is flagged by default only on metrics that do not depend on prevalence
+(:data:`DEFAULT_FLAG_METRICS`): AUROC, FNR (= underdiagnosis; TPR carries the same
+information), FPR (specificity likewise) and calibration error.
 
 A metric that a group's data cannot define (AUROC with one class; TPR/FNR without positives;
 specificity/FPR without negatives; PPV with no positive decisions) is reported as ``None``
@@ -45,18 +54,45 @@ from sklearn.metrics import precision_score, roc_auc_score
 
 logger = logging.getLogger(__name__)
 
-METRICS: tuple[str, ...] = ("auroc", "sensitivity", "specificity", "fpr", "fnr", "ppv",
-                            "underdiagnosis")
+METRICS: tuple[str, ...] = ("auroc", "sensitivity", "specificity", "fpr", "fnr", "ece", "ppv", "npv")
 HIGHER_IS_BETTER: dict[str, bool] = {
-    "auroc": True, "sensitivity": True, "specificity": True, "ppv": True,
-    "fpr": False, "fnr": False, "underdiagnosis": False,
+    "auroc": True, "sensitivity": True, "specificity": True, "ppv": True, "npv": True,
+    "fpr": False, "fnr": False, "ece": False,
 }
+#: Metrics whose value does not depend on a group's prevalence: harm is flagged on these by
+#: default (TPR and specificity are 1 - FNR and 1 - FPR, so flagging them too would count
+#: each gap twice).
+DEFAULT_FLAG_METRICS: tuple[str, ...] = ("auroc", "fnr", "fpr", "ece")
+#: Metrics that follow prevalence: reported with each group's prevalence, flagged only on request.
+PREVALENCE_DEPENDENT: tuple[str, ...] = ("ppv", "npv")
+#: Other names accepted for a metric (Seyyed-Kalantari's underdiagnosis is the FNR here).
+METRIC_ALIASES: dict[str, str] = {"underdiagnosis": "fnr", "tpr": "sensitivity", "tnr": "specificity",
+                                  "calibration": "ece", "precision": "ppv"}
+MSG_BAD_METRIC = "metric {metric!r} is not known; choose from {known} (aliases: {aliases})."
+
+
+def resolve_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    """Metric names with aliases resolved (``underdiagnosis`` → ``fnr``), duplicates dropped;
+    :class:`ValueError` naming the unknown one otherwise."""
+    out: list[str] = []
+    for raw in names:
+        name = METRIC_ALIASES.get(raw.strip().lower(), raw.strip().lower())
+        if name not in METRICS:
+            raise ValueError(MSG_BAD_METRIC.format(metric=raw, known=", ".join(METRICS),
+                                                   aliases=", ".join(METRIC_ALIASES)))
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
 STATUS_OK = "ok"
 STATUS_NO_BOTH_CLASSES = "not estimable: the group has only one class (n_pos={n_pos}, n_neg={n_neg})"
 STATUS_NO_POSITIVES = "not estimable: the group has no positive cases"
 STATUS_NO_NEGATIVES = "not estimable: the group has no negative cases"
 STATUS_NO_POSITIVE_DECISIONS = "not estimable: the model made no positive decision in the group"
+STATUS_NO_NEGATIVE_DECISIONS = "not estimable: the model made no negative decision in the group"
 STATUS_SMALL = "small group (n={n} < {min_n}): interpret with caution"
+STATUS_ECE_FEW = ("calibration error not flagged: {n} images < {min_n} ({per_bin} per bin x {bins} bins); "
+                  "ECE is biased upwards in small samples")
 STATUS_NO_REFERENCE = "not estimable: the reference value is not estimable"
 STATUS_RATIO_ZERO = "not estimable: the reference value is 0"
 
@@ -89,6 +125,23 @@ def ppv(y_true: Any, y_pred: Any) -> float:
     return float(precision_score(np.asarray(y_true), np.asarray(y_pred), zero_division=np.nan))
 
 
+def npv(y_true: Any, y_pred: Any) -> float:
+    """Precision of the negative decision."""
+    return float(precision_score(np.asarray(y_true), np.asarray(y_pred), pos_label=0,
+                                 zero_division=np.nan))
+
+
+def make_ece(n_bins: int) -> Callable[..., float]:
+    """ECE of ``score`` with ``n_bins`` uniform bins (NaN with one class only, as
+    :func:`calibration`); ``y_pred`` is ignored, the score comes through ``sample_params``."""
+    def ece(y_true: Any, y_pred: Any, score: Any = None) -> float:
+        y = np.asarray(y_true)
+        if not _both_classes(y):
+            return float("nan")
+        return expected_calibration_error(y, np.asarray(score, dtype=float), n_bins=n_bins)
+    return ece
+
+
 METRIC_FUNCTIONS: dict[str, Callable[..., float]] = {
     "auroc": auroc,
     "sensitivity": _rate(true_positive_rate, 1),
@@ -96,20 +149,22 @@ METRIC_FUNCTIONS: dict[str, Callable[..., float]] = {
     "fpr": _rate(false_positive_rate, 0),
     "fnr": _rate(false_negative_rate, 1),
     "ppv": ppv,
-    "underdiagnosis": _rate(false_negative_rate, 1),
+    "npv": npv,
 }
 
 
 def metric_status(metric: str, *, n_pos: int, n_neg: int, n_pred_pos: int) -> str:
     """Why ``metric`` is or is not estimable for a group with these counts."""
-    if metric == "auroc" and (n_pos == 0 or n_neg == 0):
+    if metric in ("auroc", "ece") and (n_pos == 0 or n_neg == 0):
         return STATUS_NO_BOTH_CLASSES.format(n_pos=n_pos, n_neg=n_neg)
-    if metric in ("sensitivity", "fnr", "underdiagnosis") and n_pos == 0:
+    if metric in ("sensitivity", "fnr") and n_pos == 0:
         return STATUS_NO_POSITIVES
     if metric in ("specificity", "fpr") and n_neg == 0:
         return STATUS_NO_NEGATIVES
     if metric == "ppv" and n_pred_pos == 0:
         return STATUS_NO_POSITIVE_DECISIONS
+    if metric == "npv" and n_pred_pos == n_pos + n_neg:
+        return STATUS_NO_NEGATIVE_DECISIONS
     return STATUS_OK
 
 
@@ -149,8 +204,27 @@ def weighted_auroc(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.
         return np.where(den > 0, num / den, np.nan)
 
 
+def weighted_ece(y: np.ndarray, score: np.ndarray, weights: np.ndarray, *, n_bins: int = 10) -> np.ndarray:
+    """:func:`expected_calibration_error` for each row of ``weights``: sum over bins of
+    |weighted sum of scores − weighted sum of labels| / total weight. NaN where a class has
+    no weight."""
+    y = np.asarray(y, dtype=float)
+    score = np.asarray(score, dtype=float)
+    w = np.atleast_2d(weights)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.searchsorted(edges[1:-1], score, side="right")
+    total = np.zeros(w.shape[0])
+    for b in np.unique(idx):
+        m = idx == b
+        total += np.abs(w[:, m] @ score[m] - w[:, m] @ y[m])
+    wsum = w.sum(axis=1)
+    has_both = (w[:, y == 1].sum(axis=1) > 0) & (w[:, y == 0].sum(axis=1) > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(has_both & (wsum > 0), total / wsum, np.nan)
+
+
 def weighted_metrics(y: np.ndarray, pred: np.ndarray, score: np.ndarray,
-                     weights: np.ndarray) -> dict[str, np.ndarray]:
+                     weights: np.ndarray, *, n_bins: int = 10) -> dict[str, np.ndarray]:
     """Every metric of :data:`METRICS` for each row of ``weights`` (same definitions as
     :data:`METRIC_FUNCTIONS`, evaluated on the weighted sample)."""
     y = np.asarray(y).astype(bool)
@@ -170,8 +244,9 @@ def weighted_metrics(y: np.ndarray, pred: np.ndarray, score: np.ndarray,
             "fpr": 1.0 - tnr,
             "fnr": 1.0 - tpr,
             "ppv": np.where(tp + fp > 0, tp / (tp + fp), np.nan),
+            "npv": np.where(tn + fn > 0, tn / (tn + fn), np.nan),
         }
-    out["underdiagnosis"] = out["fnr"]
+    out["ece"] = weighted_ece(y, score, w, n_bins=n_bins)
     return out
 
 
@@ -202,6 +277,12 @@ def _excludes(ci: list[float] | None, value: float) -> bool:
 
 # --- Main entry -----------------------------------------------------------------------------
 
+#: A group's calibration error is flagged only with at least this many images per bin on
+#: average: binned ECE is biased upwards by roughly sqrt(bins / n), so a small, well-calibrated
+#: group shows a larger ECE than the whole sample by chance alone.
+MIN_IMAGES_PER_ECE_BIN = 10
+
+
 @dataclass(frozen=True)
 class MetricSettings:
     """How subgroup metrics are computed."""
@@ -211,6 +292,11 @@ class MetricSettings:
     random_state: int = 0
     min_group_size: int = 30
     calibration_bins: int = 10
+
+    @property
+    def min_ece_group_size(self) -> int:
+        """Smallest group whose calibration error may be flagged."""
+        return MIN_IMAGES_PER_ECE_BIN * self.calibration_bins
 
 
 def group_metrics(
@@ -240,8 +326,9 @@ def group_metrics(
         raise ValueError(f"{attribute}: y_true, y_score, y_pred and groups differ in length")
     if len(y) == 0:
         raise ValueError(f"{attribute}: no rows to evaluate")
-    mf = MetricFrame(metrics=METRIC_FUNCTIONS, y_true=y, y_pred=p.astype(int),
-                     sensitive_features=g, sample_params={"auroc": {"score": s}})
+    functions = {**METRIC_FUNCTIONS, "ece": make_ece(settings.calibration_bins)}
+    mf = MetricFrame(metrics=functions, y_true=y, y_pred=p.astype(int),
+                     sensitive_features=g, sample_params={"auroc": {"score": s}, "ece": {"score": s}})
     labels = [str(v) for v in mf.by_group.index]
     codes = pd.Categorical(g, categories=labels).codes
     # Bootstrap: strata = group x class; replicate overall and per-group values on the same
@@ -251,14 +338,16 @@ def group_metrics(
     if settings.n_boot > 0:
         w = stratified_bootstrap_weights(codes * 2 + y, n_boot=settings.n_boot,
                                          random_state=settings.random_state)
-        reps_overall = weighted_metrics(y, p, s, w)
+        reps_overall = weighted_metrics(y, p, s, w, n_bins=settings.calibration_bins)
         for k, label in enumerate(labels):
             m = codes == k
-            reps_group[label] = weighted_metrics(y[m], p[m], s[m], w[:, m])
+            reps_group[label] = weighted_metrics(y[m], p[m], s[m], w[:, m], n_bins=settings.calibration_bins)
 
     def counts(mask: np.ndarray) -> dict[str, int]:
-        return {"n": int(mask.sum()), "n_pos": int((y[mask] == 1).sum()),
-                "n_neg": int((y[mask] == 0).sum()), "n_pred_pos": int(p[mask].sum())}
+        n_pos = int((y[mask] == 1).sum())
+        return {"n": int(mask.sum()), "n_pos": n_pos, "n_neg": int((y[mask] == 0).sum()),
+                "n_pred_pos": int(p[mask].sum()),
+                "prevalence": float(n_pos / mask.sum()) if mask.any() else None}
 
     all_mask = np.ones(len(y), dtype=bool)
     c_all = counts(all_mask)
@@ -279,8 +368,12 @@ def group_metrics(
             ci = _ci(reps_group[label][metric], settings.ci_level) if reps_group else None
             cells[metric] = _cell(float(mf.by_group.loc[label, metric]) if label in mf.by_group.index
                                   else float(mf.by_group.iloc[k][metric]), ci, st)
+        ece_flaggable = c["n"] >= settings.min_ece_group_size
         groups_out.append({
-            "group": label, **c, "small": small,
+            "group": label, **c, "small": small, "ece_flaggable": ece_flaggable,
+            **({} if ece_flaggable else {"ece_status": STATUS_ECE_FEW.format(
+                n=c["n"], min_n=settings.min_ece_group_size, per_bin=MIN_IMAGES_PER_ECE_BIN,
+                bins=settings.calibration_bins)}),
             "status": STATUS_SMALL.format(n=c["n"], min_n=settings.min_group_size) if small else STATUS_OK,
             "metrics": cells,
             "calibration": calibration(y[codes == k], s[codes == k], n_bins=settings.calibration_bins),
@@ -330,6 +423,12 @@ def _gap(metric: str, own: Mapping[str, Any], ref: Mapping[str, Any], own_reps: 
     d_ci = r_ci = None
     if own_reps is not None and ref_reps is not None:
         d_ci = _ci(own_reps - ref_reps, settings.ci_level)
+        if metric == "ece" and d_ci is not None:
+            # ECE is biased upwards, the more so the smaller the sample: a small group's ECE
+            # exceeds the overall one by chance alone, and its resamples more so. The basic
+            # (reverse-percentile) interval corrects that first-order bias; a percentile
+            # interval would flag every small well-calibrated group.
+            d_ci = (2 * diff - d_ci[1], 2 * diff - d_ci[0])
         with np.errstate(invalid="ignore", divide="ignore"):
             r_ci = _ci(np.where(ref_reps != 0, own_reps / ref_reps, np.nan), settings.ci_level)
     d_cell = _cell(diff, d_ci, STATUS_OK)
@@ -367,18 +466,24 @@ def calibration(y_true: np.ndarray, y_prob: np.ndarray, *, n_bins: int = 10) -> 
             "ece": expected_calibration_error(y, y_prob, n_bins=n_bins)}
 
 
-def flagged_gaps(result: Mapping[str, Any], *, metrics: Sequence[str] = METRICS,
+def flagged_gaps(result: Mapping[str, Any], *, metrics: Sequence[str] = DEFAULT_FLAG_METRICS,
                  reference: str = "gap_to_overall", min_abs_gap: float = 0.0) -> list[dict[str, Any]]:
     """Groups whose gap (``reference``) is in the harmful direction, at least ``min_abs_gap``
-    in size, with a CI excluding zero; small groups are never flagged (their status says why)."""
+    in size, with a CI excluding zero; small groups are never flagged (their status says why).
+
+    ``metrics`` defaults to the prevalence-independent :data:`DEFAULT_FLAG_METRICS`; name
+    ``ppv``/``npv`` to flag those too (aliases such as ``underdiagnosis`` are accepted)."""
     out = []
     for gr in result["groups"]:
         if gr["small"]:
             continue
-        for metric in metrics:
+        for metric in resolve_metrics(metrics):
+            if metric == "ece" and not gr.get("ece_flaggable", True):
+                continue
             gap = gr[reference][metric]
             value = gap["difference"]["value"]
             if gap["significant"] and gap["worse"] and value is not None and abs(value) >= min_abs_gap:
                 out.append({"attribute": result["attribute"], "group": gr["group"], "metric": metric,
-                            "difference": value, "ci": gap["difference"]["ci"]})
+                            "difference": value, "ci": gap["difference"]["ci"], "n": gr["n"],
+                            "prevalence": gr.get("prevalence")})
     return out

@@ -22,11 +22,16 @@ import pandas as pd
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from cxr_ai.evaluation.evaluate import attribute_column
-from cxr_ai.evaluation.metrics import METRICS
+from cxr_ai.evaluation.metrics import DEFAULT_FLAG_METRICS, METRICS, PREVALENCE_DEPENDENT
 
 logger = logging.getLogger(__name__)
 
-GAP_METRICS: tuple[str, ...] = ("auroc", "sensitivity", "specificity", "underdiagnosis")
+GAP_METRICS: tuple[str, ...] = DEFAULT_FLAG_METRICS
+#: Column headings: FNR is the underdiagnosis rate (one column, see cxr_ai.evaluation.metrics).
+METRIC_HEADINGS: dict[str, str] = {
+    "auroc": "AUROC", "sensitivity": "TPR", "specificity": "TNR", "fpr": "FPR",
+    "fnr": "FNR (under&shy;diagnosis)", "ece": "ECE", "ppv": "PPV", "npv": "NPV",
+}
 MAX_ROC_GROUPS = 10
 DPI = 80
 
@@ -111,6 +116,8 @@ def calibration_figure(result: Mapping[str, Any], finding: str) -> str | None:
 
 
 def gap_figure(result: Mapping[str, Any], finding: str, metrics: Sequence[str] = GAP_METRICS) -> str:
+    """Gap bars with CIs; red = a flagged gap (the same decision as the report's flag list)."""
+    flagged = {(f["group"], f["metric"]) for f in result.get("flagged", ())}
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.45 * len(result["groups"]) + 1.6),
                              sharey=True)
     labels = [gr["group"] for gr in result["groups"]]
@@ -124,7 +131,7 @@ def gap_figure(result: Mapping[str, Any], finding: str, metrics: Sequence[str] =
             vals.append(v)
             lo.append(v - ci[0])
             hi.append(ci[1] - v)
-            colors.append("#c0392b" if gap["significant"] and gap["worse"] and not gr["small"]
+            colors.append("#c0392b" if (gr["group"], metric) in flagged
                           else "#95a5a6" if gr["small"] or d["value"] is None else "#2e86c1")
         yy = np.arange(len(labels))
         ax.barh(yy, vals, xerr=[lo, hi], color=colors, capsize=3)
@@ -132,7 +139,7 @@ def gap_figure(result: Mapping[str, Any], finding: str, metrics: Sequence[str] =
         ax.set_yticks(yy, labels)
         ax.set_title(f"{metric} − overall", fontsize=9)
     fig.subplots_adjust(left=0.16, right=0.98, bottom=0.12, top=0.8, wspace=0.15)
-    fig.suptitle(f"{finding}: gaps by {result['attribute']} (95% CI; red = significant, harmful; grey = small/not estimable)",
+    fig.suptitle(f"{finding}: gaps by {result['attribute']} (95% CI; red = flagged; grey = small/not estimable)",
                  fontsize=9)
     return _png(fig)
 
@@ -184,38 +191,46 @@ def _fmt(cell: Mapping[str, Any] | None) -> str:
     return s
 
 
-def _group_table(result: Mapping[str, Any]) -> str:
-    head = "".join(f"<th>{m}</th>" for m in METRICS)
-    rows = [f'<tr><td class="l"><b>overall</b></td><td>{result["n"]}</td><td>{result["n_pos"]}</td><td></td>'
-            + "".join(f"<td>{_fmt(result['overall'][m])}</td>" for m in METRICS) + "<td></td></tr>"]
+def _prevalence(n_pos: int, n: int) -> str:
+    return f"{n_pos / n:.3f}" if n else ""
+
+
+def _group_table(result: Mapping[str, Any], flag_metrics: Sequence[str] = DEFAULT_FLAG_METRICS,
+                 flagged: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Groups × metrics; a red cell is a flagged gap. PPV/NPV sit beside the prevalence they
+    follow and are red only when asked for (``flag_metrics``)."""
+    head = "".join(f'<th{" class=prev" if m in PREVALENCE_DEPENDENT else ""}>{METRIC_HEADINGS.get(m, m)}</th>'
+                   for m in METRICS)
+    rows = [f'<tr><td class="l"><b>overall</b></td><td>{result["n"]}</td><td>{result["n_pos"]}</td>'
+            f'<td>{_prevalence(result["n_pos"], result["n"])}</td><td></td>'
+            + "".join(f"<td>{_fmt(result['overall'][m])}</td>" for m in METRICS) + "</tr>"]
+    red = {(f["group"], f["metric"]) for f in flagged}
     for gr in result["groups"]:
         cls = "small" if gr["small"] else ""
         cells = []
         for m in METRICS:
-            gap = gr["gap_to_overall"][m]
-            bad = gap["significant"] and gap["worse"] and not gr["small"]
+            bad = (gr["group"], m) in red
             cells.append(f'<td class="{"bad" if bad else ""}">{_fmt(gr["metrics"][m])}</td>')
-        ece = gr["calibration"]["ece"]
         rows.append(f'<tr class="{cls}"><td class="l">{html.escape(gr["group"])}</td><td>{gr["n"]}</td>'
-                    f'<td>{gr["n_pos"]}</td><td class="l">{html.escape(gr["status"])}</td>' + "".join(cells)
-                    + f"<td>{'' if ece is None else f'{ece:.3f}'}</td></tr>")
-    return (f'<table><tr><th class="l">group</th><th>n</th><th>n pos</th><th class="l">status</th>{head}'
-            f"<th>ECE</th></tr>{''.join(rows)}</table>")
+                    f'<td>{gr["n_pos"]}</td><td>{_prevalence(gr["n_pos"], gr["n"])}</td>'
+                    f'<td class="l">{html.escape(gr["status"])}</td>' + "".join(cells) + "</tr>")
+    return (f'<table><tr><th class="l">group</th><th>n</th><th>n pos</th><th>prevalence</th>'
+            f'<th class="l">status</th>{head}</tr>{"".join(rows)}</table>')
 
 
-def _gap_table(result: Mapping[str, Any]) -> str:
+def _gap_table(result: Mapping[str, Any], flag_metrics: Sequence[str] = DEFAULT_FLAG_METRICS) -> str:
     rows = []
     for gr in result["groups"]:
         for ref in ("gap_to_overall", "gap_to_best"):
             cells = []
             for m in METRICS:
                 g = gr[ref][m]
-                bad = g["significant"] and g["worse"] and not gr["small"]
+                bad = g["significant"] and g["worse"] and not gr["small"] and m in flag_metrics
                 cells.append(f'<td class="{"bad" if bad else ""}">{_fmt(g["difference"])}<br>'
                              f'<small>ratio {_fmt(g["ratio"])}</small></td>')
             rows.append(f'<tr><td class="l">{html.escape(gr["group"])}</td><td class="l">{ref[7:]}</td>'
                         + "".join(cells) + "</tr>")
-    head = "".join(f"<th>{m}</th>" for m in METRICS)
+    head = "".join(f"<th>{METRIC_HEADINGS.get(m, m)}</th>" for m in METRICS)
     best = ", ".join(f"{m}: {html.escape(str(b))}" for m, b in result["best_group"].items())
     return (f'<p class="note">Best group per metric: {best}</p><table><tr><th class="l">group</th>'
             f'<th class="l">vs</th>{head}</tr>{"".join(rows)}</table>')
@@ -248,7 +263,7 @@ def _joins_html(joins: Sequence[Mapping[str, Any]], gate: Mapping[str, Any]) -> 
 
 
 def _side_by_side(test_sets: Sequence[Mapping[str, Any]]) -> str:
-    """Per finding and attribute: AUROC and underdiagnosis per group, one column per test set."""
+    """Per finding and attribute: AUROC and FNR (underdiagnosis) per group, one column per test set."""
     parts = []
     findings = sorted({f for ts in test_sets for f, r in ts["findings"].items() if "attributes" in r})
     for finding in findings:
@@ -260,7 +275,7 @@ def _side_by_side(test_sets: Sequence[Mapping[str, Any]]) -> str:
                     if gr["group"] not in groups:
                         groups.append(gr["group"])
             head = "".join(f'<th colspan="3">{html.escape(ts["name"])}</th>' for ts in test_sets)
-            sub = "<th>n</th><th>auroc</th><th>underdiagnosis</th>" * len(test_sets)
+            sub = "<th>n</th><th>AUROC</th><th>FNR (underdiagnosis)</th>" * len(test_sets)
             rows = []
             for group in ["overall", *groups]:
                 cells = []
@@ -271,15 +286,65 @@ def _side_by_side(test_sets: Sequence[Mapping[str, Any]]) -> str:
                         continue
                     if group == "overall":
                         cells.append(f"<td>{r['n']}</td><td>{_fmt(r['overall']['auroc'])}</td>"
-                                     f"<td>{_fmt(r['overall']['underdiagnosis'])}</td>")
+                                     f"<td>{_fmt(r['overall']['fnr'])}</td>")
                         continue
                     gr = next((x for x in r["groups"] if x["group"] == group), None)
                     cells.append("<td></td>" * 3 if gr is None else
                                  f"<td>{gr['n']}</td><td>{_fmt(gr['metrics']['auroc'])}</td>"
-                                 f"<td>{_fmt(gr['metrics']['underdiagnosis'])}</td>")
+                                 f"<td>{_fmt(gr['metrics']['fnr'])}</td>")
                 rows.append(f'<tr><td class="l">{html.escape(group)}</td>{"".join(cells)}</tr>')
             parts.append(f"<h3>{html.escape(finding)} by {html.escape(attr)}</h3><table><tr><th></th>{head}</tr>"
                          f"<tr><th></th>{sub}</tr>{''.join(rows)}</table>")
+    return "".join(parts)
+
+
+def _policy_html(policy: Mapping[str, Any]) -> str:
+    rows = "".join(
+        f'<tr><td class="l">{html.escape(col)}</td><td>{c["n_rows"]}</td><td>{c["n_positive"]}</td>'
+        f'<td>{c["n_negative"]}</td><td>{c["n_uncertain"]}</td><td>{c["n_blank"]}</td></tr>'
+        for col, c in policy["columns"].items())
+    unc = {"u_ones": "counted as positive", "u_zeros": "counted as negative",
+           "ignore": "left out"}.get(policy["uncertain_policy"], policy["uncertain_policy"])
+    blank = {"negative": "counted as negative (CheXpert convention)",
+             "ignore": "left out"}.get(policy["blank_policy"], policy["blank_policy"])
+    return (f"<p>Uncertain (&minus;1) labels: <b>{html.escape(policy['uncertain_policy'])}</b>, "
+            f"{html.escape(unc)}. Blank (unmentioned) labels: <b>{html.escape(policy['blank_policy'])}</b>, "
+            f"{html.escape(blank)}.</p><table><tr><th class=\"l\">column</th><th>rows</th><th>1.0</th>"
+            f"<th>0.0</th><th>uncertain</th><th>blank</th></tr>{rows}</table>")
+
+
+def _answer_html(test_sets: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> str:
+    """The answer first: which gaps, for whom, how sure; then where the details are."""
+    flag_metrics = tuple(settings.get("flag_metrics") or DEFAULT_FLAG_METRICS)
+    metrics = settings.get("metrics", {})
+    level = metrics.get("ci_level", 0.95)
+    how = (f"A gap is flagged when a group is worse than overall by at least "
+           f"{settings.get('gap_bound', 0.05):g} on {', '.join(flag_metrics)} and its {level:.0%} "
+           f"stratified bootstrap interval ({metrics.get('n_boot', '?')} resamples) excludes 0; groups "
+           f"under {metrics.get('min_group_size', '?')} images are never flagged. Many groups and metrics "
+           f"are tested at once, so expect about {1 - level:.0%} of chance intervals to exclude 0; the "
+           "bound keeps chance gaps small enough not to be flagged.")
+    parts = ["<h2>Answer</h2>"]
+    for ts in test_sets:
+        for finding, res in ts["findings"].items():
+            label = f"{html.escape(ts['name'])} &middot; {html.escape(finding)}"
+            if "attributes" not in res:
+                parts.append(f'<p><b>{label}</b>: <span class="ne">{html.escape(res.get("status", ""))}</span></p>')
+                continue
+            flags = [f for r in res["attributes"].values() for f in r["flagged"]]
+            auroc = res.get("overall", {}).get("auroc", {})
+            head = f"<b>{label}</b> (n = {res['n']}, overall AUROC {_fmt(auroc)})"
+            if not flags:
+                parts.append(f"<p>{head}: <b>no harmful gap flagged</b>.</p>")
+                continue
+            items = "".join(
+                f"<li><b>{html.escape(f['attribute'])} = {html.escape(f['group'])}</b>: "
+                f"{METRIC_HEADINGS.get(f['metric'], f['metric'])} {f['difference']:+.3f} vs overall "
+                f"[{f['ci'][0]:+.3f}, {f['ci'][1]:+.3f}] (n = {f.get('n', '?')}"
+                + (f", prevalence {f['prevalence']:.3f}" if f.get("prevalence") is not None else "")
+                + ")</li>" for f in flags)
+            parts.append(f'<p>{head}: <b>{len(flags)} harmful gap(s)</b>:</p><ul class="bad">{items}</ul>')
+    parts.append(f'<p class="note">{html.escape(how)}</p>')
     return "".join(parts)
 
 
@@ -289,19 +354,27 @@ def render_html(test_sets: Sequence[Mapping[str, Any]], *, title: str = "cxr-ai 
     """The report. ``test_sets`` are :func:`~cxr_ai.evaluation.evaluate.evaluate_frames` results
     (with their ``frame``); figures are drawn for ``plot_attributes`` (default: the single
     attributes; intersections get tables only)."""
-    body = [f"<h1>{html.escape(title)}</h1>",
-            ('<p class="note">Metrics at the bundle operating threshold. <b>underdiagnosis</b> = the '
-            "false-positive rate of the &lsquo;no finding&rsquo; decision (Seyyed-Kalantari et al., Nat Med "
-            "2021) = the finding&rsquo;s FNR. Gaps are group &minus; overall (and group &minus; best group) "
-            "with stratified bootstrap CIs; cells in red: gap in the harmful direction with a CI excluding 0. "
-            "Small groups are greyed and never flagged; a metric a group cannot define is "
-            "&lsquo;not estimable&rsquo; (hover for why).</p>")]
-    if settings:
-        body.append(f'<p class="note">Settings: {html.escape(json.dumps(strip_frames(settings)))}</p>')
+    settings = settings or {}
+    flag_metrics = tuple(settings.get("flag_metrics") or DEFAULT_FLAG_METRICS)
+    body = [f"<h1>{html.escape(title)}</h1>", _answer_html(test_sets, settings)]
     if len(test_sets) > 1:
         body.append("<h2>Test sets side by side</h2>" + _side_by_side(test_sets))
+    body.append(
+        '<h2>How to read the details</h2><p class="note">Metrics at the bundle operating threshold. '
+        "<b>FNR</b> is the underdiagnosis rate: Seyyed-Kalantari et al. (Nat Med 2021) define "
+        "underdiagnosis as the false-positive rate of the &lsquo;no finding&rsquo; decision, which for one "
+        "finding is its FNR, so the two are one column. TPR = 1 &minus; FNR and TNR = 1 &minus; FPR are "
+        "shown for reading convenience. <b>PPV/NPV follow each group&rsquo;s prevalence</b> (shown beside "
+        "them): a model equally good for everyone has different PPVs where prevalence differs, so they are "
+        f"not flagged{' here' if not set(flag_metrics) & set(PREVALENCE_DEPENDENT) else ' (flagging was asked for)'}. "
+        "Gaps are group &minus; overall (and group &minus; best group) with stratified bootstrap CIs; red "
+        f"cells: a flagged gap ({html.escape(', '.join(flag_metrics))}: harmful direction, at least the gap "
+        "bound, CI excluding 0). Small groups are greyed and never flagged; a metric a group cannot define "
+        "is &lsquo;not estimable&rsquo; (hover for why).</p>")
     for ts in test_sets:
         body.append(f"<h2>Test set: {html.escape(ts['name'])}</h2>")
+        if ts.get("label_policy"):
+            body.append("<h3>Label policies</h3>" + _policy_html(ts["label_policy"]))
         body.append("<h3>Joins and gate</h3>" + _joins_html(ts.get("joins", []), ts.get("gate", {})))
         frame = ts.get("frame")
         for finding, res in ts["findings"].items():
@@ -312,21 +385,14 @@ def render_html(test_sets: Sequence[Mapping[str, Any]], *, title: str = "cxr-ai 
             body.append(f"<p>n = {res['n']} (unlabelled: {res['n_unlabelled']}), thresholds "
                         f"{res['thresholds']}</p>")
             body.append("<h4>Classification report (overall)</h4>" + _classification_table(res["classification_report"]))
-            flagged = [f for r in res["attributes"].values() for f in r["flagged"]]
-            if flagged:
-                items = "".join(f"<li>{html.escape(f['attribute'])} = {html.escape(f['group'])}: {f['metric']} "
-                                f"{f['difference']:+.3f} [{f['ci'][0]:+.3f}, {f['ci'][1]:+.3f}]</li>" for f in flagged)
-                body.append(f'<p><b>Significant harmful gaps vs overall:</b></p><ul class="bad">{items}</ul>')
-            else:
-                body.append("<p>No significant harmful gap vs overall.</p>")
             plotted = [a for a in res["attributes"] if (a in plot_attributes if plot_attributes is not None
                                                         else " × " not in a)]
             confusion_attr = "race" if "race" in plotted else (plotted[0] if plotted else None)
             for attr, r in res["attributes"].items():
                 body.append(f"<h4>{html.escape(finding)} by {html.escape(attr)}</h4>")
-                body.append(_group_table(r))
+                body.append(_group_table(r, flag_metrics, r.get("flagged", ())))
                 body.append("<details><summary>gaps (difference, ratio) to overall and to the best group"
-                            "</summary>" + _gap_table(r) + "</details>")
+                            "</summary>" + _gap_table(r, flag_metrics) + "</details>")
                 if (attr not in plot_attributes) if plot_attributes is not None else (" × " in attr):
                     continue  # default: figures for single attributes, tables for intersections
                 figs = []
@@ -362,6 +428,9 @@ def render_html(test_sets: Sequence[Mapping[str, Any]], *, title: str = "cxr-ai 
                 for t in embeddings["tests"])
             body.append('<table><tr><th class="l">attribute</th><th class="l">group vs rest</th><th>component</th>'
                         f"<th>n</th><th>KS D</th><th>p</th><th>p (Bonferroni)</th></tr>{rows}</table>")
+    if settings:
+        body.append("<details><summary>Settings</summary><pre class=note>"
+                    f"{html.escape(json.dumps(strip_frames(settings), indent=1))}</pre></details>")
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
 

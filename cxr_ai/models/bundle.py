@@ -167,16 +167,22 @@ class Bundle:
         return ModelInfo(
             name=self.name,
             version=self.version,
-            device_uid=device_uid(self.name, self.version),
+            device_uid=device_uid(self.name, self.version,
+                                  weights_sha256=str(self.cxr.get("weights", {}).get("sha256", ""))),
             manufacturer=str(self.cxr.get("manufacturer", "cxr-ai")),
             not_for_clinical_use=self.not_for_clinical_use,
             intended_use=str(self.cxr.get("intended_use", "")),
         )
 
 
-def device_uid(name: str, version: str) -> str:
-    """Stable DICOM UID for a model name + version (SR observer device, FHIR Device)."""
-    return generate_uid(entropy_srcs=["cxr-ai model", name, version])
+def device_uid(name: str, version: str, *, weights_sha256: str = "") -> str:
+    """Stable DICOM UID of a trained model: name + version + the sha256 of its weights.
+
+    It is the SR observer device UID, the Device UID of the Contributing Equipment of every
+    result object and the FHIR Device identifier. The weights' checksum is part of it so that
+    a retrained model is another device even if its version string was not bumped.
+    """
+    return generate_uid(entropy_srcs=["cxr-ai model", name, version, *([weights_sha256] if weights_sha256 else [])])
 
 
 # --- saving -----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from cxr_ai.evaluation.evaluate import (
     attribute_column,
     evaluate_joined,
 )
-from cxr_ai.evaluation.metrics import METRICS, MetricSettings, flagged_gaps
+from cxr_ai.evaluation.metrics import DEFAULT_FLAG_METRICS, METRICS, MetricSettings, flagged_gaps, resolve_metrics
 from cxr_ai.evaluation.report import strip_frames
 from cxr_ai.monitoring.log import PredictionLog, monitoring_dir
 from cxr_ai.monitoring.truth import TruthStore, match_truth
@@ -51,7 +51,8 @@ class MonitorSettings:
     window_days: float = 30.0
     truth_window_days: float = 30.0
     gap_bound: float = 0.05
-    gap_metrics: tuple[str, ...] = ("auroc", "sensitivity", "specificity", "underdiagnosis")
+    #: Prevalence-independent by default (see :data:`~cxr_ai.evaluation.metrics.DEFAULT_FLAG_METRICS`).
+    gap_metrics: tuple[str, ...] = DEFAULT_FLAG_METRICS
     drift_alpha: float = 0.01
     metrics: MetricSettings = field(default_factory=MetricSettings)
 
@@ -65,7 +66,7 @@ class MonitorSettings:
             window_days=float(m.get("window_days", 30.0)),
             truth_window_days=float(m.get("truth_window_days", 30.0)),
             gap_bound=float(m.get("gap_bound", 0.05)),
-            gap_metrics=tuple(m.get("gap_metrics", cls.gap_metrics)),
+            gap_metrics=resolve_metrics(m.get("gap_metrics", cls.gap_metrics)),
             drift_alpha=float(m.get("drift_alpha", 0.01)),
             metrics=MetricSettings(n_boot=int(m.get("n_boot", 200)), ci_level=float(m.get("ci_level", 0.95)),
                                    random_state=int(m.get("random_state", 0)),
@@ -131,7 +132,8 @@ class PerformanceMonitor:
             result = evaluate_joined(accepted.reset_index(drop=True), name="live window",
                                      settings=EvaluationSettings(findings=findings, attributes=s.attributes,
                                                                  intersections=s.intersections, metrics=s.metrics,
-                                                                 gap_bound=s.gap_bound))
+                                                                 gap_bound=s.gap_bound,
+                                                                 flag_metrics=s.gap_metrics))
             record["result"] = strip_frames(result)
             for f, res in result["findings"].items():
                 for r in res.get("attributes", {}).values():
