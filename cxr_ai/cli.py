@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cxr_ai.batch import add_batch_parser
     from cxr_ai.evaluation.cli import add_evaluate_parser
+    from cxr_ai.monitoring.cli import add_monitoring_parsers
     from cxr_ai.service_cli import add_service_parsers
     from cxr_ai.worklist_cli import add_worklist_parser
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_parser(sub)
     add_worklist_parser(sub)
     add_evaluate_parser(sub)
+    add_monitoring_parsers(sub)
     return parser
 
 
