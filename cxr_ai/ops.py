@@ -492,3 +492,27 @@ def truth_coverage(monitor: Any, *, now: dt.datetime | None = None) -> list[Trut
             by_source[k] = int(m[f].notna().sum())
         out.append(TruthCoverage(f, n, with_truth, by_source, n_records))
     return out
+
+
+# -- Prometheus gauges for the alert rules (deploy/prometheus) ---------------------------------
+class OpsCollector:
+    """Gauges the alert rules need beyond the job store's: the age of the oldest queued study,
+    the disk watermark, and whether the model bundle is present. Registered by the service."""
+
+    def __init__(self, *, db_path: str | os.PathLike, config: Mapping[str, Any], min_free_bytes: int) -> None:
+        self.db_path = Path(db_path)
+        self.config = config
+        self.min_free_bytes = min_free_bytes
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        q = queue_view(self.db_path)
+        yield GaugeMetricFamily("cxr_ai_oldest_queued_seconds",
+                                "Age of the oldest study received and not yet processed (0 when none)",
+                                value=q.oldest_queued_seconds or 0.0)
+        yield GaugeMetricFamily("cxr_ai_spool_min_free_bytes",
+                                "Free-space watermark of the spool ([listener] min_free_mb)",
+                                value=self.min_free_bytes)
+        yield GaugeMetricFamily("cxr_ai_model_bundle_present", "1 when the model bundle is present and readable",
+                                value=1.0 if bundle_health(self.config).ok else 0.0)

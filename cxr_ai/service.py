@@ -264,6 +264,10 @@ class Service:
         self.scp = StorageSCP(settings=s.listener, spool=self.spool, store=self.store,
                               quiet_seconds=s.quiet_seconds, metrics=self.metrics, on_studies_closed=self.workers.wake)
         self.monitor_runner = self._monitor_runner(config)
+        from cxr_ai.ops import OpsCollector
+
+        self.metrics.registry.register(OpsCollector(db_path=s.db_path, config=config,
+                                                    min_free_bytes=s.listener.min_free_bytes))
         self._http: ThreadingHTTPServer | None = None
         self._janitor: threading.Thread | None = None
         self._stopped = threading.Event()
