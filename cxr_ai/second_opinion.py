@@ -222,17 +222,24 @@ def _fill_result(answer: SecondOpinion, outcome: InstanceOutcome, *, pipeline: P
         display, _ = display_array(rg.dataset, rg.pixels(), pipeline.engine.bundle.pipeline)
         scale = min(1.0, settings.overlay_max_side / max(display.shape))
         size = (max(1, round(display.shape[1] * scale)), max(1, round(display.shape[0] * scale)))
+        display = _screen(display, size)  # blend at screen size: the browser gets no more
         for f in result.findings:
             if f.heatmap is None:
                 continue
-            rgb = overlay_rgb(display, f.heatmap)
-            img = Image.fromarray(rgb)
-            if scale < 1.0:
-                img = img.resize(size, Image.Resampling.LANCZOS)
+            img = Image.fromarray(overlay_rgb(display, _screen(f.heatmap, size)))
             buf = io.BytesIO()
-            img.save(buf, format="PNG")
+            img.save(buf, format="PNG", compress_level=3)
             answer.overlays[f.key] = buf.getvalue()
     answer.timings.update(outcome.timings)
+
+
+def _screen(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float image in [0, 1] resampled to ``size`` (width, height) with an area-averaging
+    filter (Pillow's BOX: downsampling without aliasing); unchanged at its own size."""
+    arr = np.asarray(img, dtype=np.float32)
+    if (arr.shape[1], arr.shape[0]) == size:
+        return arr
+    return np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.BOX), dtype=np.float32)
 
 
 # -- PNG / JPEG -------------------------------------------------------------------------------
