@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def test_health_queue_dead_letters_requeue_throughput_latency(tmp_path: Path, rg
     try:
         assert send(svc.dicom_port, [rg1_paths["RG1_J2KI"], rg3_paths["RG3_UNCR"]]) == [0, 0]
         assert svc.wait_idle(timeout=60, expected_instances=2)
+        deadline = time.monotonic() + 60  # the study fails once pacs dead-letters; files may still be sending
+        while ops.queue_view(svc.settings.db_path).outbox["sent"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         health = {h.component: h for h in ops.service_health(svc)}
         assert health["listener"].ok and str(svc.dicom_port) in health["listener"].detail
         assert health["workers"].ok
