@@ -29,7 +29,6 @@ import io
 import logging
 import re
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,7 +160,19 @@ def second_opinion(data: bytes, filename: str, *, pipeline: Pipeline,
                                                                   limit=settings.max_bytes / 2**20), status=413)
     if _is_dicom(data) or name.lower().endswith((".dcm", ".dicom")):
         return _dicom(data, name, pipeline=pipeline, settings=settings)
-    return _image(data, name, pipeline=pipeline, settings=settings)
+    try:
+        return _image(data, name, pipeline=pipeline, settings=settings)
+    except SecondOpinionError as exc:
+        if exc.reason != "not_image":
+            raise
+        # no image header: a raw DICOM data set (no preamble, as sent on the wire) is still
+        # read; anything else keeps the "not an image" answer
+        try:
+            return _dicom(data, name, pipeline=pipeline, settings=settings)
+        except SecondOpinionError as dicom_exc:
+            if dicom_exc.reason != "not_dicom":
+                raise
+        raise
 
 
 # -- DICOM ------------------------------------------------------------------------------------
@@ -278,10 +289,10 @@ def read_grayscale_image(data: bytes, name: str, *,
     """A PNG/JPEG upload → (2-D uint8 or uint16 pixels, format, assumptions), checked first
     from its header (format, size, frames), then decoded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Reads the header only. Pillow refuses more than twice Image.MAX_IMAGE_PIXELS here
+        # (a decompression bomb); the side check below refuses anything over max_side first.
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
         raise SecondOpinionError("image_size", MSG_PIXELS.format(name=name, width="?", height="?",
                                                                  limit=settings.max_side) + f" ({exc})",
                                  status=413) from exc

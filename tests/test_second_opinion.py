@@ -95,6 +95,17 @@ def test_rejected_dicom_gets_the_gate_reason_in_words(pipeline, rg3_paths) -> No
     ct = second_opinion(Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes(), "ct.dcm",
                         pipeline=pipeline)
     assert not ct.accepted and ct.reason == "modality" and "modality CT" in ct.message and not ct.downloads
+    # a raw data set (no preamble, no file meta, as on the wire) under any name is still DICOM
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    del ds.file_meta
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    raw = second_opinion(fp.getvalue(), "upload.bin", pipeline=pipeline)
+    assert raw.kind == "dicom" and not raw.accepted and raw.reason == "modality"
 
 
 def test_png_and_jpeg_from_a_radiograph(pipeline, rg1_paths, rg1_display) -> None:
