@@ -38,6 +38,13 @@ OPS_ATTRIBUTES: tuple[str, ...] = ("sex", "age_band", "race", "insurance", "race
 OPS_METRICS: dict[str, str] = {"auroc": "AUROC", "sensitivity": "TPR", "fpr": "FPR",
                                "underdiagnosis": "Underdiagnosis"}
 TOO_SMALL = "group too small"
+#: Metrics that are one quantity seen from the other side (FPR = 1 - specificity; FNR =
+#: underdiagnosis = 1 - sensitivity): a gap flagged on one is flagged on the others.
+SAME_QUANTITY: dict[str, tuple[str, ...]] = {
+    "fpr": ("specificity",), "specificity": ("fpr",),
+    "sensitivity": ("fnr", "underdiagnosis"), "fnr": ("sensitivity", "underdiagnosis"),
+    "underdiagnosis": ("sensitivity", "fnr"),
+}
 MSG_NOT_RECORDED = ("{attribute}: not recorded in the prediction log (DICOM headers carry no {attribute}); "
                     "nothing to show")
 MSG_NOT_CONFIGURED = "{attribute}: not among [monitoring] attributes / intersections; add it to see it"
@@ -399,7 +406,8 @@ def fairness_view(record: Mapping[str, Any] | None, *, attributes: Sequence[str]
                 gaps = {}
                 for m in metrics:
                     d = g["gap_to_overall"][m]["difference"]
-                    is_flagged = (f, attribute, g["group"], m) in flagged_keys
+                    is_flagged = any((f, attribute, g["group"], k) in flagged_keys
+                                     for k in (m, *SAME_QUANTITY.get(m, ())))
                     if small:
                         gaps[m] = GapCell(None, None, False, f"{TOO_SMALL} (n={g['n']})")
                     elif d.get("value") is None:

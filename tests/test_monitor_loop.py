@@ -27,6 +27,7 @@ from cxr_ai.monitoring.runner import (
     FhirTruthPoller,
     MonitorRunner,
     RunnerSettings,
+    feedback_record,
     metric_families,
     split_metric_key,
 )
@@ -141,6 +142,16 @@ def test_phantoms_cstore_truth_cli_scheduled_update_gap_in_metrics(tmp_path: Pat
     assert gap_lines and all(" race=Black " in line for line in gap_lines), out.stdout
     assert re.search(r"truth cardiomegaly: 80 matched \(80 by study", out.stdout), out.stdout
 
+    # the operations page's data: the service's last window, flagged for race=Black only
+    from cxr_ai import ops
+
+    view = ops.fairness_view(ops.last_performance_record(tmp_path / "var" / "monitoring" / "performance.jsonl"))
+    race = view.table("cardiomegaly", "race")
+    flagged = {(t.attribute, g.group) for t in view.tables if t.available for g in t.groups
+               if any(c.flagged for c in g.gaps.values())}
+    assert flagged == {("race", "Black")}, flagged
+    assert next(g for g in race.groups if g.group == "Black").n == n_black
+
 
 def test_runner_updates_on_schedule_and_after_truth(tmp_path: Path) -> None:
     log, truth = _synthetic_log(tmp_path, n=300, noisy_group="Black", start=T0, seed=2)
@@ -159,8 +170,13 @@ def test_runner_updates_on_schedule_and_after_truth(tmp_path: Path) -> None:
         _wait(lambda: runner.updates > first)
         assert any(a["kind"] == "gap" and a["group"] == "Black" for a in runner.last_record["alerts"])
         n = runner.updates
-        runner.notify()  # radiologist feedback
+        uid = truth[0]["study_uid"]
+        assert runner.add_truth([feedback_record(study_uid=uid, finding="cardiomegaly",
+                                                 value=not truth[0]["value"])]) == 1  # radiologist feedback
         _wait(lambda: runner.updates > n)
+        assert store.records()[-1]["source"] == "feedback:radiologist"
+        with pytest.raises(ValueError, match="unknown finding"):
+            feedback_record(study_uid=uid, finding="pneumonia", value=True)
     finally:
         runner.stop()
     scheduled = MonitorRunner(monitor, settings=RunnerSettings(update_minutes=0.01, truth_check_seconds=0.05),
