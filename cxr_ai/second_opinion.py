@@ -158,8 +158,20 @@ def second_opinion(data: bytes, filename: str, *, pipeline: Pipeline,
     if len(data) > settings.max_bytes:
         raise SecondOpinionError("too_large", MSG_TOO_BIG.format(name=name, size=len(data) / 2**20,
                                                                   limit=settings.max_bytes / 2**20), status=413)
-    if _is_dicom(data) or name.lower().endswith((".dcm", ".dicom")):
+    if _is_dicom(data):
         return _dicom(data, name, pipeline=pipeline, settings=settings)
+    if name.lower().endswith((".dcm", ".dicom")):
+        try:
+            return _dicom(data, name, pipeline=pipeline, settings=settings)
+        except SecondOpinionError as exc:
+            if exc.reason != "not_dicom":
+                raise
+            try:  # a PNG/JPEG saved under a DICOM name
+                return _image(data, name, pipeline=pipeline, settings=settings)
+            except SecondOpinionError as image_exc:
+                if image_exc.reason != "not_image":
+                    raise
+            raise
     try:
         return _image(data, name, pipeline=pipeline, settings=settings)
     except SecondOpinionError as exc:

@@ -106,6 +106,11 @@ def test_rejected_dicom_gets_the_gate_reason_in_words(pipeline, rg3_paths) -> No
     write_dataset(fp, ds)
     raw = second_opinion(fp.getvalue(), "upload.bin", pipeline=pipeline)
     assert raw.kind == "dicom" and not raw.accepted and raw.reason == "modality"
+    # and a PNG under a DICOM name is still read as the PNG it is
+    rg = read_radiograph(rg3_paths["RG3_UNCR"], decode=True)
+    png = second_opinion(_png(np.rint(display_array(rg.dataset, rg.pixels())[0] * 255).astype(np.uint8)),
+                         "named.dcm", pipeline=pipeline)
+    assert png.kind == "png" and png.accepted and not png.applicability_verified
 
 
 def test_png_and_jpeg_from_a_radiograph(pipeline, rg1_paths, rg1_display) -> None:
