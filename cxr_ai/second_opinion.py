@@ -209,11 +209,13 @@ def _dicom(data: bytes, name: str, *, pipeline: Pipeline, settings: SecondOpinio
         return answer
     _fill_result(answer, outcome, pipeline=pipeline, settings=settings)
     stem = name.rsplit(".", 1)[0] or "upload"
+    per_kind: dict[str, int] = {}
     for ds in outcome.datasets:
         kind = _kind(ds)
+        per_kind[kind] = per_kind.get(kind, 0) + 1
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
-        answer.downloads[f"{stem}-{kind}-{len([k for k in answer.downloads if f'-{kind}' in k]) + 1}.dcm"] = buf.getvalue()
+        answer.downloads[f"{stem}-{kind}-{per_kind[kind]}.dcm"] = buf.getvalue()
     if outcome.fhir_bundle is not None:
         import json
 
