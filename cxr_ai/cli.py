@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cxr_ai.batch import add_batch_parser
     from cxr_ai.evaluation.cli import add_evaluate_parser
+    from cxr_ai.monitoring.cli import add_monitoring_parsers
     from cxr_ai.ops_cli import add_ops_parsers
     from cxr_ai.service_cli import add_service_parsers
     from cxr_ai.worklist_cli import add_worklist_parser
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_worklist_parser(sub)
     add_evaluate_parser(sub)
     add_ops_parsers(sub)
+    add_monitoring_parsers(sub)
     for sp in sub.choices.values():  # -v works after the subcommand too (`cxr-ai evaluate -v ...`)
         if "-v" not in sp._option_string_actions:
             sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,

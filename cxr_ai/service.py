@@ -231,7 +231,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST
 
-            self._send(200, svc.metrics.render(), CONTENT_TYPE_LATEST)
+            self._send(200, svc.metrics_text(), CONTENT_TYPE_LATEST)
         elif path == "/status":
             self._send(200, json.dumps(svc.status()).encode(), "application/json")
         else:
@@ -269,10 +269,41 @@ class Service:
                                   pipeline_factory=self.factory, config=config, settings=s, metrics=self.metrics)
         self.scp = StorageSCP(settings=s.listener, spool=self.spool, store=self.store,
                               quiet_seconds=s.quiet_seconds, metrics=self.metrics, on_studies_closed=self.workers.wake)
+        self.monitor_runner = self._monitor_runner(config)
+        from cxr_ai.ops import OpsCollector
+
+        self.metrics.registry.register(OpsCollector(db_path=s.db_path, config=config,
+                                                    min_free_bytes=s.listener.min_free_bytes))
         self._http: ThreadingHTTPServer | None = None
         self._janitor: threading.Thread | None = None
         self._stopped = threading.Event()
         self.started_at: float | None = None
+
+    def _monitor_runner(self, config: Mapping[str, Any]) -> Any:
+        """The scheduled performance monitor (``[monitoring]``), its values in ``/metrics``;
+        None when monitoring is off."""
+        import copy
+
+        from cxr_ai.monitoring.runner import MonitorCollector, runner_from_config
+
+        mon = config.get("monitoring", {})
+        if not mon.get("enabled", True):
+            return None
+        cfg = copy.deepcopy(dict(config))
+        cfg.setdefault("store", {})["root"] = str(self.settings.store_root)  # as the prediction log
+        token = ""
+        if mon.get("fhir_truth_token_env"):
+            token = os.environ.get(str(mon["fhir_truth_token_env"]), "")
+            if not token:
+                raise ConfigError(f"[monitoring] fhir_truth_token_env names {mon['fhir_truth_token_env']}, "
+                                  "which is not set")
+        runner = runner_from_config(cfg, token=token)
+        self.metrics.registry.register(MonitorCollector(runner))
+        return runner
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus text exposition of ``/metrics`` (service, job store and monitor)."""
+        return self.metrics.render()
 
     @property
     def dicom_port(self) -> int:
@@ -297,6 +328,8 @@ class Service:
         self.workers.start()
         self._janitor = threading.Thread(target=self._janitor_loop, name="cxr-ai-janitor", daemon=True)
         self._janitor.start()
+        if self.monitor_runner is not None:
+            self.monitor_runner.start()
         if self.settings.http_enabled:
             handler = type("Handler", (_Handler,), {"service": self})
             self._http = ThreadingHTTPServer((self.settings.http_host, self.settings.http_port), handler)
@@ -318,6 +351,8 @@ class Service:
         self.scp.stop()
         self.workers.stop(grace)
         self.router.stop(timeout=min(grace, 10.0) if grace else 1.0)
+        if self.monitor_runner is not None:
+            self.monitor_runner.stop()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

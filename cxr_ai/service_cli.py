@@ -130,7 +130,9 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     store = JobStore(settings.db_path)
     try:
         if args.retry_dead:
-            n = store.retry_dead(destination=args.destination)
+            from cxr_ai.ops import requeue_dead
+
+            n = requeue_dead(store, audit_path=settings.store_root / "audit.jsonl", destination=args.destination)
             print(f"{n} dead-lettered deliveries queued again")
         print(json.dumps(store.counts(), indent=1))
         for d in store.deliveries(state=DeliveryState.DEAD):

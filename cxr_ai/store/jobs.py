@@ -725,8 +725,9 @@ class JobStore:
                                                                               now, key))
         return state
 
-    def retry_dead(self, *, destination: str | None = None) -> int:
-        """Put dead-lettered deliveries back in the queue (operator action after a fix)."""
+    def retry_dead(self, *, destination: str | None = None, ids: Sequence[int] | None = None) -> int:
+        """Put dead-lettered deliveries back in the queue (operator action after a fix): all,
+        one destination's, or those with the given outbox ids."""
         now = self._clock()
         with self._tx() as conn:
             q = "SELECT id, study_key FROM outbox WHERE state=?"
@@ -734,6 +735,9 @@ class JobStore:
             if destination:
                 q += " AND destination=?"
                 args.append(destination)
+            if ids is not None:
+                q += f" AND id IN ({','.join('?' * len(ids))})" if ids else " AND 0"
+                args += [int(i) for i in ids]
             rows = conn.execute(q, args).fetchall()
             for r in rows:
                 conn.execute("UPDATE outbox SET state=?, attempts=0, next_attempt_at=?, updated_at=? WHERE id=?",
