@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 #: Subgroups the operations page shows, in order (an intersection is "a × b", the evaluator's label).
 OPS_ATTRIBUTES: tuple[str, ...] = ("sex", "age_band", "race", "insurance", "race × sex")
 #: The metrics of the fairness table, with the names the page shows.
+#: Underdiagnosis is the FNR (Seyyed-Kalantari 2021; the evaluator keeps one column for both).
 OPS_METRICS: dict[str, str] = {"auroc": "AUROC", "sensitivity": "TPR", "fpr": "FPR",
-                               "underdiagnosis": "Underdiagnosis"}
+                               "fnr": "Underdiagnosis (FNR)"}
 TOO_SMALL = "group too small"
 #: Metrics that are one quantity seen from the other side (FPR = 1 - specificity; FNR =
 #: underdiagnosis = 1 - sensitivity): a gap flagged on one is flagged on the others.

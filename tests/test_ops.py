@@ -124,7 +124,7 @@ def test_fairness_view_tables_gaps_small_groups_and_missing_attributes(monitored
     black = next(g for g in race.groups if g.group == "Black")
     assert black.gaps["auroc"].flagged and "FLAGGED" in black.gaps["auroc"].text
     assert black.gaps["auroc"].ci[1] < 0 and black.metrics["auroc"].value is not None
-    assert set(black.metrics) == {"auroc", "sensitivity", "fpr", "underdiagnosis"}
+    assert set(black.metrics) == {"auroc", "sensitivity", "fpr", "fnr"}
     assert black.calibration.prob_pred and black.calibration.text.startswith("ECE")
     assert not any(g.gaps["auroc"].flagged for g in race.groups if g.group != "Black")
     assert any(a["group"] == "Black" for a in view.flagged)
