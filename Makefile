@@ -61,14 +61,18 @@ $(VENV)/.locked: $(LOCK) pyproject.toml | $(VENV)/bin/python
 # wheel) for its dependencies' sake but not written; a lock that pulled CUDA packages is refused.
 lock: $(LOCK_VENV)/bin/pip-compile
 	@echo "$(TORCH_SPEC)" > $(LOCK_VENV)/torch-constraint.txt
+	@cp $(LOCK) $(LOCK_VENV)/$(LOCK) 2>/dev/null || rm -f $(LOCK_VENV)/$(LOCK)
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --all-extras \
 	  --strip-extras --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
 	  --unsafe-package torch --constraint $(LOCK_VENV)/torch-constraint.txt \
-	  $(LOCK_ARGS) --output-file $(LOCK) pyproject.toml
-	@if grep -E -q '^(nvidia-|triton==|cuda-)' $(LOCK); then \
-	  echo "$(LOCK): pip resolved a CUDA build of torch (nvidia-*/triton pinned): make the CPU wheel" \
-	       "of $(TORCH_SPEC) visible to pip (TORCH_PIP_ARGS/LOCK_ARGS, e.g. --find-links) and rerun make lock" >&2; \
+	  $(LOCK_ARGS) --output-file $(LOCK_VENV)/$(LOCK) pyproject.toml
+	@if grep -E -q '^(nvidia-|triton==|cuda-)' $(LOCK_VENV)/$(LOCK); then \
+	  echo "make lock: pip resolved a CUDA build of $(TORCH_SPEC) (nvidia-*/triton pinned); $(LOCK) is" \
+	       "unchanged. Make the CPU wheel visible to pip (LOCK_ARGS=\"--find-links DIR\" or PyTorch's CPU" \
+	       "index with --extra-index-url) and rerun make lock." >&2; \
 	  exit 1; fi
+	@cp $(LOCK_VENV)/$(LOCK) $(LOCK)
+	@echo "$(LOCK) written; run make test, then commit it with pyproject.toml"
 
 $(LOCK_VENV)/bin/pip-compile:
 	$(PYTHON) -m venv $(LOCK_VENV)
