@@ -53,6 +53,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr_ai import __version__
+from cxr_ai import portable_math as pm
 from cxr_ai.dicom.codes import CHEST
 from cxr_ai.errors import ConfigError
 
@@ -340,7 +341,7 @@ def _smooth_noise(rng: np.random.Generator, rows: int, cols: int, scale: float,
     fy = np.fft.fftfreq(g)[:, None]
     fx = np.fft.rfftfreq(g)[None, :]
     sigma = scale * g
-    filt = np.exp(-2.0 * (np.pi * sigma) ** 2 * (fx**2 + fy**2))
+    filt = pm.exp(-2.0 * (np.pi * sigma) ** 2 * (fx**2 + fy**2))
     field_ = np.fft.irfft2(np.fft.rfft2(white) * filt, s=(g, g)).astype(np.float32)
     field_ /= field_.std() + 1e-8
     return _resize(field_, rows, cols)
@@ -482,11 +483,11 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
     neck = 0.22 + 0.05 * p.habitus
     wflank = wb + 0.03 * np.clip(Y, 0, 1)
     warm = wb + 0.34
-    y_sh = -1.02 + 0.30 * np.clip((ax - neck) / (warm - neck), 0, 1) ** 1.5  # shoulder line
+    y_sh = -1.02 + 0.30 * pm.power(np.clip((ax - neck) / (warm - neck), 0, 1), 1.5)  # shoulder line
     arm = np.clip((-0.35 - Y) / 0.45, 0, 1)
     wbody = wflank + (warm - wflank) * (arm * arm * (3 - 2 * arm))
     rb = np.minimum(ax / wbody, 1.0)
-    body = np.sqrt(1.0 - rb**3) * _ramp(wbody - ax, 2 * e) * _ramp(Y - y_sh, 2 * e)
+    body = np.sqrt(1.0 - pm.power(rb, 3)) * _ramp(wbody - ax, 2 * e) * _ramp(Y - y_sh, 2 * e)
     d = (0.31 + 0.08 * p.habitus) * body
     # humeral heads at the upper corners
     hx = wb + 0.06
@@ -500,8 +501,8 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
     # --- mediastinum and heart ----------------------------------------------------------
     y_knob = -0.30 + (0.03 if ap else 0.0)
     med_r = 0.095 + 0.025 * t
-    med_l = (0.075 + 0.085 * np.exp(-(((Y - y_knob) / 0.065) ** 2))
-             + 0.04 * np.exp(-(((Y - (y_knob + 0.13)) / 0.05) ** 2)))
+    med_l = (0.075 + 0.085 * pm.exp(-(((Y - y_knob) / 0.065) ** 2))
+             + 0.04 * pm.exp(-(((Y - (y_knob + 0.13)) / 0.05) ** 2)))
     med = (med_r + (med_l - med_r) * leftf) * (1.12 if ap else 1.0)
     in_med = _ramp(med - ax, e)
 
@@ -509,20 +510,20 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
     xc = 0.15 * 2 * hw  # 35 % of the width right of the midline, 65 % left
     r_ax = 0.74 + 0.18 * p.globular  # minor/major axis ratio
     th = math.radians(38.0 - 12.0 * p.globular)  # long axis tilt (apex down-left)
-    a_h = hw / math.sqrt(math.cos(th) ** 2 + (r_ax * math.sin(th)) ** 2)
+    a_h = hw / math.sqrt(pm.cos(th) ** 2 + (r_ax * pm.sin(th)) ** 2)
     b_h = r_ax * a_h
-    dy_apex = (a_h**2 - b_h**2) * math.sin(th) * math.cos(th) / hw  # apex below the centre
+    dy_apex = (a_h**2 - b_h**2) * pm.sin(th) * pm.cos(th) / hw  # apex below the centre
     x_apex = xc + hw
     dome_at_apex = y_dome_l + k_dome * ((x_apex - a_dome) / wt) ** 2
     dome_at_c = y_dome_l + k_dome * ((xc - a_dome) / wt) ** 2
     yc = min(dome_at_c - 0.25 * b_h, dome_at_apex - 0.03 - dy_apex,
              y_dome_r + k_dome * ((xc - hw - a_dome) / wt) ** 2 - 0.02 - 0.2 * b_h)
-    vh = math.sqrt((a_h * math.sin(th)) ** 2 + (b_h * math.cos(th)) ** 2)
+    vh = math.sqrt((a_h * pm.sin(th)) ** 2 + (b_h * pm.cos(th)) ** 2)
     hr_, hc_ = _span(ys, yc - vh - 0.02, yc + vh + 0.02), _span(xs, xc - hw - 0.02, xc + hw + 0.02)
     heart = np.zeros((rows, cols), np.float32)
     heart_w = np.zeros((rows, cols), np.float32)
     if hr_.stop > hr_.start and hc_.stop > hc_.start:
-        cth, sth = math.cos(th), math.sin(th)
+        cth, sth = pm.cos(th), pm.sin(th)
         dx_, dy_ = X[:, hc_] - xc, Y[hr_] - yc
         u = dx_ * cth + dy_ * sth
         v = dy_ * cth - dx_ * sth
@@ -532,7 +533,7 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
         heart_w[hr_, hc_] = hh * (0.8 + 0.2 * np.sqrt(np.clip(1.0 - rr2, 0, 1)))
 
     # --- lungs --------------------------------------------------------------------------
-    lat = wt * (0.62 + 0.38 * np.sin(np.clip(t * 1.1, 0, 1) * (np.pi / 2)) ** 0.75)
+    lat = wt * (0.62 + 0.38 * pm.power(pm.sin(np.clip(t * 1.1, 0, 1) * (np.pi / 2)), 0.75))
     a_apex = 0.50 * wt
     top = y_apex + 3.0 * (ax - a_apex) ** 2
     above_dia = _ramp(dome - Y, e)
@@ -543,7 +544,7 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
         if amount <= 0 or rs.stop <= rs.start:
             continue
         yd = y_dome_l if side is leftf else y_dome_r
-        level = yd + 0.20 - 0.28 * amount - (0.10 + 0.08 * amount) * np.clip(ax / wt, 0, 1) ** 3
+        level = yd + 0.20 - 0.28 * amount - (0.10 + 0.08 * amount) * pm.power(np.clip(ax / wt, 0, 1), 3)
         fluid = _ramp(Y[rs] - level, 0.05 + 0.03 * amount) * side
         lung[rs] *= 1.0 - fluid
     # lung air: thickest centrally, thinning towards the edges and bases
@@ -569,7 +570,7 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
     trachea = np.sqrt(np.clip(1.0 - (Xc / 0.036) ** 2, 0, None)) * _ramp(y_carina - Y, 0.08)
     spine = np.sqrt(np.clip(1.0 - (Xc / 0.065) ** 2, 0, None))
     vert = _bands(Y + 1.0, 0.085, 0.82)
-    ped = np.exp(-(((np.abs(Xc) - 0.045) / 0.012) ** 2)) * np.clip(vert, 0, 1)
+    ped = pm.exp(-(((np.abs(Xc) - 0.045) / 0.012) ** 2)) * np.clip(vert, 0, 1)
     spine_vis = 1.0 - 0.6 * np.maximum(solid[:, cs] * above_dia[:, cs], below[:, cs])
     d[:, cs] += body[:, cs] * (bone * (0.02 + 0.02 * vert + 0.015 * ped) * spine * spine_vis
                                - 0.11 * trachea)
@@ -577,7 +578,7 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
     # --- hila and pulmonary vessels -----------------------------------------------------
     c = p.congestion
     breakup = _ramp(_smooth_noise(rng, rows, cols, 0.025, grid=128) + 0.3, 0.8)
-    worms = np.exp(-((_smooth_noise(rng, rows, cols, 0.018, grid=192) / 0.22) ** 2))
+    worms = pm.exp(-((_smooth_noise(rng, rows, cols, 0.018, grid=192) / 0.22) ** 2))
     rs = _span(ys, y_apex - 0.02, y_low)
     for sgn, hx_, hy_ in ((-1.0, -0.19, -0.05), (1.0, 0.18, -0.09)):
         cs = _span(xs, -wt, 0.02) if sgn < 0 else _span(xs, -0.02, wt)
@@ -585,26 +586,26 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
             continue
         dxh, dyh = X[:, cs] - hx_, Y[rs] - hy_
         r = np.sqrt(dxh**2 + dyh**2) + 1e-3
-        ang = np.arctan2(dyh, dxh * sgn)
-        lr = np.log(r)
+        ang = pm.arctan2(dyh, dxh * sgn)
+        lr = pm.log(r)
         sharp = 4.0 + 120.0 * np.minimum(r, 0.7) ** 2
         ves = np.zeros_like(r)
         for k in range(3):
             nk = float(rng.uniform(9, 16))
             ph = float(rng.uniform(0, 2 * np.pi))
             wob = float(rng.uniform(2.0, 4.0))
-            g = np.cos(nk * ang + ph + 0.9 * np.sin(wob * lr + k))
-            ves += np.exp(sharp * (g - 1.0))
+            g = pm.cos(nk * ang + ph + 0.9 * pm.sin(wob * lr + k))
+            ves += pm.exp(sharp * (g - 1.0))
         lung_s = lung[rs, cs]
         brk = breakup[rs, cs]
-        hil = np.exp(-((dxh / 0.075) ** 2 + (dyh / 0.13) ** 2)) * (0.8 + 0.4 * brk)
+        hil = pm.exp(-((dxh / 0.075) ** 2 + (dyh / 0.13) ** 2)) * (0.8 + 0.4 * brk)
         upper = np.clip(-dyh / 0.4, 0, 1)
         zone = 1.0 + (1.0 * c - 0.35 * (1.0 - c)) * upper  # upper-zone redistribution
-        fade = np.exp(-r / (0.24 + 0.10 * c)) * _ramp(r - 0.12, 0.10)
+        fade = pm.exp(-r / (0.24 + 0.10 * c)) * _ramp(r - 0.12, 0.10)
         add = (0.08 + 0.05 * c) * hil * (1.0 - in_med[rs, cs])
         add += (0.10 + 0.06 * c) * (0.7 * ves * brk + 0.35 * worms[rs, cs]) * fade * zone * lung_s
         if c > 0:  # perihilar haze (interstitial / alveolar oedema: bat-wing)
-            haze = np.exp(-((dxh / (0.20 + 0.12 * c)) ** 2 + (dyh / 0.30) ** 2))
+            haze = pm.exp(-((dxh / (0.20 + 0.12 * c)) ** 2 + (dyh / 0.30) ** 2))
             add += (0.13 * c) * haze * lung_s
         side = (X[:, cs] > 0) if sgn > 0 else (X[:, cs] <= 0)
         d[rs, cs] += add * side
@@ -616,7 +617,7 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
     if p.kerley > 0 and rs.stop > rs.start:
         Ys = Y[rs]
         inband = _ramp(ax - (lat[rs] - 0.10), 0.03) * _ramp(Ys - (dome_top - 0.35), 0.08)
-        kl = _bands(Ys + 5.0 + 0.01 * np.sin(ax * 40), 0.026, 0.22)
+        kl = _bands(Ys + 5.0 + 0.01 * pm.sin(ax * 40), 0.026, 0.22)
         d[rs] += (0.06 * p.kerley) * kl * inband * lung[rs]
 
     # breast shadows: soft tissue over the lower zones with a curved lower margin
@@ -647,7 +648,7 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
     # clavicles: S-shaped bands from the sternal notch up and out to the shoulders
     cx0 = 0.07
     sc = np.clip((ax - cx0) / 0.62, 0, 1.4)
-    ycl = -0.64 - 0.12 * sc + 0.03 * np.sin(sc * np.pi * 1.5) - (0.06 if ap else 0.0)
+    ycl = -0.64 - 0.12 * sc + 0.03 * pm.sin(sc * np.pi * 1.5) - (0.06 if ap else 0.0)
     hcl = 0.032 + 0.008 * sc
     rs = _span(ys, -0.64 - 0.17 - 0.06 - 0.05, -0.55)
     if rs.stop > rs.start:
@@ -671,7 +672,7 @@ def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
 def _tone(d: np.ndarray) -> np.ndarray:
     """Gentle film-like tone curve; maps the composed density to [0, 1]."""
     d = np.clip(d, 0.0, None)
-    return (1.0 - np.exp(-1.8 * d)) / (1.0 - math.exp(-1.8 * 0.75))
+    return (1.0 - pm.exp(-1.8 * d)) / (1.0 - pm.exp(-1.8 * 0.75))
 
 
 def _lateral_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -694,35 +695,35 @@ def _lateral_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
     dia = y_top + 0.40 * ((X + 0.12) / 0.8) ** 2
     lx = (X - 0.10) / 0.62
     ly = (Y - 0.02) / 0.76
-    shape = np.abs(lx) ** 2.6 + np.clip(-ly, 0, None) ** 2.2
+    shape = pm.power(np.abs(lx), 2.6) + pm.power(np.clip(-ly, 0, None), 2.2)
     above = _ramp(dia - Y, e)
     lung = _ramp(1.0 - shape, 0.05) * above
     lung2 = _ramp(1.0 - shape, 0.05) * _ramp(dia + 0.05 - Y, e) * (1.0 - above)  # other dome
     # heart: anterior and inferior, sitting on the diaphragm; size follows the CTR
     hs = p.ctr_apparent / 0.45
-    ah, bh = 0.30 * hs, 0.23 * hs**0.7
+    ah, bh = 0.30 * hs, 0.23 * pm.power(hs, 0.7)
     hx = -0.52 + ah * 0.95
     hy = y_top + 0.02 - 0.55 * bh
     th = math.radians(-25.0)
-    uu = (X - hx) * math.cos(th) + (Y - hy) * math.sin(th)
-    vv = -(X - hx) * math.sin(th) + (Y - hy) * math.cos(th)
+    uu = (X - hx) * pm.cos(th) + (Y - hy) * pm.sin(th)
+    vv = -(X - hx) * pm.sin(th) + (Y - hy) * pm.cos(th)
     hr = np.sqrt((uu / ah) ** 2 + (vv / bh) ** 2)
     heart = _ramp(1.0 - hr, 0.06) * _ramp(dia + 0.05 - Y, e)
     for amount in (p.effusion_left, p.effusion_right):
         if amount > 0:  # the posterior costophrenic sulcus fills first
-            level = dia - 0.30 * amount * np.clip(X / 0.6, 0, 1) ** 1.5
+            level = dia - 0.30 * amount * pm.power(np.clip(X / 0.6, 0, 1), 1.5)
             fluid = _ramp(Y - level, 0.06) * (X > 0.0)
             lung = lung * (1 - 0.8 * fluid)
             lung2 = lung2 * (1 - 0.8 * fluid)
     air = (0.24 * lung + 0.08 * lung2) * (1.0 - 0.55 * heart)
     d = d - air
     # hila, aortic arch, congestion
-    hil = np.exp(-(((X - 0.10) / 0.10) ** 2 + ((Y + 0.08) / 0.12) ** 2))
+    hil = pm.exp(-(((X - 0.10) / 0.10) ** 2 + ((Y + 0.08) / 0.12) ** 2))
     d = d + (0.07 + 0.05 * p.congestion) * hil * lung
-    arch = np.exp(-(((np.sqrt((X - 0.12) ** 2 / 0.8 + (Y + 0.28) ** 2) - 0.17) / 0.04) ** 2))
+    arch = pm.exp(-(((np.sqrt((X - 0.12) ** 2 / 0.8 + (Y + 0.28) ** 2) - 0.17) / 0.04) ** 2))
     d = d + 0.05 * arch * _ramp(-0.2 - Y, 0.1) * lung
     if p.congestion > 0:
-        hz = np.exp(-(((X - 0.05) / 0.35) ** 2 + ((Y + 0.05) / 0.30) ** 2))
+        hz = pm.exp(-(((X - 0.05) / 0.35) ** 2 + ((Y + 0.05) / 0.30) ** 2))
         d = d + 0.10 * p.congestion * hz * lung
     # spine: vertebral bodies with end plates (more lucent lower down), posterior elements
     sx = 0.55 + 0.04 * Y
@@ -754,11 +755,11 @@ def _abdomen_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
     e = 4.0 / min(rows, cols) + 0.004
     ax = np.abs(X)
     wb = 0.86 + 0.08 * p.habitus
-    body = np.sqrt(np.clip(1.0 - np.clip(ax / wb, 0, 1) ** 4, 0, 1)) * _ramp(wb - ax, 2 * e)
+    body = np.sqrt(np.clip(1.0 - pm.power(np.clip(ax / wb, 0, 1), 4), 0, 1)) * _ramp(wb - ax, 2 * e)
     d = (0.42 + 0.08 * p.habitus) * body
     # bowel gas: tubular loops (colon frame) and small-bowel bubbles
     g = _smooth_noise(rng, rows, cols, 0.05, grid=96)
-    loops = np.exp(-((g / 0.18) ** 2))
+    loops = pm.exp(-((g / 0.18) ** 2))
     frame = _ramp(0.72 - ax, 0.1) * _ramp(Y + 0.55, 0.1) * _ramp(0.72 - Y, 0.1)
     b = _smooth_noise(rng, rows, cols, 0.02, grid=128)
     bubbles = _ramp(b - 1.6, 0.3)
@@ -767,7 +768,7 @@ def _abdomen_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Genera
     # lumbar spine
     vert = _bands(Y + 1.3, 0.22, 0.84)
     spine = _ramp(0.10 - ax, 0.015) * (0.4 + 0.6 * vert) * _ramp(0.55 - Y, 0.05)
-    ped = sum(np.exp(-(((X - s * 0.065) / 0.022) ** 2)) for s in (-1, 1)) * np.clip(vert, 0, 1)
+    ped = sum(pm.exp(-(((X - s * 0.065) / 0.022) ** 2)) for s in (-1, 1)) * np.clip(vert, 0, 1)
     d = d + p.bone * (0.07 + 0.0 * ped) * spine + 0.03 * p.bone * ped * _ramp(0.55 - Y, 0.05)
     # transverse processes
     d = d + 0.03 * p.bone * vert * _ramp(0.19 - ax, 0.02) * _ramp(ax - 0.1, 0.02)
@@ -815,7 +816,7 @@ def _hand_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Generator
     def add_bone(a: tuple[float, float], b: tuple[float, float], w: float, taper: float = 0.0,
                  weight: float = 1.0) -> None:
         rs, cs, dist, t = _segment(xs, ys, (m * a[0], a[1]), (m * b[0], b[1]), w)
-        ww = w * (1.0 - taper * np.sin(np.pi * t))
+        ww = w * (1.0 - taper * pm.sin(np.pi * t))
         np.maximum(bone[rs, cs], weight * _bone_profile(dist / ww), out=bone[rs, cs])
 
     def add_soft(a: tuple[float, float], b: tuple[float, float], w: float) -> None:

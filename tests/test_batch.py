@@ -318,3 +318,48 @@ def test_duplicate_sop_instance_uids_are_reported_not_dropped_silently(phantoms,
     assert len(wl.duplicates) == 1 and {Path(p).name for p in wl.duplicates[0]} == {first.name, "again.dcm"}
     summary = batch.BatchSummary(total=len(wl.items), duplicates=wl.duplicates)
     assert "duplicate SOP Instance UID" in summary.text() and "again.dcm" in summary.text()
+
+
+def test_summary_and_report_name_ignored_files_and_duplicates(phantoms, config, pipeline, tmp_path: Path) -> None:
+    """The summary names each non-DICOM file; skipped_inputs.csv next to results.csv lists them
+    and every duplicate with the file processed in its place."""
+    import shutil
+
+    root, labels = phantoms
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    first = root / labels["file"].iloc[0]
+    shutil.copyfile(first, extra / "again.dcm")
+    (extra / "notes.txt").write_text("not an image\n", encoding="utf-8")
+    out = tmp_path / "out"
+    wl = batch.scan_inputs([root, extra])
+    summary = batch.run_batch(wl, options=batch.BatchOptions(out_dir=out, progress=False, explain=False),
+                              config=config, pipeline=pipeline)
+    text = summary.text()
+    assert "ignored (not DICOM): 2 files" in text
+    assert str(root / "labels.csv") in text and str(extra / "notes.txt") in text
+    assert f"{extra / 'again.dcm'} (same instance as {first})" in text
+    report = out / batch.SKIPPED_INPUTS_NAME
+    assert summary.skipped_report == str(report) and str(report) in text
+    assert report.parent == Path(summary.table_csv).parent
+    rows = pd.read_csv(report, dtype=str, keep_default_na=False)
+    assert list(rows.columns) == ["path", "why", "same_as"]
+    assert sorted(map(tuple, rows.to_numpy().tolist())) == sorted([
+        (str(root / "labels.csv"), "not DICOM", ""),
+        (str(extra / "notes.txt"), "not DICOM", ""),
+        (str(extra / "again.dcm"), "duplicate", str(first)),
+    ])
+    # a later run with nothing skipped leaves a report that says so (header only)
+    summary = batch.run_batch(batch.scan_inputs([root / labels["file"].iloc[0]]),
+                              options=batch.BatchOptions(out_dir=tmp_path / "out2", progress=False, explain=False),
+                              config=config, pipeline=pipeline)
+    assert pd.read_csv(tmp_path / "out2" / batch.SKIPPED_INPUTS_NAME).empty
+    assert "ignored" not in summary.text()
+
+
+def test_summary_lists_at_most_twenty_and_points_to_the_report() -> None:
+    ignored = [f"/in/junk_{i:02d}.bin" for i in range(25)]
+    summary = batch.BatchSummary(ignored_files=25, ignored=ignored, skipped_report="/out/skipped_inputs.csv")
+    text = summary.text()
+    assert "/in/junk_19.bin" in text and "/in/junk_20.bin" not in text
+    assert "... and 5 more (all in /out/skipped_inputs.csv)" in text

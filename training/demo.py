@@ -11,7 +11,8 @@
    validation share of the pool.
 3. Exports the bundle with a ``reproduce`` record: the held-out phantom config and its
    metrics, so ``tests/test_training_demo.py`` can regenerate the held-out phantoms and check
-   that the shipped bundle reproduces them.
+   that the shipped bundle reproduces them; ``docs/held_out_thumbnails.npz`` holds small
+   thumbnails of the held-out images so that the check can compare pixels with a tolerance.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pydicom
 
@@ -76,11 +78,43 @@ def phantom_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
+#: Held-out image thumbnails shipped in the bundle's docs (see :func:`phantom_thumbnails`).
+THUMBNAILS_FILE = "held_out_thumbnails.npz"
+#: Thumbnails are ``THUMBNAIL_GRID x THUMBNAIL_GRID`` block means of the stored pixel values.
+THUMBNAIL_GRID = 16
+
+
+def phantom_thumbnails(folder: str | Path, *, grid: int = THUMBNAIL_GRID) -> dict[str, np.ndarray]:
+    """What the model is scored on, small enough to ship: for each frontal chest in
+    ``labels.csv`` order, its file name, labels and the ``grid x grid`` block means of its
+    stored pixel values (in stored units; the image is cropped to a multiple of ``grid``).
+
+    Unlike :func:`phantom_fingerprint`, thumbnails compare with a tolerance: a pixel that moved
+    by one stored unit moves its block mean by at most one unit, while a change of what the
+    generator draws moves block means by far more.
+    """
+    folder = Path(folder)
+    labels = pd.read_csv(folder / "labels.csv")
+    frontal = labels[labels["frontal_chest"] == 1]
+    thumbs = []
+    for row in frontal.itertuples():
+        px = pydicom.dcmread(folder / row.file).pixel_array.astype(np.float64)
+        r, c = (px.shape[0] // grid) * grid, (px.shape[1] // grid) * grid
+        thumbs.append(px[:r, :c].reshape(grid, r // grid, grid, c // grid).mean(axis=(1, 3)))
+    return {
+        "files": frontal["file"].to_numpy(str),
+        "cardiomegaly": frontal["cardiomegaly"].to_numpy(np.int8),
+        "low_ef": frontal["low_ef"].to_numpy(np.int8),
+        "thumbnails": np.asarray(thumbs, np.float32).reshape(len(thumbs), grid, grid),
+    }
+
+
 def _generate(folder: Path, pc: PhantomConfig) -> None:
     import cxr_ai.phantoms
+    import cxr_ai.portable_math
 
     marker = folder / "phantom_config.json"
-    source = Path(cxr_ai.phantoms.__file__).read_bytes()
+    source = b"".join(Path(m.__file__).read_bytes() for m in (cxr_ai.phantoms, cxr_ai.portable_math))
     want = {"config": phantom_config_to_dict(pc), "generator_sha256": hashlib.sha256(source).hexdigest()}
     if marker.exists() and (folder / "labels.csv").exists() and json.loads(marker.read_text()) == want:
         logger.info("phantoms in %s are up to date", folder)
@@ -112,7 +146,60 @@ def run_demo(*, config: str | Path = DEFAULT_CONFIG, work: str | Path, out: str 
             "training_pool": {"generator": "cxr_ai.phantoms.generate_studies", "phantom_config": phantom_config_to_dict(train_pc)},
         }
     }
-    return train(cfg, work / "run", export_dir=Path(out) if out else default_bundle_path(), extra=extra)
+    bundle_dir = Path(out) if out else default_bundle_path()
+    summary = train(cfg, work / "run", export_dir=bundle_dir, extra=extra)
+    np.savez_compressed(bundle_dir / "docs" / THUMBNAILS_FILE, **phantom_thumbnails(work / "test"))
+    return summary
+
+
+def rerecord_held_out(*, work: str | Path, bundle_dir: str | Path | None = None, note: str) -> dict[str, Any]:
+    """Re-record a bundle's held-out evaluation after :mod:`cxr_ai.phantoms` changed only how it
+    rounds (not what it draws): regenerate the held-out phantoms from the recorded config,
+    evaluate the unchanged weights on them, and rewrite the held-out record (fingerprint,
+    thumbnails, per-image predictions, test metrics, model card). ``note`` says why; it is kept
+    in the record. Returns the new test metrics.
+    """
+    import torch
+
+    from cxr_ai.models.bundle import METADATA_FILE, _model_card, load_bundle
+    from cxr_ai.models.engine import InferenceEngine
+    from training import data as D
+    from training.evaluate import evaluate_bundle
+
+    root = Path(bundle_dir) if bundle_dir else default_bundle_path()
+    meta_path = root / METADATA_FILE
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    cxr = meta["cxr_ai"]
+    held_out = cxr["reproduce"]["held_out"]
+    folder = Path(work) / "test"
+    _generate(folder, phantom_config_from_dict(held_out["phantom_config"]))
+    bundle = load_bundle(root)
+    manifest = D.load_dicom_folder(folder)
+    threads = torch.get_num_threads()
+    try:
+        seed = int(cxr["training"]["config"]["experiment"]["seed"])
+        metrics, probs = evaluate_bundle(bundle, manifest, engine=InferenceEngine(bundle, device="cpu"), random_state=seed)
+    finally:
+        torch.set_num_threads(threads)
+    metrics = json.loads(json.dumps(metrics))
+    held_out["fingerprint"] = phantom_fingerprint(folder)
+    held_out.setdefault("rerecorded", []).append(note)
+    cxr["test_metrics"] = metrics
+    for key, m in metrics.items():
+        if isinstance(m, dict) and "auroc" in m:
+            meta.setdefault("eval_metrics", {})[f"test_{key}_auroc"] = m["auroc"]
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    docs = root / "docs"
+    metrics_path = docs / "metrics.json"
+    recorded = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
+    recorded["test"] = metrics
+    metrics_path.write_text(json.dumps(recorded, indent=2) + "\n", encoding="utf-8")
+    preds = pd.DataFrame({"image_id": manifest["image_id"].astype(str),
+                          **{f"p_{k}": probs[:, i] for i, k in enumerate(bundle.finding_keys)}})
+    preds.to_csv(docs / "test_predictions.csv", index=False, float_format="%.7g")
+    np.savez_compressed(docs / THUMBNAILS_FILE, **phantom_thumbnails(folder))
+    (docs / "README.md").write_text(_model_card(meta), encoding="utf-8")
+    return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,9 +208,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--work", default="out/demo", help="phantoms, cache and run directory")
     ap.add_argument("--out", default=None, help="bundle directory (default: the shipped cxr_ai/bundles/demo-cxr-phantom)")
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--rerecord-held-out", metavar="NOTE", default=None,
+                    help="do not train: re-record the bundle's held-out evaluation with the current "
+                         "phantom generator (after a change of rounding only), keeping NOTE as the reason")
     args = ap.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.rerecord_held_out:
+        test = rerecord_held_out(work=args.work, bundle_dir=args.out, note=args.rerecord_held_out)
+        logger.info("held-out record rewritten: AUROC %s", {k: round(m["auroc"], 4) for k, m in test.items() if isinstance(m, dict)})
+        return 0
     t0 = time.perf_counter()
     summary = run_demo(config=args.config, work=args.work, out=args.out, epochs=args.epochs)
     test = {f: round(m["auroc"], 4) for f, m in summary["test"].items()}

@@ -28,7 +28,8 @@ Same core as the listener (:class:`cxr_ai.pipeline.Pipeline`), other driver. A r
    rewrites the same names, so there are never duplicate outputs;
 5. **tabulates** every recorded instance (``results.csv`` and ``results.parquet``, columns
    :data:`~cxr_ai.batch.table.TABLE_COLUMNS` + one ``p_/thr_/pred_`` triple per finding), sorted by study and
-   instance so that runs compare equal row by row.
+   instance so that runs compare equal row by row; beside it ``skipped_inputs.csv`` names every
+   input not processed (non-DICOM files, duplicates and the file processed in their place).
 
 On Dask (``scheduler=`` or ``workers=``) the worklist is cut into partitions of whole studies;
 each worker process loads the bundle once (:func:`~cxr_ai.batch.pools._worker_pipeline`) and writes outputs into
@@ -105,6 +106,7 @@ from cxr_ai.batch.stages import (
 from cxr_ai.batch.stages import (
     _finding_keys as _finding_keys,  # and batch._finding_keys
 )
+from cxr_ai.batch.report import SKIPPED_INPUTS_NAME, write_skipped_inputs
 from cxr_ai.batch.state import (
     KEY_FILE_NAME,
     MSG_KEY_FILE,
@@ -128,12 +130,12 @@ __all__ = [
     "ACCESSION_COLUMNS", "DEFAULT_FINDINGS", "KEY_FILE_NAME", "MSG_BAD_DICOMDIR", "MSG_BAD_PEER",
     "MSG_BAD_POOL", "MSG_BAD_START_METHOD", "MSG_CSV_COLUMNS", "MSG_INPUT_MISSING", "MSG_KEY_FILE",
     "MSG_NEED_PACS", "MSG_NO_INPUT", "MSG_POOL_FALLBACK", "MSG_WORKERS_AND_SCHEDULER", "MSG_WORKER_DIED",
-    "MSG_WORKER_MODEL", "POOL_KINDS", "RETRIEVED_DIR", "START_METHODS", "STATE_DB_NAME", "STUDIES_DIR",
+    "MSG_WORKER_MODEL", "POOL_KINDS", "RETRIEVED_DIR", "SKIPPED_INPUTS_NAME", "START_METHODS", "STATE_DB_NAME", "STUDIES_DIR",
     "STUDY_COLUMNS", "TABLE_COLUMNS", "TAIL_COLUMNS", "TMP_PREFIX",
     "BatchOptions", "BatchState", "BatchSummary", "BatchWorkerError", "Finished", "ModelPlan", "Prepared",
     "WorkItem", "Worklist",
     "add_batch_parser", "batch_main", "batch_section", "finish", "infer", "load_or_create_key", "model_plan",
     "outcome_row", "parse_peer", "partition_studies", "patient_key", "plan", "pool_kind", "prepare",
     "process_partition", "read_study_csv", "retrieve_studies", "run_batch", "run_items", "scan_dicomdir",
-    "scan_folder", "scan_inputs", "write_outputs", "write_table",
+    "scan_folder", "scan_inputs", "write_outputs", "write_skipped_inputs", "write_table",
 ]

@@ -129,6 +129,10 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         todo = plan(worklist, out_dir=out_dir, config=cfg, force=args.force)
         for it in todo:
             print(f"would process {it.path} (study {it.study_uid or '?'}, instance {it.sop_uid or '?'})")
+        for name in worklist.ignored:
+            print(f"would ignore {name} (not DICOM)")
+        for kept, dup, *_ in worklist.duplicates:
+            print(f"would skip {dup} (same instance as {kept})")
         print(f"{len(todo)} of {len(worklist.items)} instances would run "
               f"({len(worklist.items) - len(todo)} already done); {len(worklist.ignored)} non-DICOM files ignored")
         return 0

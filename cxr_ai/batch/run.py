@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_ai.batch.inputs import WorkItem, Worklist
+from cxr_ai.batch.report import write_skipped_inputs
 from cxr_ai.batch.pools import (
     _cores,
     _worker_pipeline,
@@ -76,6 +77,10 @@ def partition_studies(items: Sequence[WorkItem], *, n_partitions: int) -> list[l
 # ============================================================================================
 
 
+#: How many ignored files and duplicates the printed summary names (the report names all).
+SUMMARY_LIST_LIMIT = 20
+
+
 @dataclass
 class BatchSummary:
     """What a run did. Counters of reasons for not-applicable and failed instances."""
@@ -86,8 +91,10 @@ class BatchSummary:
     not_applicable: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)
     ignored_files: int = 0
+    ignored: list[str] = field(default_factory=list)  # the non-DICOM files themselves
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (kept, not processed)
     uid_reused: list[tuple[str, str]] = field(default_factory=list)  # (first, other): both processed
+    skipped_report: str = ""  # skipped_inputs.csv: the ignored files and the duplicates
     elapsed_s: float = 0.0
     table_csv: str = ""
     table_parquet: str = ""
@@ -111,20 +118,33 @@ class BatchSummary:
             f"  failed:         {sum(self.failed.values())}"
             + "".join(f"\n    {r}: {n}" for r, n in sorted(self.failed.items())),
         ]
-        if self.ignored_files:
-            lines.append(f"  ignored (not DICOM): {self.ignored_files} files")
+        n_ignored = max(self.ignored_files, len(self.ignored))
+        if n_ignored:
+            lines.append(f"  ignored (not DICOM): {n_ignored} files"
+                         + "".join(f"\n    {name}" for name in self.ignored[:SUMMARY_LIST_LIMIT])
+                         + self._more(len(self.ignored)))
         if self.duplicates:
             lines.append(f"  duplicate SOP Instance UID (not processed; the first file was): {len(self.duplicates)} files"
-                         + "".join(f"\n    {dup} (same instance as {kept})" for kept, dup in self.duplicates[:20]))
+                         + "".join(f"\n    {dup} (same instance as {kept})" for kept, dup in self.duplicates[:SUMMARY_LIST_LIMIT])
+                         + self._more(len(self.duplicates)))
         if self.uid_reused:
             lines.append(f"  SOP Instance UID reused for another study or patient (both processed, results of their "
                          f"own): {len(self.uid_reused)} files"
-                         + "".join(f"\n    {other} (same UID as {first})" for first, other in self.uid_reused[:20]))
+                         + "".join(f"\n    {other} (same UID as {first})" for first, other in self.uid_reused[:SUMMARY_LIST_LIMIT])
+                         + self._more(len(self.uid_reused)))
         if self.sent or self.send_errors:
             lines.append(f"  sent to PACS: {self.sent} objects, {len(self.send_errors)} errors")
         if self.table_csv:
             lines.append(f"results: {self.table_csv} and {self.table_parquet}")
+        if self.skipped_report and (n_ignored or self.duplicates):
+            lines.append(f"ignored and duplicate files: {self.skipped_report}")
         return "\n".join(lines)
+
+    def _more(self, n: int) -> str:
+        if n <= SUMMARY_LIST_LIMIT:
+            return ""
+        where = self.skipped_report or "the skipped-inputs report"
+        return f"\n    ... and {n - SUMMARY_LIST_LIMIT} more (all in {where})"
 
 
 @dataclass
@@ -204,7 +224,9 @@ def run_batch(
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = BatchSummary(total=len(worklist.items), ignored_files=len(worklist.ignored),
-                           duplicates=list(worklist.duplicates), uid_reused=list(worklist.uid_reused), dry_run=options.dry_run)
+                           ignored=[str(p) for p in worklist.ignored],
+                           duplicates=list(worklist.duplicates), uid_reused=list(worklist.uid_reused),
+                           dry_run=options.dry_run)
     bcfg = batch_section(cfg)
     threads = options.threads or int(bcfg.get("threads", 0) or 0) or max(2, _cores())
     pool = str(options.pool or bcfg.get("pool", "auto") or "auto")
@@ -279,6 +301,8 @@ def run_batch(
                       key=lambda k: (finding_keys.index(k) if k in finding_keys else 99, k))
         csv_path, pq_path = write_table(rows, out_dir, finding_keys=keys)
         summary.table_csv, summary.table_parquet = str(csv_path), str(pq_path)
+        summary.skipped_report = str(write_skipped_inputs(out_dir, ignored=summary.ignored,
+                                                          duplicates=summary.duplicates))
     finally:
         state.close()
     summary.elapsed_s = time.perf_counter() - t_start

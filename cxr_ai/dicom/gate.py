@@ -65,17 +65,23 @@ def _norm(value: str) -> str:
     return re.sub(r"[\s_]+", " ", value.strip().upper())
 
 
+def _upper_words(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(str(v).strip().upper() for v in values)
+
+
 @dataclass(frozen=True)
 class GateRules:
     """The ``[gate]`` configuration section, validated."""
 
     modalities: frozenset[str]
     sop_classes: frozenset[str]
-    body_parts: frozenset[str]
-    chest_description_words: frozenset[str]
+    chest_words: frozenset[str]
+    body_part_qualifiers: frozenset[str]
+    body_part_placeholders: frozenset[str]
+    non_chest_words: frozenset[str]
     frontal_views: frozenset[str]
     rejected_views: frozenset[str]
-    lateral_description_words: frozenset[str]
+    lateral_words: frozenset[str]
     accept_unknown_view: bool
     photometric: frozenset[str]
     min_side: int
@@ -93,11 +99,13 @@ class GateRules:
             rules = cls(
                 modalities=frozenset(_norm(v) for v in section["modalities"]),
                 sop_classes=frozenset(str(v) for v in section["sop_classes"]),
-                body_parts=frozenset(_norm(v) for v in section["body_parts"]),
-                chest_description_words=frozenset(v.lower() for v in section["chest_description_words"]),
+                chest_words=_upper_words(section["chest_words"]),
+                body_part_qualifiers=_upper_words(section["body_part_qualifiers"]),
+                body_part_placeholders=_upper_words(section["body_part_placeholders"]),
+                non_chest_words=_upper_words(section["non_chest_words"]),
                 frontal_views=frozenset(_norm(v) for v in section["frontal_views"]),
                 rejected_views=frozenset(_norm(v) for v in section["rejected_views"]),
-                lateral_description_words=frozenset(v.lower() for v in section["lateral_description_words"]),
+                lateral_words=_upper_words(section["lateral_words"]),
                 accept_unknown_view=bool(section["accept_unknown_view"]),
                 photometric=frozenset(_norm(v) for v in section["photometric"]),
                 min_side=int(section["min_side"]),
@@ -109,14 +117,59 @@ class GateRules:
             raise ConfigError(f"[gate] section lacks the key {exc.args[0]!r}") from exc
         if not 0 < rules.min_side <= rules.max_side:
             raise ConfigError("[gate] needs 0 < min_side <= max_side")
+        if not rules.chest_words:
+            raise ConfigError("[gate] chest_words is empty: no image could ever be a chest")
+        for name in ("body_part_qualifiers", "body_part_placeholders", "non_chest_words", "lateral_words"):
+            overlap = sorted(rules.chest_words & getattr(rules, name))
+            if overlap:
+                raise ConfigError(f"[gate] {', '.join(overlap)} cannot be both in chest_words and in {name}")
         return rules
+
+    @functools.cached_property
+    def vocabulary(self) -> frozenset[str]:
+        """Every word the body-part rule knows (for splitting words run together)."""
+        return (self.chest_words | self.body_part_qualifiers | self.body_part_placeholders
+                | self.non_chest_words | self.lateral_words)
 
 
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
 
 
-def _words(*texts: str) -> set[str]:
-    return {w.lower() for t in texts for w in _WORD.findall(t or "")}
+def _split_known(token: str, vocabulary: frozenset[str]) -> list[str] | None:
+    """``token`` as a run of known words (fewest pieces), e.g. PORTCHEST -> [PORT, CHEST];
+    None when it cannot be split so."""
+    n = len(token)
+    best: list[list[str] | None] = [None] * (n + 1)
+    best[0] = []
+    for end in range(1, n + 1):
+        for start in range(end):
+            head = best[start]
+            piece = token[start:end]
+            if head is not None and piece in vocabulary and (best[end] is None or len(head) + 1 < len(best[end] or ())):
+                best[end] = [*head, piece]
+    return best[n]
+
+
+#: A Code String (BodyPartExamined) holds at most 16 characters (PS3.5 6.2); vendors cut longer
+#: names there ("AP PORTABLE CHE").
+CS_MAX_LENGTH = 16
+
+
+def header_words(text: str, rules: GateRules, *, code_string: bool = False) -> list[str]:
+    """The upper-case words of a free-text header value; a word that is a run of known words
+    (CHESTPA, PORTCHEST) is replaced by them. With ``code_string``, a last word cut short at the
+    16-character limit is completed when the known words starting with it all extend one of them."""
+    tokens = _WORD.findall((text or "").upper())
+    out: list[str] = []
+    for i, token in enumerate(tokens):
+        pieces = None if token in rules.vocabulary else _split_known(token, rules.vocabulary)
+        if (pieces is None and code_string and i == len(tokens) - 1 and len(token) >= 3
+                and len(text.rstrip()) >= CS_MAX_LENGTH - 1 and text.upper().rstrip().endswith(token)):
+            completions = sorted((w for w in rules.vocabulary if w.startswith(token)), key=len)
+            if completions and all(w.startswith(completions[0]) for w in completions):
+                pieces = completions[:1]  # CHE -> CHEST (not CHESTABDOMEN: nothing says more)
+        out.extend(pieces or [token])
+    return out
 
 
 def check_radiograph(rg: Radiograph, rules: GateRules | None = None) -> GateDecision:
@@ -141,19 +194,47 @@ def check_radiograph(rg: Radiograph, rules: GateRules | None = None) -> GateDeci
             "Storage, DX Image Storage - For Presentation); send the For Presentation image.",
         )
     descriptions = (rg.study_description, rg.series_description, rg.protocol_name)
-    if rg.body_part:
-        if _norm(rg.body_part) not in rules.body_parts:
+    described = {w for text in descriptions for w in header_words(text, rules)}
+    words = header_words(rg.body_part, rules, code_string=True)
+    if all(w in rules.body_part_placeholders for w in words):
+        if words:
+            warnings.append(f"BodyPartExamined {rg.body_part!r} says nothing; the descriptions decide")
+        words = []
+    if words:
+        others = [w for w in words if w not in rules.chest_words
+                  and w not in rules.body_part_qualifiers and w not in rules.lateral_words]
+        if others or not any(w in rules.chest_words for w in words):
+            regions = [w for w in others if w in rules.non_chest_words]
+            what = (f"which names {regions[0]}, not the chest" if regions
+                    else f"whose word {others[0]!r} is neither a chest word nor a known qualifier" if others
+                    else "which does not name the chest")
             return reject(
                 GateReason.BODY_PART,
-                f"BodyPartExamined is {rg.body_part!r}, not a chest; the models read chest "
-                "radiographs only.",
+                f"BodyPartExamined is {rg.body_part!r}, {what}; the models read chest radiographs "
+                "only (a real qualifier of chest films can be added to [gate] body_part_qualifiers).",
             )
-    elif not (_words(*descriptions) & rules.chest_description_words):
-        return reject(
-            GateReason.BODY_PART,
-            "BodyPartExamined is empty and no study/series description or protocol name says "
-            "chest; set BodyPartExamined=CHEST on chest images.",
-        )
+        series = [w for text in (rg.series_description, rg.protocol_name) for w in header_words(text, rules)
+                  if w in rules.non_chest_words]
+        if series:
+            return reject(
+                GateReason.BODY_PART,
+                f"BodyPartExamined says chest but the series description or protocol name names "
+                f"{series[0]}; such a series is not a chest radiograph.",
+            )
+    else:
+        regions = sorted(described & rules.non_chest_words)
+        if regions:
+            return reject(
+                GateReason.BODY_PART,
+                f"BodyPartExamined is empty and the descriptions name {regions[0]}, not the chest; "
+                "set BodyPartExamined=CHEST on chest images.",
+            )
+        if not described & rules.chest_words:
+            return reject(
+                GateReason.BODY_PART,
+                "BodyPartExamined is empty and no study/series description or protocol name says "
+                "chest; set BodyPartExamined=CHEST on chest images.",
+            )
     view = _norm(rg.view_position)
     if view:
         if view in rules.rejected_views or view not in rules.frontal_views:
@@ -162,11 +243,12 @@ def check_radiograph(rg: Radiograph, rules: GateRules | None = None) -> GateDeci
                 f"ViewPosition is {rg.view_position!r}; only frontal (PA or AP) views are read.",
             )
     else:
-        if _words(*descriptions) & rules.lateral_description_words:
+        named = [w for w in words if w in rules.lateral_words] or sorted(described & rules.lateral_words)
+        if named:
             return reject(
                 GateReason.VIEW,
-                "ViewPosition is empty and the descriptions name a lateral or oblique view; "
-                "only frontal (PA or AP) views are read.",
+                f"ViewPosition is empty and BodyPartExamined or the descriptions name a {named[0]} "
+                "view; only frontal (PA or AP) views are read.",
             )
         if not rules.accept_unknown_view:
             return reject(GateReason.VIEW, "ViewPosition is empty; set PA or AP on frontal views.")
