@@ -1,0 +1,294 @@
+"""The listener under hostile and careless peers on loopback: slow and idle connections,
+one address taking every slot, PDUs longer than negotiated, transfers cut short, SIGTERM with
+peers that never finish. Each test runs the service as a process (its memory is read from
+/proc), is bounded in time and in bytes, and records what it saw for the hardening report
+(``benchmarks/hardening_report.py``): the attack, the service's peak memory and how long the
+listener took to serve again.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from cxr_ai.net.common import Status
+from helpers_attack import (
+    A_ABORT,
+    A_RELEASE_RQ,
+    CR_STORAGE,
+    closed_by_peer,
+    connect,
+    raw_associate,
+    reset,
+    send_partial_store,
+    service_process,
+)
+from test_hardening_inputs import record
+from test_service import http_get
+
+MIB = 1 << 20
+
+
+def _rg1(src: Path, dst: Path) -> Path:
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.save_as(dst)
+    return dst
+
+
+def store_from(port: int, path: Path, *, source: str = "127.0.0.1") -> int | None:
+    """C-STORE ``path`` in its own association from ``source``; the status, or None when the
+    association was refused or closed."""
+    ae = AE(ae_title="TESTSCU")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI", bind_address=(source, 0))
+    if not assoc.is_established:
+        return None
+    try:
+        rsp = assoc.send_c_store(path)
+        return int(rsp.Status) if "Status" in rsp else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _open_attack(port: int, source: str, kind: str) -> socket.socket | None:
+    """One hostile connection: 'idle' (connects, sends nothing), 'byte' (one byte of a PDU
+    header), 'assoc' (associates, then sends nothing); None when refused at once."""
+    try:
+        if kind == "assoc":
+            return raw_associate(port, source=source)
+        sock = connect(port, source=source)
+        if kind == "byte":
+            sock.sendall(b"\x01")
+        return sock
+    except (ConnectionError, OSError):
+        return None
+
+
+def test_slow_and_idle_connections_leave_a_sender_served(tmp_path: Path, rg1_paths) -> None:
+    files = [_rg1(rg1_paths["RG1_J2KI"], tmp_path / f"{i}.dcm") for i in range(6)]
+    with service_process(tmp_path / "svc", max_associations=32, max_associations_per_address=16) as svc:
+        svc.reset_peak()
+        base = svc.rss()
+        # 40 connections from one address: associated and idle, one byte of a header, nothing
+        kinds = ["assoc"] * 13 + ["byte"] * 14 + ["idle"] * 13
+        attack = [_open_attack(svc.dicom_port, "127.0.0.2", k) for k in kinds]
+        # meanwhile a sender from another address is served, each instance in its own association
+        t0 = time.monotonic()
+        statuses = [store_from(svc.dicom_port, f) for f in files[:3]]
+        served_after = time.monotonic() - t0
+        assert statuses == [0, 0, 0]
+        # the attacker's address got its share, not every slot: the rest was closed at accept,
+        # and what it held is closed by the listener's timeouts
+        held = [s for s in attack if s is not None]
+        closed = [closed_by_peer(s, within=20) for s in held]
+        assert all(c is not None for c in closed), closed
+        # the same address is served again once its connections are gone
+        assert store_from(svc.dicom_port, files[3], source="127.0.0.2") == 0
+        peak = svc.peak() - base
+        log = svc.log_text()
+    for s in held:
+        s.close()
+    assert "max_associations_per_address" in log           # the connections past the share
+    assert "not received whole within" in log              # the one-byte headers timed out
+    record("net_slow_idle", {
+        "attack": "40 slow and idle connections from one address (13 associated idle, 14 one header byte, "
+                  "13 silent)", "connections": len(attack), "legit_stores": "3/3 succeeded from another address",
+        "legit_served_within_s": round(served_after, 2),
+        "time_to_recover_s": round(max(closed), 2),
+        "peak_rss_growth_mib": round(peak / MIB, 1)})
+
+
+def test_one_address_filling_its_share_recovers_within_the_timeouts(tmp_path: Path, rg1_paths) -> None:
+    """The sender shares its address with the attacker: it is refused while the attacker
+    holds the address's share, and served again once the timeouts close those connections."""
+    f = _rg1(rg1_paths["RG1_J2KI"], tmp_path / "a.dcm")
+    with service_process(tmp_path / "svc", max_associations=8, max_associations_per_address=4) as svc:
+        held = [_open_attack(svc.dicom_port, "127.0.0.3", "byte") for _ in range(4)]
+        assert all(s is not None for s in held)
+        assert store_from(svc.dicom_port, f, source="127.0.0.3") is None        # the share is taken
+        t0 = time.monotonic()
+        status = None
+        while status != 0 and time.monotonic() - t0 < 60:
+            status = store_from(svc.dicom_port, f, source="127.0.0.3")
+            if status != 0:
+                time.sleep(0.25)
+        recovered = time.monotonic() - t0
+        assert status == 0
+        # a PACS sending several associations at once from one address within the share works
+        copies = [_rg1(rg1_paths["RG1_J2KI"], tmp_path / f"p{i}.dcm") for i in range(4)]
+        results: list[int | None] = []
+        threads = [threading.Thread(target=lambda p=p: results.append(store_from(svc.dicom_port, p,
+                                                                                    source="127.0.0.3")))
+                   for p in copies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [0, 0, 0, 0]
+    for s in held:
+        s.close()
+    record("net_share_recovery", {"attack": "one address fills its share with one-byte connections; the sender "
+                                            "uses the same address", "time_to_recover_s": round(recovered, 2),
+                                  "parallel_associations_from_one_address": "4/4 succeeded"})
+
+
+def test_pdu_longer_than_negotiated_is_aborted_unbuffered(tmp_path: Path, rg1_paths) -> None:
+    claims = []
+    with service_process(tmp_path / "svc") as svc:
+        svc.reset_peak()
+        base = svc.rss()
+        socks = []
+        for claim in (1 << 30, (1 << 32) - 1):           # 1 GiB and 4 GiB announced in P-DATA-TF
+            s = raw_associate(svc.dicom_port)
+            s.sendall(bytes((0x04, 0)) + claim.to_bytes(4, "big"))
+            socks.append((s, claim))
+        before = connect(svc.dicom_port)                 # the same before association
+        before.sendall(bytes((0x01, 0)) + (1 << 30).to_bytes(4, "big"))
+        socks.append((before, 1 << 30))
+        for s, claim in socks:
+            sent = 0
+            chunk = bytes(MIB)
+            try:
+                while sent < 256 * MIB:                  # bounded: at most 256 MiB each
+                    s.sendall(chunk)
+                    sent += len(chunk)
+            except OSError:
+                pass
+            when = closed_by_peer(s, within=10)
+            claims.append({"claimed_bytes": claim, "sent_before_refused_mib": sent // MIB, "closed_after_s": when})
+            s.close()
+        growth = svc.peak() - base
+        assert store_from(svc.dicom_port, _rg1(rg1_paths["RG1_J2KI"], tmp_path / "a.dcm")) == 0
+        log = svc.log_text()
+    assert all(c["closed_after_s"] is not None for c in claims), claims
+    assert all(c["sent_before_refused_mib"] < 256 for c in claims), claims
+    assert growth < 256 * MIB, f"service memory grew by {growth / MIB:.0f} MiB"
+    assert log.count("above the") >= 3
+    record("net_pdu_claims", {"attack": "PDU headers claiming 1 GiB and 4 GiB (after and before association)",
+                              "cases": claims, "peak_rss_growth_mib": round(growth / MIB, 1)})
+
+
+def _wait_empty(folder: Path, *, within: float) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within:
+        if not any(folder.iterdir()):
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    return None
+
+
+def _wait_file(folder: Path, *, within: float = 10) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within:
+        if any(folder.iterdir()):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no temporary file appeared in {folder}")
+
+
+def test_transfers_cut_short_leave_no_temp_files(tmp_path: Path, rg1_paths) -> None:
+    """Five transfers of 40 MB each end early (A-ABORT, TCP reset, close, A-RELEASE-RQ mid data
+    set, a stall past pdu_timeout); every temporary file goes with its transfer."""
+    endings = {
+        "a_abort": lambda s: (s.sendall(A_ABORT), s.close()),
+        "tcp_reset": reset,
+        "tcp_close": lambda s: s.close(),
+        "release_mid_data_set": lambda s: (s.sendall(A_RELEASE_RQ), closed_by_peer(s, within=10), s.close()),
+        "stall_mid_pdu": lambda s: (s.sendall(bytes((0x04, 0)) + (131072).to_bytes(4, "big") + bytes(1000)),
+                                    closed_by_peer(s, within=20), s.close()),
+    }
+    rows = []
+    with service_process(tmp_path / "svc") as svc:
+        svc.reset_peak()
+        base = svc.rss()
+        for name, end in endings.items():
+            s = raw_associate(svc.dicom_port)
+            send_partial_store(s, sop_instance=generate_uid(), nbytes=40 * MIB)
+            _wait_file(svc.tmp)
+            end(s)
+            gone = _wait_empty(svc.tmp, within=30)
+            rows.append({"ending": name, "temp_files_removed_after_s": gone})
+            assert gone is not None, f"{name}: {sorted(p.name for p in svc.tmp.iterdir())}"
+        assert store_from(svc.dicom_port, _rg1(rg1_paths["RG1_J2KI"], tmp_path / "a.dcm")) == 0
+        assert not any(svc.tmp.iterdir())
+        growth = svc.peak() - base
+    record("net_cut_transfers", {"attack": "5 transfers of 40 MB cut short", "cases": rows,
+                                 "spool_tmp_files_left": 0, "peak_rss_growth_mib": round(growth / MIB, 1)})
+
+
+def test_stale_temp_files_are_swept_at_start(tmp_path: Path) -> None:
+    tmp = tmp_path / "svc" / "var" / "spool" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "tmpleftover.dcm").write_bytes(bytes(1000))
+    with service_process(tmp_path / "svc") as svc:
+        assert not any(svc.tmp.iterdir())
+        assert "partial files left in the spool" in svc.log_text()
+
+
+def test_sigterm_ends_the_service_whatever_peers_do(tmp_path: Path) -> None:
+    grace = 2.0
+    with service_process(tmp_path / "svc", grace=grace) as svc:
+        held = [_open_attack(svc.dicom_port, "127.0.0.2", k) for k in ("byte", "idle", "assoc") * 3]
+        mid = raw_associate(svc.dicom_port, source="127.0.0.3")
+        send_partial_store(mid, sop_instance=generate_uid(), nbytes=8 * MIB)
+        mid.sendall(bytes((0x04, 0)) + (131072).to_bytes(4, "big") + bytes(10))      # a PDU never finished
+        _wait_file(svc.tmp)
+        t0 = time.monotonic()
+        svc.proc.send_signal(signal.SIGTERM)
+        try:
+            svc.proc.wait(timeout=grace + 10)
+        except Exception:
+            pass
+        ended = svc.proc.poll()
+        took = time.monotonic() - t0
+        tmp_left = sorted(p.name for p in svc.tmp.iterdir())
+    for s in [*held, mid]:
+        if s is not None:
+            s.close()
+    assert ended is not None, "service still running after SIGTERM"
+    assert tmp_left == []
+    record("net_sigterm", {"attack": "SIGTERM with 9 hostile connections and a transfer stalled mid-PDU",
+                           "shutdown_grace_seconds": grace, "exited_after_s": round(took, 2), "exit_code": ended})
+
+
+def test_wrong_calling_and_called_ae_logs_the_reason_sent(tmp_path: Path, caplog) -> None:
+    from helpers_net import serving
+
+    with serving(tmp_path) as scp, caplog.at_level("WARNING", logger="cxr_ai.net.scp"):
+        ae = AE(ae_title="INTRUDER")
+        ae.add_requested_context(CR_STORAGE, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="NOT_CXR_AI")
+        assert assoc.is_rejected
+        assert assoc.acceptor.primitive.diagnostic == 7          # PS3.8 §9.3.4: called AE title not recognized
+    assert "called AE title not recognized" in caplog.text and "calling AE title not recognized" not in caplog.text
+
+
+def test_defaults_release_idle_associations_well_before_two_minutes() -> None:
+    from cxr_ai.config import load_config
+    from cxr_ai.service import validate_config
+
+    li = validate_config(load_config(env={})).listener
+    assert li.network_timeout <= 60 and li.acse_timeout <= 30 and li.pdu_timeout <= 30
+    assert 0 < li.receive_limits().max_per_address < li.max_associations
+
+
+def test_healthz_degraded_below_the_watermark_without_restart(tmp_path: Path) -> None:
+    with service_process(tmp_path / "svc", min_free_mb=1e9) as svc:
+        code, body = http_get(svc.http_port, "/healthz")
+        health = json.loads(body)
+        assert code == 503 and health["status"] == "degraded"
+        assert any("below the" in p and "min_free_mb" in p for p in health["problems"]), health
