@@ -9,6 +9,7 @@ anywhere in them; pynetdicom's own SCU is used where a well-behaved sender is me
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -237,3 +238,113 @@ def service_process(root: Path, *, grace: float = 2.0, env_extra: dict | None = 
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+# -- hostile data sets -------------------------------------------------------------------------------
+def _explicit(group: int, element: int, vr: str, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0"
+    if vr in ("OB", "OW", "SQ", "UN", "UT"):
+        return struct.pack("<HH2sHL", group, element, vr.encode(), 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr.encode(), len(value)) + value
+
+
+def _uids(sop_instance: str, study: str) -> bytes:
+    return (_explicit(0x0008, 0x0016, "UI", CR_STORAGE.encode()) + _explicit(0x0008, 0x0018, "UI", sop_instance.encode())
+            + _explicit(0x0020, 0x000D, "UI", study.encode()))
+
+
+def write_part10(path: Path, body: bytes | None, *, transfer_syntax: str, sop_instance: str,
+                 chunks=None) -> Path:
+    """A Part 10 file: preamble, file meta for CR Image Storage in ``transfer_syntax``, then
+    ``body`` (or the byte strings ``chunks`` yields) exactly as given."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CR_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = transfer_syntax
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(f, meta)
+        if body is not None:
+            f.write(body)
+        for chunk in chunks or ():
+            f.write(chunk)
+    return path
+
+
+def deflate_bomb(path: Path, *, inflated_bytes: int, sop_instance: str, study: str) -> Path:
+    """A deflated data set whose pixel data (zeros) inflates to ``inflated_bytes``; written
+    1 MiB at a time (about 1 MB on disk per GiB)."""
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    def chunks():
+        z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        yield z.compress(_uids(sop_instance, study) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, inflated_bytes))
+        zeros = bytes(1 << 20)
+        left = inflated_bytes
+        while left:
+            n = min(left, len(zeros))
+            yield z.compress(zeros[:n])
+            left -= n
+        tail = z.flush()
+        yield tail + (b"\0" if (len(tail) % 2) else b"")
+
+    return write_part10(path, None, transfer_syntax=DeflatedExplicitVRLittleEndian, sop_instance=sop_instance,
+                        chunks=chunks())
+
+
+def nested_sequences(path: Path, *, depth: int, sop_instance: str, study: str) -> Path:
+    """An explicit VR little endian data set with sequences nested ``depth`` deep, every
+    sequence and item of undefined length (PS3.5 §7.5.2)."""
+    seq = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    item_end = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+    seq_end = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    body = _uids(sop_instance, study) + (seq + item) * depth + (item_end + seq_end) * depth
+    return write_part10(path, body, transfer_syntax=ExplicitVRLittleEndian, sop_instance=sop_instance)
+
+
+def raw_store(port: int, path: Path, *, transfer_syntax: str, source: str = "127.0.0.1",
+              timeout: float = 120.0) -> int | None:
+    """C-STORE the data set of the Part 10 file ``path`` byte for byte (no decoding, as a
+    sender that forwards what it holds); the status answered, or None when the listener
+    aborted or closed instead. Releases the association after."""
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom.dsutils import decode
+
+    meta = read_file_meta_info(path)
+    start = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
+    sock = raw_associate(port, source=source, transfer_syntax=transfer_syntax)
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(p_data(1, 0x03, c_store_command(sop_instance=str(meta.MediaStorageSOPInstanceUID),
+                                                     sop_class=str(meta.MediaStorageSOPClassUID))))
+        with open(path, "rb") as f:
+            f.seek(start)
+            piece = f.read(131066)
+            while piece:
+                nxt = f.read(131066)
+                sock.sendall(p_data(1, 0x00 if nxt else 0x02, piece))
+                piece = nxt
+        kind, body = read_pdu(sock)
+        if kind != 0x04:
+            return None
+        command = bytearray()
+        offset = 0
+        while offset < len(body):
+            (length,) = struct.unpack_from(">L", body, offset)
+            command += body[offset + 6:offset + 4 + length]
+            offset += 4 + length
+        status = int(decode(io.BytesIO(bytes(command)), True, True).Status)
+        sock.sendall(A_RELEASE_RQ)
+        read_pdu(sock)
+        return status
+    except OSError:
+        return None
+    finally:
+        sock.close()

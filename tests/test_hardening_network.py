@@ -13,11 +13,12 @@ import signal
 import socket
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from cxr_ai.net.common import Status
@@ -27,6 +28,9 @@ from helpers_attack import (
     CR_STORAGE,
     closed_by_peer,
     connect,
+    deflate_bomb,
+    nested_sequences,
+    raw_store,
     raw_associate,
     reset,
     send_partial_store,
@@ -292,3 +296,112 @@ def test_healthz_degraded_below_the_watermark_without_restart(tmp_path: Path) ->
         health = json.loads(body)
         assert code == 503 and health["status"] == "degraded"
         assert any("below the" in p and "min_free_mb" in p for p in health["problems"]), health
+
+
+# -- data sets that lie about their size or structure ------------------------------------------------
+def _store_file(port: int, path: Path, transfer_syntax: str) -> int | None:
+    return raw_store(port, path, transfer_syntax=transfer_syntax)
+
+
+def _deflated_rg1(src: Path, dst: Path) -> tuple[Path, bytes]:
+    """RG1 re-encoded as Deflated Explicit VR Little Endian; (file, its pixel data)."""
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(dst, enforce_file_format=True)
+    return dst, bytes(ds.PixelData)
+
+
+def _stream_start(path: Path) -> int:
+    meta = pydicom.filereader.read_file_meta_info(path)
+    return 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
+
+
+def _corrupt(path: Path, dst: Path, want: str) -> Path:
+    """A copy of a deflated file with 8 bytes changed in its stream, at the first place (from
+    the stream's middle on, deterministic) where zlib then fails ('zlib') or the stream
+    inflates to another length ('length')."""
+    raw = path.read_bytes()
+    start = _stream_start(path)
+    body = raw[start:]
+    full = len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(body))
+    for pos in range(len(body) // 2, len(body) - 64, 997):
+        bad = bytearray(body)
+        for k in range(8):
+            bad[pos + k] ^= 0x5A
+        d = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            out = d.decompress(bytes(bad))
+        except zlib.error:
+            if want == "zlib":
+                break
+            continue
+        if want == "length" and len(out) != full:
+            break
+    else:
+        raise AssertionError(f"no corruption of kind {want} found")
+    dst.write_bytes(raw[:start] + bytes(bad))
+    return dst
+
+
+def test_deflate_bomb_refused_in_bounded_memory(tmp_path: Path) -> None:
+    bomb = deflate_bomb(tmp_path / "bomb.dcm", inflated_bytes=2 << 30, sop_instance=generate_uid(),
+                        study=generate_uid())
+    assert bomb.stat().st_size < 8 * MIB
+    with service_process(tmp_path / "svc", max_inflated_mb=64.0) as svc:
+        svc.reset_peak()
+        base = svc.rss()
+        t0 = time.monotonic()
+        status = _store_file(svc.dicom_port, bomb, DeflatedExplicitVRLittleEndian)
+        answered = time.monotonic() - t0
+        growth = svc.peak() - base
+        log = svc.log_text()
+        assert not any(svc.tmp.iterdir())
+        assert not list((svc.store_root / "spool" / "instances").rglob("*.dcm"))
+    assert status == Status.OUT_OF_RESOURCES
+    assert "max_inflated_mb" in log
+    assert growth < 256 * MIB, f"service memory grew by {growth / MIB:.0f} MiB"
+    record("net_deflate_bomb", {"attack": f"deflated data set of {bomb.stat().st_size // 1024} KiB inflating to "
+                                          "2 GiB", "status": "0xA700 (past max_inflated_mb = 64)",
+                                "answered_after_s": round(answered, 2), "peak_rss_growth_mib": round(growth / MIB, 1)})
+
+
+def test_deflated_data_sets_inflated_to_disk_and_damage_refused(tmp_path: Path, rg1_paths) -> None:
+    good, pixels = _deflated_rg1(rg1_paths["RG1_UNCR"], tmp_path / "good.dcm")
+    damaged = {
+        "zlib_error": _corrupt(good, tmp_path / "zlib.dcm", "zlib"),
+        "length_changed": _corrupt(good, tmp_path / "length.dcm", "length"),
+    }
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(good.read_bytes()[:-20000])
+    damaged["truncated_stream"] = truncated
+    with service_process(tmp_path / "svc") as svc:
+        statuses = {name: _store_file(svc.dicom_port, p, DeflatedExplicitVRLittleEndian) for name, p in damaged.items()}
+        assert _store_file(svc.dicom_port, good, DeflatedExplicitVRLittleEndian) == 0
+        stored = list((svc.store_root / "spool" / "instances").rglob("*.dcm"))
+        log = svc.log_text()
+        assert not any(svc.tmp.iterdir())
+    assert statuses == dict.fromkeys(damaged, Status.CANNOT_UNDERSTAND), statuses
+    assert "deflated data set could not be inflated" in log
+    [kept] = stored                                   # only the good one, inflated
+    ds = pydicom.dcmread(kept)
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert bytes(ds.PixelData) == pixels
+    record("net_deflate_damage", {"attack": "deflated RG1 with a damaged stream", "statuses":
+                                  {k: f"0x{v:04X}" for k, v in statuses.items()},
+                                  "note": "raw deflate has no checksum: damage that keeps every code valid and "
+                                          "the length unchanged cannot be detected"})
+
+
+def test_sequences_nested_too_deep_are_not_understood(tmp_path: Path) -> None:
+    from helpers_net import serving
+
+    deep = nested_sequences(tmp_path / "deep.dcm", depth=250, sop_instance=generate_uid(), study=generate_uid())
+    shallow = nested_sequences(tmp_path / "shallow.dcm", depth=5, sop_instance=generate_uid(), study=generate_uid())
+    with serving(tmp_path) as scp:
+        assert _store_file(scp.port, deep, ExplicitVRLittleEndian) == Status.CANNOT_UNDERSTAND
+        assert _store_file(scp.port, shallow, ExplicitVRLittleEndian) == 0       # still serving, nesting allowed
+        assert len(scp.store.instances()) == 1
+    record("net_deep_sequences", {"attack": "sequences nested 250 deep, undefined lengths",
+                                  "status": "0xC000 cannot understand"})

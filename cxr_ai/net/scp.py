@@ -140,7 +140,7 @@ def inflate_received(path: str | os.PathLike, *, max_bytes: int) -> Path:
     if group_length is None:
         raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_DEFLATE_CORRUPT.format(
             detail="file meta information has no group length"))
-    start = 128 + 4 + 12 + int(group_length.value)
+    start = 128 + 4 + 12 + int(group_length)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".inflated.dcm")
     out_path = Path(tmp)
@@ -371,20 +371,24 @@ class StorageSCP:
         assocs = list(server.active_associations)
         for assoc in assocs:
             raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-            if raw is None:
-                continue
-            try:
-                socket.socket.shutdown(raw, socket.SHUT_RDWR)
-            except OSError:
-                pass
+            if raw is not None:
+                try:
+                    socket.socket.shutdown(raw, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            # the upper layer's thread is the one that keeps the process alive
+            assoc.dul.kill_dul()
+            if not assoc.is_established:
+                # one still waiting for its A-ASSOCIATE-RQ: "none came" (it ends at once)
+                assoc.dul.to_user_queue.put(None)
         deadline = time.monotonic() + float(self.settings.shutdown_seconds)
         for assoc in assocs:
-            for thread in (assoc, assoc.dul):
+            for thread in (assoc.dul, assoc):       # the association's thread removes temp files
                 if thread.is_alive():
                     thread.join(max(0.0, deadline - time.monotonic()))
-        left = sum(a.is_alive() or a.dul.is_alive() for a in assocs)
+        left = sum(a.dul.is_alive() or a.is_alive() for a in assocs)
         if left:
-            logger.warning("DICOM listener stopped with %d association threads still ending", left)
+            logger.warning("DICOM listener stopped with %d associations still ending", left)
         logger.info("DICOM listener stopped (%d open associations closed)", len(assocs))
 
     # -- handlers -------------------------------------------------------------------------
