@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -31,6 +32,7 @@ from helpers_attack import (
     deflate_bomb,
     nested_sequences,
     raw_store,
+    write_part10,
     raw_associate,
     reset,
     send_partial_store,
@@ -405,3 +407,95 @@ def test_sequences_nested_too_deep_are_not_understood(tmp_path: Path) -> None:
         assert len(scp.store.instances()) == 1
     record("net_deep_sequences", {"attack": "sequences nested 250 deep, undefined lengths",
                                   "status": "0xC000 cannot understand"})
+
+
+# -- full disks ------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 MiB tmpfs mounted for the test; skipped where this process may not mount one."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN); this test fills a real file system")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"the kernel refused a tmpfs mount here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _big(path: Path, mib: int) -> Path:
+    """A CR Image Storage data set of ``mib`` MiB of pixel data, written as it is sent."""
+    from helpers_attack import _uids
+
+    sop = generate_uid()
+    return write_part10(path, _uids(sop, generate_uid()) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, mib * MIB)
+                        + bytes(mib * MIB), transfer_syntax=ExplicitVRLittleEndian, sop_instance=sop)
+
+
+def _fill(path: Path, mib: int) -> None:
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(bytes(MIB))
+
+
+def test_disk_filling_mid_transfer_then_recovery_without_restart(small_disk: Path, tmp_path: Path) -> None:
+    big = _big(tmp_path / "big.dcm", 24)
+    small = _big(tmp_path / "small.dcm", 1)
+    filler = small_disk / "filler"
+    with service_process(tmp_path / "svc", store_root=small_disk / "var", min_free_mb=16.0) as svc:
+        _fill(filler, 30)                               # 34 MiB free: the 24 MB transfer crosses 16 MiB
+        crossed = raw_store(svc.dicom_port, big, transfer_syntax=ExplicitVRLittleEndian)
+        assert crossed == Status.OUT_OF_RESOURCES
+        assert not any(svc.tmp.iterdir())               # the partial file went at once
+        code, _ = http_get(svc.http_port, "/healthz")
+        assert code == 200                              # above the watermark again
+        _fill(filler, 52)                               # now below it
+        code, body = http_get(svc.http_port, "/healthz")
+        health = json.loads(body)
+        assert code == 503 and health["status"] == "degraded"
+        assert any("below the 16 MiB watermark" in p for p in health["problems"]), health
+        assert raw_store(svc.dicom_port, small, transfer_syntax=ExplicitVRLittleEndian) == Status.OUT_OF_RESOURCES
+        filler.unlink()                                 # space returns
+        t0 = time.monotonic()
+        assert raw_store(svc.dicom_port, big, transfer_syntax=ExplicitVRLittleEndian) == 0
+        recovered = time.monotonic() - t0
+        code, _ = http_get(svc.http_port, "/healthz")
+        assert code == 200
+        log = svc.log_text()
+        assert not any(svc.tmp.iterdir())
+        assert len(list((svc.store_root / "spool" / "instances").rglob("*.dcm"))) == 1
+    assert "stopped writing it and removed the partial file" in log
+    record("net_disk_full", {"attack": "spool (64 MiB tmpfs) falls below the 16 MiB watermark during a 24 MB "
+                                       "transfer, then below it before one",
+                             "statuses": {"crossing_mid_transfer": "0xA700", "below_at_start": "0xA700"},
+                             "healthz_below": "503 degraded", "partial_files_left": 0,
+                             "time_to_recover_s": round(recovered, 2), "restart": False})
+
+
+def test_disk_full_write_fails_mid_transfer_then_next_store_succeeds(small_disk: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """No watermark: the write itself fails (ENOSPC) part way; answered 0xA700, nothing left."""
+    import tempfile
+
+    from helpers_net import serving
+
+    big = _big(tmp_path / "big.dcm", 40)                # larger than the 64 MiB disk once filled
+    small = _big(tmp_path / "small.dcm", 1)
+    tmp = small_disk / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    _fill(small_disk / "filler", 40)
+    with serving(tmp_path / "scp") as scp:
+        assert raw_store(scp.port, big, transfer_syntax=ExplicitVRLittleEndian) == Status.OUT_OF_RESOURCES
+        assert not any(tmp.iterdir())
+        assert raw_store(scp.port, small, transfer_syntax=ExplicitVRLittleEndian) == 0     # same association kind, no restart
+        assert len(scp.store.instances()) == 1
+    record("net_disk_enospc", {"attack": "spool temp folder runs out of space (ENOSPC) during a 40 MB transfer",
+                               "status": "0xA700", "partial_files_left": 0, "next_store": "0x0000"})
