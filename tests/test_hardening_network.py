@@ -87,6 +87,8 @@ def _open_attack(port: int, source: str, kind: str) -> socket.socket | None:
 def test_slow_and_idle_connections_leave_a_sender_served(tmp_path: Path, rg1_paths) -> None:
     files = [_rg1(rg1_paths["RG1_J2KI"], tmp_path / f"{i}.dcm") for i in range(6)]
     with service_process(tmp_path / "svc", max_associations=32, max_associations_per_address=16) as svc:
+        assert store_from(svc.dicom_port, files[5]) == 0          # warm-up: imports, first study processed
+        time.sleep(1.0)
         svc.reset_peak()
         base = svc.rss()
         # 40 connections from one address: associated and idle, one byte of a header, nothing
@@ -108,6 +110,7 @@ def test_slow_and_idle_connections_leave_a_sender_served(tmp_path: Path, rg1_pat
         log = svc.log_text()
     for s in held:
         s.close()
+    assert peak < 256 * MIB, f"service memory grew by {peak / MIB:.0f} MiB"
     assert "max_associations_per_address" in log           # the connections past the share
     assert "not received whole within" in log              # the one-byte headers timed out
     record("net_slow_idle", {
