@@ -504,3 +504,22 @@ def test_disk_full_write_fails_mid_transfer_then_next_store_succeeds(small_disk:
         assert len(scp.store.instances()) == 1
     record("net_disk_enospc", {"attack": "spool temp folder runs out of space (ENOSPC) during a 40 MB transfer",
                                "status": "0xA700", "partial_files_left": 0, "next_store": "0x0000"})
+
+
+def test_stale_temp_files_swept_while_running_live_ones_kept(tmp_path: Path) -> None:
+    import os
+
+    from cxr_ai.store import Spool
+
+    spool = Spool(tmp_path / "spool")
+    old, live = spool.tmp / "tmpold.dcm", spool.tmp / "tmplive.dcm"
+    old.write_bytes(b"x")
+    live.write_bytes(b"y")
+    part = spool.incoming / "abc.part"
+    part.write_bytes(b"z")
+    hours_ago = time.time() - 7200
+    os.utime(old, (hours_ago, hours_ago))
+    os.utime(part, (hours_ago, hours_ago))
+    assert spool.clear_incoming(older_than=3600) == 2
+    assert not old.exists() and not part.exists() and live.exists()
+    assert spool.clear_incoming() == 1 and not live.exists()          # at start: everything
