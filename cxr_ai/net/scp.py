@@ -255,9 +255,9 @@ class ListenerSettings:
     allowed_calling_aes: Sequence[str] = ("ORTHANC", "STORESCU", "CXR_AI_SCU")
     require_called_ae: bool = True
     max_pdu: int = DEFAULT_MAX_PDU
-    max_associations: int = 32
+    max_associations: int = 48
     min_free_bytes: int = 512 * 1024 * 1024
-    max_associations_per_address: int = 16
+    max_associations_per_address: int = 32
     max_inflated_bytes: int = 1024 * 1024 * 1024
     acse_timeout: float = 15.0
     dimse_timeout: float = 60.0
@@ -446,6 +446,11 @@ class StorageSCP:
             logger.exception("unexpected error storing an instance; answered 0x%04X", Status.OUT_OF_RESOURCES)
             status = Status.OUT_OF_RESOURCES
         finally:
+            # time spent here (an fsync on a busy disk, a large inflation) is not the peer's
+            # idleness: network_timeout counts from the answer
+            timer = getattr(getattr(event.assoc, "dul", None), "_idle_timer", None)
+            if timer is not None:
+                timer.restart()
             if self.metrics is not None:
                 self.metrics.received.labels(Status.NAMES.get(status, hex(status))).inc()
                 if status == Status.SUCCESS:
