@@ -55,6 +55,8 @@ MSG_AE_TITLE = "[{section}] {key} {value!r} is not a valid AE title (1-16 charac
 
 PipelineFactory = Callable[..., Any]
 
+#: Seconds of the shutdown grace kept for stopping routing and HTTP and closing the job store.
+STOP_TAIL_SECONDS = 1.5
 #: Seconds between two sweeps of stale temporary files while the service runs.
 SWEEP_SECONDS = 60.0
 
@@ -321,7 +323,9 @@ class Service:
         self._stopped.set()
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         logger.info("stopping: no new associations; waiting up to %.0f s for running studies", grace)
-        deadline = time.monotonic() + grace
+        # the workers get the grace less what the rest of the stop takes (routing, HTTP, the
+        # job store), so that all of it fits in shutdown_grace_seconds
+        deadline = time.monotonic() + grace - min(STOP_TAIL_SECONDS, grace / 2)
         self.scp.stop()
         self.workers.stop(max(0.0, deadline - time.monotonic()))
         self.router.stop(timeout=max(0.5, min(deadline - time.monotonic(), 10.0)))
@@ -455,8 +459,9 @@ def configure_logging(*, verbosity: int = 0, json_lines: bool = False) -> None:
 
 
 # -- entry points -----------------------------------------------------------------------------
-#: Seconds past ``shutdown_grace_seconds`` after a signal when the process exits regardless.
-SHUTDOWN_MARGIN_SECONDS = 2.0
+#: Least time a signalled process is given to stop cleanly (closing the job store) before it
+#: exits regardless; otherwise ``shutdown_grace_seconds``.
+SHUTDOWN_MIN_SECONDS = 2.0
 
 
 def _exit_after(seconds: float) -> None:
@@ -486,7 +491,7 @@ def run_service(config: Mapping[str, Any], *, pipeline_factory: PipelineFactory 
     def on_signal(signum: int, frame: Any) -> None:
         logger.info("received %s", signal.Signals(signum).name)
         if not stop.is_set():
-            _exit_after(service.settings.shutdown_grace_seconds + SHUTDOWN_MARGIN_SECONDS)
+            _exit_after(max(service.settings.shutdown_grace_seconds, SHUTDOWN_MIN_SECONDS))
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -30,10 +30,26 @@ machine, the association and the DIMSE layer as they are:
 
 Handlers bound to ``EVT_DATA_RECV`` or ``EVT_PDU_RECV`` (other than pynetdicom's logging
 handler, which logs nothing for P-DATA-TF) see every PDU: with one bound, the direct path is
-off. A PDU whose items overrun it is an invalid PDU (Evt19, A-ABORT), as in pynetdicom. A
-PDU longer than ``PREALLOCATE_MAX_BYTES`` is read in pieces, never into a buffer sized by
-its length field. A failed write (disk full) aborts the association: nothing was
-acknowledged, so the sender keeps the instance and retries.
+off. A PDU whose items overrun it is an invalid PDU (Evt19, A-ABORT), as in pynetdicom.
+
+What a peer may do is bounded (:class:`ReceiveLimits`, from ``[listener]``):
+
+* **Length.** A P-DATA-TF PDU longer than the maximum the listener offered (PS3.8 D.1), or
+  any other PDU longer than ``CONTROL_PDU_MAX``, is refused from its header: A-ABORT, and
+  nothing more is read. A PDU longer than ``PREALLOCATE_MAX_BYTES`` (possible only with a
+  larger offered maximum) is read in pieces, never into a buffer sized by its length field.
+* **Time.** A PDU, once its first byte is seen, must arrive whole within ``pdu_timeout``,
+  however slowly its bytes trickle in (the socket's timeout is shortened to the deadline);
+  else A-ABORT. Between PDUs pynetdicom's own timers apply (ARTIM before the association,
+  ``network_timeout`` after).
+* **Addresses.** :class:`PeerLimiter` closes a connection at accept when its IP address
+  already has ``max_per_address`` open; the TLS handshake runs in the connection's thread.
+* **Disk.** Every ``SPACE_CHECK_BYTES`` written, the free space of the data set's file system
+  is compared with the watermark; below it, or when a write fails (disk full), the file is
+  emptied and the rest of the data set dropped, and the C-STORE handler answers out of
+  resources (:func:`discarded_reason`). When an association ends however it ends, the
+  temporary files of its unfinished data sets are deleted
+  (:func:`remove_unfinished_transfers`).
 
 The hooks rely on pynetdicom 3's upper-layer contract (``_read_pdu_data`` puts one event on
 ``event_queue`` and the PDU on ``_recv_pdu``; ``_is_transport_event``; the DIMSE message's
