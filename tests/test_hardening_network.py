@@ -39,6 +39,7 @@ from helpers_attack import (
     service_process,
 )
 from test_hardening_inputs import record
+from test_net import throwaway_ca  # noqa: F401 - the fixture: a CA and server certificate for 127.0.0.1
 from test_service import http_get
 
 MIB = 1 << 20
@@ -523,3 +524,27 @@ def test_stale_temp_files_swept_while_running_live_ones_kept(tmp_path: Path) -> 
     assert spool.clear_incoming(older_than=3600) == 2
     assert not old.exists() and not part.exists() and live.exists()
     assert spool.clear_incoming() == 1 and not live.exists()          # at start: everything
+
+
+def test_tls_handshake_never_finished_blocks_no_one(tmp_path: Path, throwaway_ca: Path) -> None:
+    """Connections that never finish the TLS handshake neither stop the accept loop nor stay."""
+    from helpers_net import make_scp
+
+    from cxr_ai.net.scu import Peer, echo
+    from cxr_ai.net.tls import client_context, server_context
+
+    ctx = server_context(cert_file=throwaway_ca / "server.pem", key_file=throwaway_ca / "server.key")
+    scp = make_scp(tmp_path, ssl_context=ctx, pdu_timeout=2.0)
+    try:
+        stalled = [connect(scp.port) for _ in range(3)]
+        stalled[0].sendall(b"\x16\x03\x01")                  # a TLS record begun, never finished
+        peer = Peer(host="127.0.0.1", port=scp.port, ae_title="CXR_AI", calling_ae="TESTSCU",
+                    ssl_context=client_context(ca_file=throwaway_ca / "ca.pem"), timeout=10)
+        assert echo(peer) == 0
+        closed = [closed_by_peer(s, within=15) for s in stalled]
+        assert all(c is not None for c in closed), closed
+        for s in stalled:
+            s.close()
+    finally:
+        scp.stop()
+        scp.store.close()
