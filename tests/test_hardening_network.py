@@ -9,6 +9,7 @@ listener took to serve again.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import struct
@@ -87,13 +88,14 @@ def _open_attack(port: int, source: str, kind: str) -> socket.socket | None:
 
 def test_slow_and_idle_connections_leave_a_sender_served(tmp_path: Path, rg1_paths) -> None:
     files = [_rg1(rg1_paths["RG1_J2KI"], tmp_path / f"{i}.dcm") for i in range(6)]
-    with service_process(tmp_path / "svc") as svc:                # the shipped limits (48, 32 per address)
+    # the shipped limits (48, 32 per address); timeouts long enough that all 40 are open at once
+    with service_process(tmp_path / "svc", acse_timeout=6.0, pdu_timeout=6.0, network_timeout=6.0) as svc:
         assert store_from(svc.dicom_port, files[5]) == 0          # warm-up: imports, first study processed
         time.sleep(1.0)
         svc.reset_peak()
         base = svc.rss()
         # 40 connections from one address: associated and idle, one byte of a header, nothing
-        kinds = ["assoc"] * 13 + ["byte"] * 14 + ["idle"] * 13
+        kinds = ["byte"] * 14 + ["idle"] * 13 + ["assoc"] * 13
         attack = [_open_attack(svc.dicom_port, "127.0.0.2", k) for k in kinds]
         # meanwhile a sender from another address is served, each instance in its own association
         t0 = time.monotonic()
@@ -109,15 +111,20 @@ def test_slow_and_idle_connections_leave_a_sender_served(tmp_path: Path, rg1_pat
         assert store_from(svc.dicom_port, files[3], source="127.0.0.2") == 0
         peak = svc.peak() - base
         log = svc.log_text()
+        _, metrics = http_get(svc.http_port, "/metrics")
     for s in held:
         s.close()
+    counted = {m.group(1): float(m.group(2)) for m in
+               re.finditer(r'cxr_ai_listener_refusals_total\{reason="(\w+)"\} ([0-9.]+)', metrics.decode())}
+    assert counted.get("per_address_limit", 0) >= 1, counted     # past the address's share of 32
+    assert counted.get("pdu_timeout", 0) >= 1, counted           # the one-byte headers
     assert peak < 256 * MIB, f"service memory grew by {peak / MIB:.0f} MiB"
     assert "max_associations_per_address" in log           # the connections past the share
     assert "not received whole within" in log              # the one-byte headers timed out
     record("net_slow_idle", {
         "attack": "40 slow and idle connections from one address (13 associated idle, 14 one header byte, "
                   "13 silent)", "connections": len(attack), "legit_stores": "3/3 succeeded from another address",
-        "legit_served_within_s": round(served_after, 2),
+        "legit_served_within_s": round(served_after, 2), "refusals_counted": counted,
         "time_to_recover_s": round(max(closed), 2),
         "peak_rss_growth_mib": round(peak / MIB, 1)})
 

@@ -140,6 +140,16 @@ class ReceiveLimits:
     pdu_timeout: float = 10.0
     max_per_address: int = 0
     min_free_bytes: int | Callable[[], int] = 0
+    #: called with a reason ("per_address_limit", "pdu_too_long", "pdu_timeout",
+    #: "invalid_pdu", "low_space", "write_failed") each time the receive path refuses something
+    on_refusal: Callable[[str], None] | None = None
+
+    def refused(self, reason: str) -> None:
+        if self.on_refusal is not None:
+            try:
+                self.on_refusal(reason)
+            except Exception:  # noqa: BLE001 - counting must never break the receive path
+                logger.debug("refusal counter failed", exc_info=True)
 
     def watermark(self) -> int:
         """The free-space watermark now (a callable follows a setting changed at run time)."""
@@ -434,6 +444,7 @@ def _write_direct(conn: _Connection, target, buf: bytearray | memoryview, length
                     st = os.fstatvfs(f.fileno())
                     free = st.f_bavail * st.f_frsize
                     if free < watermark:
+                        conn.limits.refused("low_space")
                         _discard(conn, f, MSG_LOW_SPACE.format(free=free >> 20, limit=watermark >> 20))
             if conn.discarding is not f:
                 view = memoryview(buf)
@@ -448,6 +459,8 @@ def _write_direct(conn: _Connection, target, buf: bytearray | memoryview, length
                     start_writeback(f.fileno(), conn.synced, conn.written - conn.synced)
                     conn.synced = conn.written
         except OSError as exc:                      # disk full, quota, I/O error
+            if conn.discarding is not f:
+                conn.limits.refused("write_failed")
             _discard(conn, f, MSG_WRITE_FAILED.format(error=exc.strerror or exc))
     if last:
         conn.file = None
@@ -528,11 +541,13 @@ def read_pdus(self: DULServiceProvider) -> None:
                 pdu_type, _, length = _HEADER.unpack_from(conn.buffer, conn.start)
                 if pdu_type not in _PDU_TYPES:
                     logger.error("unknown PDU type 0x%02X received from %s", pdu_type, conn.peer)
+                    conn.limits.refused("invalid_pdu")
                     _abort(self, conn)
                     return
                 limit = conn.max_length(pdu_type, self.assoc)
                 if length > limit:
                     logger.error(MSG_PDU_TOO_LONG.format(type=pdu_type, peer=conn.peer, length=length, limit=limit))
+                    conn.limits.refused("pdu_too_long")
                     _abort(self, conn)
                     return
                 need = 6 + length
@@ -546,6 +561,7 @@ def read_pdus(self: DULServiceProvider) -> None:
                     got = conn.fill(raw, 6 + length, deadline)
         except PduTimeout:
             logger.error(MSG_PDU_TIMEOUT.format(peer=conn.peer, timeout=timeout, got=conn.buffered, need=need))
+            conn.limits.refused("pdu_timeout")
             _abort(self, conn)
             return
         except OSError as exc:
@@ -815,8 +831,9 @@ class PeerLimiter:
     whatever one address does (connections that send nothing or trickle bytes included).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_refusal: Callable[[str], None] | None = None) -> None:
         self.limit = int(limit)
+        self._on_refusal = on_refusal
         self._lock = threading.Lock()
         self._open: dict[str, int] = {}
         self._refused: dict[str, int] = {}
@@ -832,9 +849,13 @@ class PeerLimiter:
                     self._logged[host] = now
                     logger.warning(MSG_PEER_LIMIT.format(peer=host, count=n, limit=self.limit,
                                                          refused=self._refused.pop(host)))
-                return False
-            self._open[host] = n + 1
-            return True
+                refused = True
+            else:
+                self._open[host] = n + 1
+                refused = False
+        if refused and self._on_refusal is not None:
+            self._on_refusal("per_address_limit")
+        return not refused
 
     def release(self, host: str) -> None:
         with self._lock:
@@ -904,7 +925,7 @@ def install_on_server(server, *, limits: ReceiveLimits | None = None) -> None:
     limits = limits or ReceiveLimits()
     server.contexts = CheaplyCopiedContexts(server.contexts)
     server._cxr_limits = limits
-    limiter = PeerLimiter(limits.max_per_address)
+    limiter = PeerLimiter(limits.max_per_address, limits.refused)
     server._cxr_peers = limiter
 
     def verify_request(request, client_address) -> bool:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -343,6 +344,9 @@ class StorageSCP:
         self._server = self.ae.start_server((s.host, int(s.port)), block=False, evt_handlers=handlers,
                                             ssl_context=s.ssl_context)
         limits = s.receive_limits()
+        if self.metrics is not None:
+            counter = self.metrics.listener_refusals
+            limits = dataclasses.replace(limits, on_refusal=lambda reason: counter.labels(reason).inc())
         install_on_server(self._server, limits=limits)
         if limits.max_per_address >= int(s.max_associations):
             logger.warning("[listener] max_associations_per_address (%d) is not below max_associations (%d): one "
