@@ -328,7 +328,7 @@ class Service:
         deadline = time.monotonic() + grace - min(STOP_TAIL_SECONDS, grace / 2)
         self.scp.stop()
         self.workers.stop(max(0.0, deadline - time.monotonic()))
-        self.router.stop(timeout=max(0.5, min(deadline - time.monotonic(), 10.0)))
+        self.router.stop(timeout=min(grace, 10.0) if grace else 1.0)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
