@@ -13,6 +13,7 @@ runs the whole loop on a few phantom studies.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -55,6 +56,11 @@ MSG_AE_TITLE = "[{section}] {key} {value!r} is not a valid AE title (1-16 charac
 
 PipelineFactory = Callable[..., Any]
 
+#: Seconds of the shutdown grace kept for stopping routing and HTTP and closing the job store.
+STOP_TAIL_SECONDS = 1.5
+#: Seconds between two sweeps of stale temporary files while the service runs.
+SWEEP_SECONDS = 60.0
+
 
 # -- configuration ----------------------------------------------------------------------------
 @dataclass
@@ -83,6 +89,7 @@ class ServiceSettings:
     http_enabled: bool = True
     http_host: str = "127.0.0.1"
     http_port: int = 8780
+    stale_temp_seconds: float = 3600.0
 
 
 def _get(section: Mapping[str, Any], name: str, key: str, kind: type, what: str, *, check=None) -> Any:
@@ -136,11 +143,17 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
                      check=lambda v: v == 0 or v >= 4096),
         max_associations=_get(li, "listener", "max_associations", int, "a positive integer", check=pos),
         min_free_bytes=int(_get(li, "listener", "min_free_mb", float, "a number of MiB >= 0", check=nonneg) * 2**20),
+        max_associations_per_address=_get(li, "listener", "max_associations_per_address", int,
+                                          "a positive integer (at most max_associations)", check=pos),
+        max_inflated_bytes=int(_get(li, "listener", "max_inflated_mb", float, "a number of MiB > 0", check=pos)
+                               * 2**20),
         acse_timeout=_get(li, "listener", "acse_timeout", float, "seconds > 0", check=pos),
         dimse_timeout=_get(li, "listener", "dimse_timeout", float, "seconds > 0", check=pos),
         network_timeout=_get(li, "listener", "network_timeout", float, "seconds > 0", check=pos),
+        pdu_timeout=_get(li, "listener", "pdu_timeout", float, "seconds > 0", check=pos),
         ssl_context=ssl_ctx,
     )
+    stale = _get(li, "listener", "stale_temp_minutes", float, "minutes > 0", check=pos)
     root = Path(_get(st, "store", "root", str, "a folder path", check=bool))
     root = root if root.is_absolute() else base / root
     spool_dir = Path(st.get("spool_dir") or root / "spool")
@@ -191,6 +204,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
         http_enabled=_get(ht, "http", "enabled", bool, "true or false"),
         http_host=_get(ht, "http", "host", str, "a host name or address"),
         http_port=_get(ht, "http", "port", int, "a TCP port (0-65535; 0 picks a free one)", check=port_ok),
+        stale_temp_seconds=stale * 60.0,
     )
 
 
@@ -348,8 +362,11 @@ class Service:
         self._stopped.set()
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         logger.info("stopping: no new associations; waiting up to %.0f s for running studies", grace)
+        # the workers get the grace less what the rest of the stop takes (routing, HTTP, the
+        # job store), so that all of it fits in shutdown_grace_seconds
+        deadline = time.monotonic() + grace - min(STOP_TAIL_SECONDS, grace / 2)
         self.scp.stop()
-        self.workers.stop(grace)
+        self.workers.stop(max(0.0, deadline - time.monotonic()))
         self.router.stop(timeout=min(grace, 10.0) if grace else 1.0)
         if self.monitor_runner is not None:
             self.monitor_runner.stop()
@@ -393,9 +410,15 @@ class Service:
         return len(keys)
 
     def _janitor_loop(self) -> None:
+        last_sweep = time.monotonic()
         while not self._stopped.wait(0.5):
             try:
                 self.housekeeping()
+                if time.monotonic() - last_sweep >= SWEEP_SECONDS:
+                    last_sweep = time.monotonic()
+                    n = self.spool.clear_incoming(older_than=self.settings.stale_temp_seconds)
+                    if n:
+                        logger.warning("removed %d stale temporary files from the spool", n)
             except Exception:  # broad on purpose: housekeeping retries on its next round
                 logger.exception("housekeeping failed; will retry")
 
@@ -413,6 +436,11 @@ class Service:
                 self.spool.remove_results(study.job_id)
                 self.store.mark_files_removed(study.study_key)
 
+    def health_check(self) -> tuple[bool, list[str]]:
+        """(ok, reasons) of the listener's own conditions: today the spool's free space
+        against ``[listener] min_free_mb`` (below it every C-STORE is answered 0xA700)."""
+        return self.spool.check_space(min_free_bytes=int(self.scp.settings.min_free_bytes))
+
     def health(self) -> dict[str, Any]:
         problems = list(self.workers.errors)
         if not self.workers.alive() and not self._stopped.is_set():
@@ -422,7 +450,9 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - reported as unhealthy
             problems.append(f"job store unavailable: {type(exc).__name__}")
             counts = None
-        return {"status": "ok" if not problems else "unhealthy", "problems": problems,
+        space_ok, degraded = self.health_check()
+        status = "unhealthy" if problems else "ok" if space_ok else "degraded"
+        return {"status": status, "problems": problems + degraded,
                 "dicom_port": self.dicom_port, "ae_title": self.settings.listener.ae_title,
                 "queue_depth": counts["studies"]["received"] if counts else None,
                 "dead_letters": counts["outbox"]["dead"] if counts else None}
@@ -475,6 +505,26 @@ def configure_logging(*, verbosity: int = 0, json_lines: bool = False) -> None:
 
 
 # -- entry points -----------------------------------------------------------------------------
+#: Least time a signalled process is given to stop cleanly (closing the job store) before it
+#: exits regardless; otherwise ``shutdown_grace_seconds``.
+SHUTDOWN_MIN_SECONDS = 2.0
+
+
+def _exit_after(seconds: float) -> None:
+    """End the process ``seconds`` from now if it is still running (a daemon timer): the
+    bound on a shutdown, whatever a peer, a delivery or a worker is doing then."""
+
+    def expire() -> None:
+        logger.error("shutdown did not finish within %.0f s; exiting now (interrupted studies are re-queued at "
+                     "the next start)", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+
 def run_service(config: Mapping[str, Any], *, pipeline_factory: PipelineFactory | None = None,
                 base_dir: str | os.PathLike | None = None, ready: Callable[[Service], None] | None = None) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit code.
@@ -486,6 +536,8 @@ def run_service(config: Mapping[str, Any], *, pipeline_factory: PipelineFactory 
 
     def on_signal(signum: int, frame: Any) -> None:
         logger.info("received %s", signal.Signals(signum).name)
+        if not stop.is_set():
+            _exit_after(max(service.settings.shutdown_grace_seconds, SHUTDOWN_MIN_SECONDS))
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -499,6 +551,12 @@ def run_service(config: Mapping[str, Any], *, pipeline_factory: PipelineFactory 
         service.stop()
         for s, h in previous.items():
             signal.signal(s, h)
+        busy = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.current_thread()]
+        if busy:
+            logger.warning("stopped; threads still ending: %s", ", ".join(busy))
+        # The process ends next: its final garbage collection of every loaded module (torch,
+        # MONAI) took seconds of the shutdown grace, for memory the system reclaims anyway.
+        gc.freeze()
     return 0
 
 

@@ -582,3 +582,68 @@ def test_waker_ends_a_wait_at_once() -> None:
     waker.close()
     a.close()
     b.close()
+
+
+# -- limits ------------------------------------------------------------------------------------
+def test_fill_raises_past_its_deadline_however_slowly_bytes_trickle() -> None:
+    a, b = socket.socketpair()
+    b.settimeout(5.0)
+    conn = receive._Connection()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.05):
+            try:
+                a.send(b"\x04")
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(receive.PduTimeout):
+            conn.fill(b, 1000, time.monotonic() + 0.5)
+        assert time.monotonic() - t0 < 4.0           # the deadline, not the socket's 5 s, ended it
+        assert 0 < conn.buffered < 1000
+        assert b.gettimeout() == 5.0                  # the socket's own timeout is restored
+    finally:
+        stop.set()
+        a.close()
+        b.close()
+
+
+def test_max_length_is_the_offered_maximum_for_p_data_only() -> None:
+    conn = receive._Connection()
+    assoc = types.SimpleNamespace(acceptor=types.SimpleNamespace(maximum_length=131072))
+    assert conn.max_length(0x04, assoc) == 131072
+    assert conn.max_length(0x01, assoc) == receive.CONTROL_PDU_MAX
+    assoc.acceptor.maximum_length = 0                 # unlimited offered: still a ceiling
+    assert conn.max_length(0x04, assoc) == receive.UNLIMITED_PDU_CEILING
+
+
+def test_peer_limiter_counts_per_address() -> None:
+    limiter = receive.PeerLimiter(2)
+    assert limiter.acquire("127.0.0.2") and limiter.acquire("127.0.0.2")
+    assert not limiter.acquire("127.0.0.2")
+    assert limiter.acquire("127.0.0.3")              # another address keeps its room
+    limiter.release("127.0.0.2")
+    assert limiter.acquire("127.0.0.2")
+    assert receive.PeerLimiter(0).acquire("x")       # 0: no limit of its own
+
+
+def test_discarded_data_set_file_is_emptied_and_later_writes_go_nowhere(tmp_path: Path) -> None:
+    import tempfile
+
+    f = tempfile.NamedTemporaryFile(dir=tmp_path, delete=False, mode="wb", suffix=".dcm")
+    f.write(bytes(3 << 20))
+    conn = receive._Connection()
+    receive._discard(conn, f, "test reason")
+    assert Path(f.name).stat().st_size == 0
+    f.write(bytes(1 << 20))                          # what pynetdicom still writes
+    f.file.flush()
+    f.close()
+    assert Path(f.name).stat().st_size == 0
+    assoc = types.SimpleNamespace(dul=types.SimpleNamespace(_cxr_connection=conn))
+    assert receive.discarded_reason(assoc, f.name) == "test reason"
+    assert receive.discarded_reason(assoc, f.name) is None

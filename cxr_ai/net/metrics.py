@@ -60,6 +60,9 @@ class ServiceMetrics:
                                 ["status"], registry=r)
         self.received_bytes = Counter("cxr_ai_cstore_received_bytes", "Bytes of data sets stored", registry=r)
         self.associations = Counter("cxr_ai_associations", "Associations by outcome", ["outcome"], registry=r)
+        self.listener_refusals = Counter(
+            "cxr_ai_listener_refusals", "What the listener's receive path refused, by reason (per_address_limit, "
+            "pdu_too_long, pdu_timeout, invalid_pdu, low_space, write_failed)", ["reason"], registry=r)
         self.stage_seconds = Histogram("cxr_ai_stage_seconds", "Latency per stage", ["stage"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.instances_processed = Counter("cxr_ai_instances_processed", "Instances by pipeline outcome",

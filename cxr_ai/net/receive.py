@@ -30,10 +30,26 @@ machine, the association and the DIMSE layer as they are:
 
 Handlers bound to ``EVT_DATA_RECV`` or ``EVT_PDU_RECV`` (other than pynetdicom's logging
 handler, which logs nothing for P-DATA-TF) see every PDU: with one bound, the direct path is
-off. A PDU whose items overrun it is an invalid PDU (Evt19, A-ABORT), as in pynetdicom. A
-PDU longer than ``PREALLOCATE_MAX_BYTES`` is read in pieces, never into a buffer sized by
-its length field. A failed write (disk full) aborts the association: nothing was
-acknowledged, so the sender keeps the instance and retries.
+off. A PDU whose items overrun it is an invalid PDU (Evt19, A-ABORT), as in pynetdicom.
+
+What a peer may do is bounded (:class:`ReceiveLimits`, from ``[listener]``):
+
+* **Length.** A P-DATA-TF PDU longer than the maximum the listener offered (PS3.8 D.1), or
+  any other PDU longer than ``CONTROL_PDU_MAX``, is refused from its header: A-ABORT, and
+  nothing more is read. A PDU longer than ``PREALLOCATE_MAX_BYTES`` (possible only with a
+  larger offered maximum) is read in pieces, never into a buffer sized by its length field.
+* **Time.** A PDU, once its first byte is seen, must arrive whole within ``pdu_timeout``,
+  however slowly its bytes trickle in (the socket's timeout is shortened to the deadline);
+  else A-ABORT. Between PDUs pynetdicom's own timers apply (ARTIM before the association,
+  ``network_timeout`` after).
+* **Addresses.** :class:`PeerLimiter` closes a connection at accept when its IP address
+  already has ``max_per_address`` open; the TLS handshake runs in the connection's thread.
+* **Disk.** Every ``SPACE_CHECK_BYTES`` written, the free space of the data set's file system
+  is compared with the watermark; below it, or when a write fails (disk full), the file is
+  emptied and the rest of the data set dropped, and the C-STORE handler answers out of
+  resources (:func:`discarded_reason`). When an association ends however it ends, the
+  temporary files of its unfinished data sets are deleted
+  (:func:`remove_unfinished_transfers`).
 
 The hooks rely on pynetdicom 3's upper-layer contract (``_read_pdu_data`` puts one event on
 ``event_queue`` and the PDU on ``_recv_pdu``; ``_is_transport_event``; the DIMSE message's
@@ -49,13 +65,18 @@ import copy
 import ctypes
 import functools
 import logging
+import os
 import queue
 import select
 import socket
+import ssl
 import struct
 import sys
 import threading
+import time
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from pynetdicom import evt
 from pynetdicom._handlers import standard_pdu_recv_handler
@@ -84,6 +105,60 @@ RECEIVE_BUFFER_BYTES = 1 << 20
 #: Most PDUs one call of :func:`read_pdus` takes the direct path for before it returns to
 #: the reactor (which then checks its timers and queues).
 DIRECT_PDUS_PER_CALL = 64
+#: Longest P-DATA-TF PDU accepted when the listener's maximum PDU is 0 (unlimited): a peer's
+#: length field never makes the listener buffer more than this.
+UNLIMITED_PDU_CEILING = 64 << 20
+#: Longest PDU of any other type (A-ASSOCIATE-RQ with many contexts and a user identity is
+#: well below it).
+CONTROL_PDU_MAX = PREALLOCATE_MAX_BYTES
+#: Data-set bytes written between two checks of the file system's free space.
+SPACE_CHECK_BYTES = 1 << 20
+
+MSG_PDU_TOO_LONG = ("PDU of type 0x{type:02X} from {peer} announces {length} bytes, above the {limit} this listener "
+                    "accepts (negotiated maximum PDU): association aborted without reading it")
+MSG_PDU_TIMEOUT = ("PDU from {peer} not received whole within {timeout:g} s ([listener] pdu_timeout; {got} of "
+                   "{need} bytes): association aborted")
+MSG_LOW_SPACE = ("free space on the file system of the data set being received is {free} MiB, below the "
+                 "{limit} MiB watermark: stopped writing it and removed the partial file; free disk space there "
+                 "or lower [listener] min_free_mb")
+MSG_WRITE_FAILED = "writing the data set being received failed ({error}): stopped writing it, partial file removed"
+MSG_PEER_LIMIT = ("connection from {peer} refused at accept: {count} connections from that address already open "
+                  "([listener] max_associations_per_address = {limit}); {refused} refused since the last message")
+
+
+@dataclass(frozen=True)
+class ReceiveLimits:
+    """What the receive path allows a peer (from ``[listener]``).
+
+    ``pdu_timeout``: a PDU begun must arrive whole within it (and the header of the next one,
+    once the socket showed data), else the association is aborted; also the longest a send
+    to the peer may block. ``max_per_address``: connections from one IP address at once
+    (0: no limit of its own). ``min_free_bytes``: the free-space watermark checked while a
+    data set is written.
+    """
+
+    pdu_timeout: float = 10.0
+    max_per_address: int = 0
+    min_free_bytes: int | Callable[[], int] = 0
+    #: called with a reason ("per_address_limit", "pdu_too_long", "pdu_timeout",
+    #: "invalid_pdu", "low_space", "write_failed") each time the receive path refuses something
+    on_refusal: Callable[[str], None] | None = None
+
+    def refused(self, reason: str) -> None:
+        if self.on_refusal is not None:
+            try:
+                self.on_refusal(reason)
+            except Exception:  # noqa: BLE001 - counting must never break the receive path
+                logger.debug("refusal counter failed", exc_info=True)
+
+    def watermark(self) -> int:
+        """The free-space watermark now (a callable follows a setting changed at run time)."""
+        value = self.min_free_bytes
+        return int(value() if callable(value) else value)
+
+
+class PduTimeout(Exception):
+    """A PDU did not arrive whole within ``pdu_timeout``."""
 
 _P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
@@ -141,22 +216,52 @@ def _recv_into(sock: socket.socket, view: memoryview, nr_bytes: int, start: int 
     return got
 
 
-def _recv_large(sock: socket.socket, start: bytearray, length: int) -> bytearray:
+def _recv_large(sock: socket.socket, start: bytearray, length: int, deadline: float | None = None) -> bytearray:
     """Read the rest of a PDU body of ``length`` bytes in pieces, growing ``start`` (the
     PDU's first bytes, header included) as data arrives.
 
-    For PDUs above ``PREALLOCATE_MAX_BYTES``: the length field is the peer's word, and a
-    header claiming 4 GiB must not make the listener allocate 4 GiB before anything arrived.
-    Returns fewer bytes than ``6 + length`` when the connection closed first.
+    For PDUs above ``PREALLOCATE_MAX_BYTES`` (and within the negotiated maximum): the length
+    field is the peer's word, and a header claiming 60 MB must not make the listener
+    allocate them before anything arrived. Returns fewer bytes than ``6 + length`` when the
+    connection closed first; raises :class:`PduTimeout` past ``deadline`` (monotonic).
     """
     buf = start
     piece = bytearray(PREALLOCATE_MAX_BYTES)
-    while len(buf) < 6 + length:
-        n = _recv_into(sock, memoryview(piece), min(len(piece), 6 + length - len(buf)))
-        if not n:
-            break
-        buf += memoryview(piece)[:n]
+    view = memoryview(piece)
+    try:
+        while len(buf) < 6 + length:
+            _check_deadline(sock, deadline)
+            try:
+                n = sock.recv_into(view, min(len(piece), 6 + length - len(buf)))
+            except TimeoutError:
+                raise PduTimeout from None
+            if not n:
+                break
+            buf += view[:n]
+    finally:
+        view.release()
     return buf
+
+
+def _check_deadline(sock: socket.socket, deadline: float | None) -> None:
+    """Raise :class:`PduTimeout` past ``deadline``; shorten the socket's timeout to it when it
+    is nearer than the socket's own (restored by :func:`_restore_timeout`)."""
+    if deadline is None:
+        return
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise PduTimeout
+    current = sock.gettimeout()
+    if current is None or remaining < current - 0.25:
+        sock.settimeout(remaining)
+
+
+def _restore_timeout(sock: socket.socket, timeout: float | None) -> None:
+    if sock.gettimeout() != timeout:
+        try:
+            sock.settimeout(timeout)
+        except OSError:        # closed meanwhile
+            pass
 
 
 def decode_p_data_tf(buf: bytearray) -> P_DATA_TF | None:
@@ -202,25 +307,33 @@ class _Connection:
     ``buffer[start:end]``: one system call per buffer-full rather than several per PDU.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: ReceiveLimits | None = None, peer: str = "peer") -> None:
         self.buffer = bytearray(RECEIVE_BUFFER_BYTES)
         self.start = 0                 # buffer[start:end] is received and not yet taken
         self.end = 0
         self.file = None               # the data set file written directly, and its progress
         self.written = 0
         self.synced = 0
+        self.checked = 0               # written bytes at the last free-space check
+        self.limits = limits or ReceiveLimits()
+        self.peer = peer
+        self.broken = False            # aborted for a bad or late PDU: read nothing more
+        #: data set files whose writing stopped (path -> reason), for the C-STORE handler
+        self.discarded: dict[str, str] = {}
+        self.discarding = None         # the file object of the data set being discarded
 
     @property
     def buffered(self) -> int:
         return self.end - self.start
 
-    def fill(self, sock: socket.socket, nbytes: int) -> bool:
+    def fill(self, sock: socket.socket, nbytes: int, deadline: float | None = None) -> bool:
         """Have at least ``nbytes`` in ``buffer[start:]``; False when the peer closed first.
 
         Receives as much as the socket holds and the buffer can take. Moves what is left to
         the buffer's front when ``nbytes`` would not fit behind it, and grows the buffer when
         it is too small for ``nbytes`` (a caller never asks for more than
-        ``PREALLOCATE_MAX_BYTES`` plus a header).
+        ``PREALLOCATE_MAX_BYTES`` plus a header). Raises :class:`PduTimeout` when ``nbytes``
+        are not there by ``deadline`` (``time.monotonic``), however slowly bytes trickle in.
         """
         if self.buffered >= nbytes:
             return True
@@ -236,15 +349,29 @@ class _Connection:
                 self.buffer[:left] = self.buffer[self.start:self.end]
             self.start, self.end = 0, left
         view = memoryview(self.buffer)
+        timeout = sock.gettimeout()
         try:
             while self.buffered < nbytes:
-                n = sock.recv_into(view[self.end:], len(self.buffer) - self.end)
+                _check_deadline(sock, deadline)
+                try:
+                    n = sock.recv_into(view[self.end:], len(self.buffer) - self.end)
+                except TimeoutError:
+                    raise PduTimeout from None
                 if not n:
                     return False
                 self.end += n
         finally:
             view.release()
+            _restore_timeout(sock, timeout)
         return True
+
+    def max_length(self, pdu_type: int, assoc) -> int:
+        """The longest PDU body of ``pdu_type`` this connection accepts: the maximum PDU
+        the listener offered for P-DATA-TF (PS3.8 D.1), ``CONTROL_PDU_MAX`` for others."""
+        if pdu_type != _P_DATA_TF:
+            return CONTROL_PDU_MAX
+        offered = getattr(getattr(assoc, "acceptor", None), "maximum_length", 0) or 0
+        return int(offered) if offered > 0 else UNLIMITED_PDU_CEILING
 
     def take(self, nbytes: int) -> bytearray:
         """The next ``nbytes`` buffered bytes, copied out (at most what is buffered)."""
@@ -287,6 +414,11 @@ def _write_direct(conn: _Connection, target, buf: bytearray | memoryview, length
     Returns NOT_TAKEN (nothing written), WRITTEN, or WRITTEN_LAST when the data set is now
     complete in the file; then write-back of its tail has started, and the DIMSE layer still
     has to be given the last fragment (:func:`_last_fragment_pdu`).
+
+    Every ``SPACE_CHECK_BYTES`` the file system's free space is compared with the watermark;
+    below it, or when a write fails (disk full), the file is emptied and the rest of the data
+    set is read and dropped: the C-STORE handler then finds the reason in
+    ``conn.discarded`` and answers out of resources, and the association goes on.
     """
     context_id, f = target
     spans = list(_pdv_spans(buf, 6, 6 + length))
@@ -302,21 +434,73 @@ def _write_direct(conn: _Connection, target, buf: bytearray | memoryview, length
         f.flush()
         conn.file, conn.written = f, f.tell()
         conn.synced = conn.written
-    view = memoryview(buf)
-    try:
-        for _, start, stop in spans:
-            f.write(view[start + 1:stop])
-            conn.written += stop - start - 1
-    finally:
-        view.release()
-    if last or conn.written - conn.synced >= WRITE_BEHIND_BYTES:
-        f.flush()
-        start_writeback(f.fileno(), conn.synced, conn.written - conn.synced)
-        conn.synced = conn.written
+        conn.checked = -SPACE_CHECK_BYTES           # check before the first write
+    if conn.discarding is not f:
+        try:
+            if conn.written - conn.checked >= SPACE_CHECK_BYTES:
+                conn.checked = conn.written
+                watermark = conn.limits.watermark()
+                if watermark:
+                    st = os.fstatvfs(f.fileno())
+                    free = st.f_bavail * st.f_frsize
+                    if free < watermark:
+                        conn.limits.refused("low_space")
+                        _discard(conn, f, MSG_LOW_SPACE.format(free=free >> 20, limit=watermark >> 20))
+            if conn.discarding is not f:
+                view = memoryview(buf)
+                try:
+                    for _, start, stop in spans:
+                        f.write(view[start + 1:stop])
+                        conn.written += stop - start - 1
+                finally:
+                    view.release()
+                if last or conn.written - conn.synced >= WRITE_BEHIND_BYTES:
+                    f.flush()
+                    start_writeback(f.fileno(), conn.synced, conn.written - conn.synced)
+                    conn.synced = conn.written
+        except OSError as exc:                      # disk full, quota, I/O error
+            if conn.discarding is not f:
+                conn.limits.refused("write_failed")
+            _discard(conn, f, MSG_WRITE_FAILED.format(error=exc.strerror or exc))
     if last:
         conn.file = None
+        conn.discarding = None
         return WRITTEN_LAST
     return WRITTEN
+
+
+def _discard(conn: _Connection, f, reason: str) -> None:
+    """Stop writing the data set file ``f``: empty it (its space returns now) and note why."""
+    if conn.discarding is f:
+        return
+    conn.discarding = f
+    conn.discarded[str(getattr(f, "name", ""))] = reason
+    logger.error("from %s: %s", conn.peer, reason)
+    try:
+        try:
+            f.flush()
+        except OSError:
+            pass                # what the file's buffer still holds goes to /dev/null below
+        fd = f.fileno()
+        os.ftruncate(fd, 0)
+        # Whatever pynetdicom still writes to this file (its last fragment, the buffer's
+        # leftovers on close) now goes nowhere, and cannot fail on a full disk.
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except (OSError, ValueError) as exc:
+        logger.warning("could not empty the partial data set file: %s", exc)
+
+
+def discarded_reason(assoc, path: str | os.PathLike) -> str | None:
+    """Why the receive path stopped writing the data set file ``path`` of ``assoc`` (low
+    space, failed write), or None when it was written whole. Forgets it once asked."""
+    conn = getattr(getattr(assoc, "dul", None), "_cxr_connection", None)
+    if conn is None:
+        return None
+    return conn.discarded.pop(str(path), None)
 
 
 def _last_fragment_pdu(context_id: int) -> bytearray:
@@ -336,38 +520,57 @@ def read_pdus(self: DULServiceProvider) -> None:
     pynetdicom does: Evt17 when the connection closes before a whole PDU arrived, Evt19 for
     an unknown or undecodable PDU, else the PDU's event on ``event_queue`` and the PDU on
     ``_recv_pdu``.
+
+    Each PDU must arrive whole within ``pdu_timeout`` of the first sign of it, and be no
+    longer than :meth:`_Connection.max_length`; otherwise the association is aborted
+    (Evt19: A-ABORT to the peer) and the connection reads nothing more (Evt17 next time).
     """
     conn: _Connection = self._cxr_connection
+    if conn.broken:
+        self.event_queue.put("Evt17")
+        return
     sock = self.socket
     raw = sock.socket
+    timeout = conn.limits.pdu_timeout
     for _ in range(DIRECT_PDUS_PER_CALL):
+        deadline = time.monotonic() + timeout
+        need = 6
         try:
-            got = conn.fill(raw, 6)
-        except OSError as exc:  # TimeoutError is one
-            logger.debug("connection closed before a PDU header was received: %s", exc)
-            got = False
-        if not got:
-            self.event_queue.put("Evt17")
-            return
-        pdu_type, _, length = _HEADER.unpack_from(conn.buffer, conn.start)
-        if pdu_type not in _PDU_TYPES:
-            logger.error("unknown PDU type 0x%02X received", pdu_type)
-            self.event_queue.put("Evt19")
-            return
-        try:
-            if length > PREALLOCATE_MAX_BYTES:         # never taken directly
-                buf = _recv_large(raw, conn.take(6 + length), length)
-                if len(buf) == 6 + length:
-                    _queue_pdu(self, pdu_type, buf)
+            got = conn.fill(raw, 6, deadline)
+            if got:
+                pdu_type, _, length = _HEADER.unpack_from(conn.buffer, conn.start)
+                if pdu_type not in _PDU_TYPES:
+                    logger.error("unknown PDU type 0x%02X received from %s", pdu_type, conn.peer)
+                    conn.limits.refused("invalid_pdu")
+                    _abort(self, conn)
                     return
-                got = False
-            else:
-                got = conn.fill(raw, 6 + length)
-        except OSError as exc:  # TimeoutError is one
-            logger.error("connection closed before the entire PDU was received: %s", exc)
+                limit = conn.max_length(pdu_type, self.assoc)
+                if length > limit:
+                    logger.error(MSG_PDU_TOO_LONG.format(type=pdu_type, peer=conn.peer, length=length, limit=limit))
+                    conn.limits.refused("pdu_too_long")
+                    _abort(self, conn)
+                    return
+                need = 6 + length
+                if length > PREALLOCATE_MAX_BYTES:         # never taken directly
+                    buf = _recv_large(raw, conn.take(6 + length), length, deadline)
+                    if len(buf) == 6 + length:
+                        _queue_pdu(self, pdu_type, buf)
+                        return
+                    got = False
+                else:
+                    got = conn.fill(raw, 6 + length, deadline)
+        except PduTimeout:
+            logger.error(MSG_PDU_TIMEOUT.format(peer=conn.peer, timeout=timeout, got=conn.buffered, need=need))
+            conn.limits.refused("pdu_timeout")
+            _abort(self, conn)
+            return
+        except OSError as exc:
+            logger.debug("connection from %s closed while a PDU was received: %s", conn.peer, exc)
             got = False
         if not got:
-            logger.error("the connection closed before the entire PDU (%d bytes) was received", 6 + length)
+            if conn.buffered:
+                logger.error("the connection closed before the entire PDU (%d bytes) was received", need)
+            conn.broken = True
             self.event_queue.put("Evt17")
             return
         target = _data_set_in_progress(self) if pdu_type == _P_DATA_TF else None
@@ -388,6 +591,21 @@ def read_pdus(self: DULServiceProvider) -> None:
                 return
         _queue_pdu(self, pdu_type, conn.take(6 + length))
         return
+
+
+def _abort(dul: DULServiceProvider, conn: _Connection) -> None:
+    """An invalid or late PDU: Evt19 (the state machine sends A-ABORT), then read no more."""
+    conn.broken = True
+    conn.start = conn.end = 0
+    dul.event_queue.put("Evt19")
+    raw = getattr(dul.socket, "socket", None)
+    if raw is not None:
+        try:
+            # the A-ABORT still goes out; the next read sees the end at once (Evt17), so the
+            # connection closes without waiting for the ARTIM timer
+            socket.socket.shutdown(raw, socket.SHUT_RD)
+        except OSError:
+            pass
 
 
 def _queue_pdu(dul: DULServiceProvider, pdu_type: int, buf: bytearray) -> None:
@@ -541,10 +759,14 @@ def fast_path_supported() -> bool:
             and "to_user_queue" in DULServiceProvider.__init__.__code__.co_names)
 
 
-def install(assoc) -> None:
+def install(assoc, limits: ReceiveLimits | None = None, peer: str = "peer") -> None:
     """Put this module's receive path on a new, not yet started, acceptor association."""
     dul = assoc.dul
-    dul._cxr_connection = _Connection()
+    limits = limits or ReceiveLimits()
+    dul._cxr_connection = _Connection(limits, peer)
+    raw = getattr(dul.socket, "socket", None)
+    if raw is not None and limits.pdu_timeout:
+        raw.settimeout(limits.pdu_timeout)      # also bounds a send to a peer that reads nothing
     dul._read_pdu_data = types.MethodType(read_pdus, dul)
 
     waker = Waker()
@@ -601,21 +823,184 @@ class CheaplyCopiedContexts(list):
         return out
 
 
-def install_on_server(server) -> None:
-    """Use this module's connection handler and context copies on a pynetdicom server."""
+class PeerLimiter:
+    """Open connections per peer IP address, refused at accept beyond ``limit`` (0: none).
+
+    A hospital PACS often sends every association from one address, so the limit is a share
+    of ``[listener] max_associations``, not one: what it keeps is room for other addresses
+    whatever one address does (connections that send nothing or trickle bytes included).
+    """
+
+    def __init__(self, limit: int, on_refusal: Callable[[str], None] | None = None) -> None:
+        self.limit = int(limit)
+        self._on_refusal = on_refusal
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self._refused: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+
+    def acquire(self, host: str) -> bool:
+        with self._lock:
+            n = self._open.get(host, 0)
+            if self.limit and n >= self.limit:
+                self._refused[host] = self._refused.get(host, 0) + 1
+                now = time.monotonic()
+                if now - self._logged.get(host, -1e9) >= 10.0:    # at most one line per 10 s per address
+                    self._logged[host] = now
+                    logger.warning(MSG_PEER_LIMIT.format(peer=host, count=n, limit=self.limit,
+                                                         refused=self._refused.pop(host)))
+                refused = True
+            else:
+                self._open[host] = n + 1
+                refused = False
+        if refused and self._on_refusal is not None:
+            self._on_refusal("per_address_limit")
+        return not refused
+
+    def release(self, host: str) -> None:
+        with self._lock:
+            n = self._open.get(host, 0) - 1
+            if n > 0:
+                self._open[host] = n
+            else:
+                self._open.pop(host, None)
+
+    def count(self, host: str) -> int:
+        with self._lock:
+            return self._open.get(host, 0)
+
+
+def _peer_host(client_address) -> str:
+    return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+
+
+def _remove_data_set_file(f) -> bool:
+    """Close and delete a C-STORE data set's temporary file; True when one was deleted."""
+    if f is None:
+        return False
+    name = getattr(f, "name", None)
+    try:
+        f.close()
+    except (OSError, ValueError):
+        pass
+    if not isinstance(name, str):
+        return False
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        logger.warning("could not remove the partial data set file %s: %s", name, exc)
+        return False
+    return True
+
+
+def remove_unfinished_transfers(assoc) -> int:
+    """Delete the temporary files of ``assoc``'s data sets that no handler will take: the one
+    being received when the association ended (abort, reset, timeout, error) and those
+    complete but still queued. Call once the association's threads have stopped."""
+    removed = 0
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    if message is not None:
+        removed += _remove_data_set_file(getattr(message, "_data_set_file", None))
+        message._data_set_file = None
+    msg_queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    while msg_queue is not None:
+        try:
+            _, primitive = msg_queue.get_nowait()
+        except queue.Empty:
+            break
+        except (TypeError, ValueError):
+            continue
+        removed += _remove_data_set_file(getattr(primitive, "_dataset_file", None))
+    conn = getattr(getattr(assoc, "dul", None), "_cxr_connection", None)
+    if conn is not None:
+        conn.discarded.clear()
+    return removed
+
+
+def install_on_server(server, *, limits: ReceiveLimits | None = None) -> None:
+    """Use this module's connection handler and context copies on a pynetdicom server, with
+    ``limits`` on what each connection may do, and the per-address limit at accept."""
+    limits = limits or ReceiveLimits()
     server.contexts = CheaplyCopiedContexts(server.contexts)
+    server._cxr_limits = limits
+    limiter = PeerLimiter(limits.max_per_address, limits.refused)
+    server._cxr_peers = limiter
+
+    def verify_request(request, client_address) -> bool:
+        # socketserver closes a connection refused here, before any thread or buffer exists
+        return limiter.acquire(_peer_host(client_address))
+
+    server.verify_request = verify_request
+
+    def get_request():
+        # pynetdicom's accepts and completes the TLS handshake here, in the one thread that
+        # accepts: a peer that never finishes it would stop every other connection. The
+        # handshake happens in the connection's own thread instead, within pdu_timeout.
+        client, address = server.socket.accept()
+        client.settimeout(limits.pdu_timeout or None)
+        if server.ssl_context:
+            client = server.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    server.get_request = get_request
     # socketserver makes one handler per connection from this class attribute
     server.RequestHandlerClass = FastReceiveRequestHandler
 
 
 class FastReceiveRequestHandler(RequestHandler):
     """pynetdicom's connection handler with this module's receive path, and the plain
-    C-STORE answers of :mod:`cxr_ai.net.answer`, on the association."""
+    C-STORE answers of :mod:`cxr_ai.net.answer`, on the association; and, when the
+    association's thread ends however it ends, the per-address count released and the
+    temporary files of unfinished data sets deleted."""
+
+    def handle(self) -> None:
+        host = _peer_host(self.client_address)
+        limiter = getattr(self.server, "_cxr_peers", None)
+        started = False
+        try:
+            request = self.request
+            if isinstance(request, ssl.SSLSocket):
+                try:
+                    request.do_handshake()
+                except (OSError, ValueError) as exc:       # ssl.SSLError and TimeoutError are OSErrors
+                    logger.warning("TLS handshake with %s failed: %s", host, exc)
+                    self.server.shutdown_request(request)
+                    return
+            started = self._start_association()
+        finally:
+            if not started and limiter is not None:
+                limiter.release(host)
+
+    def _start_association(self) -> bool:
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        return True
 
     def _create_association(self):
         assoc = super()._create_association()
         dul = assoc.dul
+        host = _peer_host(self.client_address)
         if dul.socket is not None and getattr(dul, "_target", None) is not None and fast_path_supported():
-            install(assoc)
+            install(assoc, getattr(self.server, "_cxr_limits", None), host)
             answer.install(assoc)
+        limiter = getattr(self.server, "_cxr_peers", None)
+        run = assoc.run
+
+        def run_then_clean_up() -> None:
+            try:
+                run()
+            finally:
+                try:
+                    n = remove_unfinished_transfers(assoc)
+                    if n:
+                        logger.info("association from %s ended with %d data sets unfinished: their temporary "
+                                    "files were removed", host, n)
+                finally:
+                    if limiter is not None:
+                        limiter.release(host)
+
+        assoc.run = run_then_clean_up
         return assoc

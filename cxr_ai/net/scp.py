@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import socket
 import ssl
+import tempfile
 import threading
 import time
 import zlib
@@ -27,7 +30,9 @@ from pathlib import Path
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -40,7 +45,7 @@ from cxr_ai.net.common import (
     handle_conn_open_nodelay,
 )
 from cxr_ai.net.metrics import ServiceMetrics
-from cxr_ai.net.receive import install_on_server
+from cxr_ai.net.receive import ReceiveLimits, discarded_reason, install_on_server
 from cxr_ai.store.jobs import JobStore
 from cxr_ai.store.spool import Spool, is_valid_uid, safe_key
 
@@ -60,6 +65,13 @@ MSG_REJECT_CALLING = ("A-ASSOCIATE-RJ rejected-permanent, service-user, calling 
                       "[listener] allowed_calling_aes")
 MSG_REJECT_CALLED = ("A-ASSOCIATE-RJ rejected-permanent, service-user, called AE title not recognized: the caller "
                      "must use our [listener] ae_title")
+MSG_INFLATED_TOO_LARGE = ("deflated data set inflates to more than {limit} MiB ([listener] max_inflated_mb): "
+                          "refused with 0xA700 (out of resources), nothing kept; raise the setting if such "
+                          "instances are expected")
+MSG_DEFLATE_CORRUPT = "deflated data set could not be inflated: {detail}"
+MSG_TRAILING = "inflated data set has {extra} bytes after its last element (damaged deflate stream)"
+MSG_TOO_DEEP = ("data set could not be parsed: sequences nested too deeply ({detail}); refused as not "
+                "understood")
 MSG_REJECT_LIMIT = ("A-ASSOCIATE-RJ rejected-transient, service-provider, local limit exceeded: {limit} associations "
                     "already open; the sender should retry, or raise [listener] max_associations")
 
@@ -86,8 +98,9 @@ class HeaderInfo:
     issuer_of_patient_id: str = ""
 
 
-def _check_encapsulated(f, start: int, size: int, tag) -> None:
-    """Walk the items of an undefined-length (encapsulated) element up to its delimiter."""
+def _check_encapsulated(f, start: int, size: int, tag) -> int:
+    """Walk the items of an undefined-length (encapsulated) element up to its delimiter;
+    returns where the delimiter ends."""
     pos = start
     while True:
         f.seek(pos)
@@ -95,7 +108,7 @@ def _check_encapsulated(f, start: int, size: int, tag) -> None:
         if len(head) < 8:
             raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_NO_DELIMITER.format(tag=tag))
         if head == _SEQ_DELIMITER:
-            return
+            return pos + 8
         if head[:4] != _ITEM_TAG:
             raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_NO_DELIMITER.format(tag=tag))
         length = int.from_bytes(head[4:], "little")
@@ -104,41 +117,116 @@ def _check_encapsulated(f, start: int, size: int, tag) -> None:
             raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_TRUNCATED.format(tag=tag, need=pos, have=size))
 
 
-def inspect_received(path: str | os.PathLike, *, affected_sop_class: str, affected_sop_instance: str) -> HeaderInfo:
+#: Bytes of a deflated stream read, and at most inflated, per step of :func:`inflate_received`.
+INFLATE_CHUNK = 1 << 20
+
+
+def is_deflated(path: str | os.PathLike) -> bool:
+    """Whether the Part 10 file's transfer syntax is Deflated Explicit VR Little Endian."""
+    try:
+        meta = read_file_meta_info(path)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetProblem(Status.CANNOT_UNDERSTAND, f"file meta information could not be parsed: {exc}") from exc
+    return str(meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
+
+
+def inflate_received(path: str | os.PathLike, *, max_bytes: int) -> Path:
+    """Inflate a received deflated data set into a new Part 10 file (Explicit VR Little
+    Endian, the same elements) beside it, in steps of ``INFLATE_CHUNK``: memory stays
+    bounded whatever the stream inflates to.
+
+    Raises :class:`DatasetProblem`: out of resources when the inflated data set would pass
+    ``max_bytes`` (a deflate bomb, or an instance too large for this listener); cannot
+    understand when the stream is not valid deflate (PS3.5 A.5), stops before its end, or is
+    followed by more than the one padding byte allowed. Raw deflate has no checksum: damage
+    that keeps every code valid and the length unchanged is found only by the checks of
+    :func:`inspect_received` (elements that overrun or fall short of the data set).
+    """
+    path = Path(path)
+    meta = read_file_meta_info(path)
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_DEFLATE_CORRUPT.format(
+            detail="file meta information has no group length"))
+    start = 128 + 4 + 12 + int(group_length)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".inflated.dcm")
+    out_path = Path(tmp)
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+            out.write(b"\0" * 128 + b"DICM")
+            write_file_meta_info(out, meta, enforce_standard=True)
+            src.seek(start)
+            d = zlib.decompressobj(-zlib.MAX_WBITS)
+            total = 0
+            chunk = src.read(INFLATE_CHUNK)
+            while chunk and not d.eof:
+                data = d.decompress(chunk, INFLATE_CHUNK)
+                total += len(data)
+                if total > max_bytes:
+                    raise DatasetProblem(Status.OUT_OF_RESOURCES,
+                                         MSG_INFLATED_TOO_LARGE.format(limit=max_bytes >> 20))
+                out.write(data)
+                chunk = d.unconsumed_tail or src.read(INFLATE_CHUNK)
+            trailing = d.unused_data + src.read(2)
+            if not d.eof:
+                raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_DEFLATE_CORRUPT.format(
+                    detail="the deflate stream ends before its last block (truncated or damaged)"))
+            if len(trailing) > 1 or trailing.strip(b"\0"):
+                raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_DEFLATE_CORRUPT.format(
+                    detail=f"{len(trailing)}+ bytes follow the end of the deflate stream (damaged stream)"))
+            if total == 0:
+                raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_EMPTY)
+    except zlib.error as exc:
+        out_path.unlink(missing_ok=True)
+        raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_DEFLATE_CORRUPT.format(detail=f"zlib: {exc}")) from exc
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def inspect_received(path: str | os.PathLike, *, affected_sop_class: str, affected_sop_instance: str,
+                     exact_end: bool = False) -> HeaderInfo:
     """Parse the header of a received Part 10 file (no pixel decoding) and check it.
 
     Raises :class:`DatasetProblem` with the status to answer when the data set cannot be
     parsed or is truncated (Cannot understand, PS3.4 B.2.3), or when it does not match the
     SOP class/instance announced in the C-STORE request or lacks a Type 1 UID (Data Set does
-    not match SOP Class).
+    not match SOP Class). With ``exact_end`` (a data set the listener inflated), bytes after
+    the last element are a damaged stream too.
     """
     size = os.path.getsize(path)
     try:
         ds = pydicom.dcmread(path, defer_size=4096)
         elements = list(ds._dict.items())
+    except RecursionError as exc:
+        raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_TOO_DEEP.format(detail=exc)) from exc
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
         raise DatasetProblem(Status.CANNOT_UNDERSTAND, f"data set could not be parsed: {exc}") from exc
     if not elements:
         raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_EMPTY)
-    deflated = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
-    if deflated:
-        # Element offsets are positions in the inflated stream, not in the file: parse it all
-        # instead (pydicom inflates in memory); a damaged stream fails here.
-        try:
-            pydicom.dcmread(path).walk(lambda _ds, _el: None)
-        except (zlib.error, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-            raise DatasetProblem(Status.CANNOT_UNDERSTAND, f"deflated data set could not be inflated: {exc}") from exc
+    if str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian:
+        # Offsets in a deflated file are not positions in it. The listener inflates first
+        # (inflate_received); a deflated file already in the spool is taken as it is.
         elements = []
+    end = None          # where the last element ends, when known
     with open(path, "rb") as f:
         for tag, el in elements:
             if not isinstance(el, RawDataElement):
+                end = None
                 continue
             if el.length == _UNDEFINED:
+                end = None
                 if el.value is None and el.VR in ("OB", "OW", "UN", None):
-                    _check_encapsulated(f, el.value_tell, size, tag)
+                    end = _check_encapsulated(f, el.value_tell, size, tag)
             elif el.value_tell + el.length > size:
                 raise DatasetProblem(Status.CANNOT_UNDERSTAND,
                                      MSG_TRUNCATED.format(tag=tag, need=el.value_tell + el.length, have=size))
+            else:
+                end = el.value_tell + el.length
+    if exact_end and end is not None and end != size:
+        raise DatasetProblem(Status.CANNOT_UNDERSTAND, MSG_TRAILING.format(extra=size - end))
     try:
         sop_class = str(ds.get("SOPClassUID", "") or "")
         sop_instance = str(ds.get("SOPInstanceUID", "") or "")
@@ -158,6 +246,14 @@ def inspect_received(path: str | os.PathLike, *, affected_sop_class: str, affect
     return HeaderInfo(sop_class, sop_instance, study, size, *patient)
 
 
+def _context_syntax(event) -> str | None:
+    """The transfer syntax of the C-STORE's presentation context (that of the data set)."""
+    try:
+        return str(event.context.transfer_syntax)
+    except AttributeError:
+        return None
+
+
 @dataclass
 class ListenerSettings:
     """The ``[listener]`` configuration, validated (see :func:`cxr_ai.service.validate_config`)."""
@@ -168,12 +264,23 @@ class ListenerSettings:
     allowed_calling_aes: Sequence[str] = ("ORTHANC", "STORESCU", "CXR_AI_SCU")
     require_called_ae: bool = True
     max_pdu: int = DEFAULT_MAX_PDU
-    max_associations: int = 32
+    max_associations: int = 48
     min_free_bytes: int = 512 * 1024 * 1024
-    acse_timeout: float = 30.0
+    max_associations_per_address: int = 32
+    max_inflated_bytes: int = 1024 * 1024 * 1024
+    acse_timeout: float = 15.0
     dimse_timeout: float = 60.0
-    network_timeout: float = 120.0
+    network_timeout: float = 30.0
+    pdu_timeout: float = 10.0
+    shutdown_seconds: float = 2.0
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+
+    def receive_limits(self) -> ReceiveLimits:
+        per_address = int(self.max_associations_per_address)
+        if per_address <= 0 or per_address > int(self.max_associations):
+            per_address = int(self.max_associations)
+        return ReceiveLimits(pdu_timeout=float(self.pdu_timeout), max_per_address=per_address,
+                             min_free_bytes=lambda: int(self.min_free_bytes))
 
 
 class StorageSCP:
@@ -244,9 +351,17 @@ class StorageSCP:
         s = self.settings
         self._server = self.ae.start_server((s.host, int(s.port)), block=False, evt_handlers=handlers,
                                             ssl_context=s.ssl_context)
-        install_on_server(self._server)
-        logger.info("DICOM listener %s on %s:%d (TLS %s, max PDU %d)", s.ae_title, s.host, self.port,
-                    "on" if s.ssl_context else "off", s.max_pdu)
+        limits = s.receive_limits()
+        if self.metrics is not None:
+            counter = self.metrics.listener_refusals
+            limits = dataclasses.replace(limits, on_refusal=lambda reason: counter.labels(reason).inc())
+        install_on_server(self._server, limits=limits)
+        if limits.max_per_address >= int(s.max_associations):
+            logger.warning("[listener] max_associations_per_address (%d) is not below max_associations (%d): one "
+                           "address can take every association", limits.max_per_address, s.max_associations)
+        logger.info("DICOM listener %s on %s:%d (TLS %s, max PDU %d, %d associations, %d per address, PDU timeout "
+                    "%g s, idle timeout %g s)", s.ae_title, s.host, self.port, "on" if s.ssl_context else "off",
+                    s.max_pdu, s.max_associations, limits.max_per_address, s.pdu_timeout, s.network_timeout)
 
     @property
     def port(self) -> int:
@@ -255,11 +370,38 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
-        """Stop accepting associations and close open ones."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-            logger.info("DICOM listener stopped")
+        """Stop accepting associations and close open ones, whatever their peers do.
+
+        The open connections are shut down (their threads then end at once, blocked in a
+        read or not), and their threads are given ``shutdown_seconds`` to finish; the
+        temporary files of data sets cut short are removed as each association ends.
+        """
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        assocs = list(server.active_associations)
+        for assoc in assocs:
+            raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+            if raw is not None:
+                try:
+                    socket.socket.shutdown(raw, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            # the upper layer's thread is the one that keeps the process alive
+            assoc.dul.kill_dul()
+            if not assoc.is_established:
+                # one still waiting for its A-ASSOCIATE-RQ: "none came" (it ends at once)
+                assoc.dul.to_user_queue.put(None)
+        deadline = time.monotonic() + float(self.settings.shutdown_seconds)
+        for assoc in assocs:
+            for thread in (assoc.dul, assoc):       # the association's thread removes temp files
+                if thread.is_alive():
+                    thread.join(max(0.0, deadline - time.monotonic()))
+        left = sum(a.dul.is_alive() or a.is_alive() for a in assocs)
+        if left:
+            logger.warning("DICOM listener stopped with %d associations still ending", left)
+        logger.info("DICOM listener stopped (%d open associations closed)", len(assocs))
 
     # -- handlers -------------------------------------------------------------------------
     def _on_echo(self, event) -> int:
@@ -273,10 +415,12 @@ class StorageSCP:
     def rejection_reason(self, *, calling_ae: str, called_ae: str) -> str:
         """Why pynetdicom refused an association (its EVT_REJECTED carries no reason)."""
         ae = self.ae
-        if ae.require_calling_aet and calling_ae.strip() not in [a.strip() for a in ae.require_calling_aet]:
-            return MSG_REJECT_CALLING
+        # pynetdicom checks the calling AE title, then the called one, and the last failed
+        # check is the reason sent: with both wrong, the wire says reason 7 (called AE)
         if ae.require_called_aet and called_ae.strip() != ae.ae_title.strip():
             return MSG_REJECT_CALLED
+        if ae.require_calling_aet and calling_ae.strip() not in [a.strip() for a in ae.require_calling_aet]:
+            return MSG_REJECT_CALLING
         return MSG_REJECT_LIMIT.format(limit=ae.maximum_associations)
 
     def _on_rejected(self, event) -> None:
@@ -314,6 +458,11 @@ class StorageSCP:
             logger.exception("unexpected error storing an instance; answered 0x%04X", Status.OUT_OF_RESOURCES)
             status = Status.OUT_OF_RESOURCES
         finally:
+            # time spent here (an fsync on a busy disk, a large inflation) is not the peer's
+            # idleness: network_timeout counts from the answer
+            timer = getattr(getattr(event.assoc, "dul", None), "_idle_timer", None)
+            if timer is not None:
+                timer.restart()
             if self.metrics is not None:
                 self.metrics.received.labels(Status.NAMES.get(status, hex(status))).inc()
                 if status == Status.SUCCESS:
@@ -323,21 +472,41 @@ class StorageSCP:
     def _store(self, event) -> int:
         req = event.request
         calling = event.assoc.requestor.ae_title
+        try:
+            path = Path(event.dataset_path)
+        except AttributeError:  # STORE_RECV_CHUNKED_DATASET turned off by someone else
+            path = None
+        if path is not None:
+            cut = discarded_reason(event.assoc, path)
+            if cut is not None:
+                # the receive path stopped writing it (low space, failed write); emptied already
+                logger.error("C-STORE from %s refused (0x%04X out_of_resources): %s", calling,
+                             Status.OUT_OF_RESOURCES, cut)
+                return Status.OUT_OF_RESOURCES
         free = self.spool.free_bytes()
         if free < self.settings.min_free_bytes:
             logger.error(MSG_DISK_LOW, self.spool.root, free // 2**20, self.settings.min_free_bytes // 2**20)
             return Status.OUT_OF_RESOURCES
-        try:
-            path = Path(event.dataset_path)
-        except AttributeError:  # STORE_RECV_CHUNKED_DATASET turned off by someone else
+        if path is None:
             path = self.spool.write_incoming(event.encoded_dataset(include_meta=True))
+        inflated = None
         try:
+            if _context_syntax(event) == DeflatedExplicitVRLittleEndian or \
+                    (_context_syntax(event) is None and is_deflated(path)):
+                inflated = path = inflate_received(path, max_bytes=int(self.settings.max_inflated_bytes))
             info = inspect_received(path, affected_sop_class=str(req.AffectedSOPClassUID),
-                                    affected_sop_instance=str(req.AffectedSOPInstanceUID))
+                                    affected_sop_instance=str(req.AffectedSOPInstanceUID),
+                                    exact_end=inflated is not None)
         except DatasetProblem as exc:
+            if inflated is not None:
+                inflated.unlink(missing_ok=True)
             logger.warning("C-STORE from %s refused (0x%04X %s): %s", calling, exc.status,
                            Status.NAMES[exc.status], exc)
             return exc.status
+        except BaseException:
+            if inflated is not None:
+                inflated.unlink(missing_ok=True)
+            raise
         study_key, sop_key = safe_key(info.study_instance_uid), safe_key(info.sop_instance_uid)
         if not (is_valid_uid(info.study_instance_uid) and is_valid_uid(info.sop_instance_uid)):
             logger.warning("C-STORE from %s carries a malformed UID; stored under a hashed name", calling)

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ _RESULT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 MSG_BAD_JOB_ID = "job id {job_id!r} is not a safe folder name (letters, digits, '_' and '-' only)"
+MSG_SPACE_LOW = ("spool {root}: {free} MiB free, below the {limit} MiB watermark ([listener] min_free_mb); "
+                 "C-STOREs are answered 0xA700 until space returns")
 
 
 def is_valid_uid(value: object) -> bool:
@@ -86,6 +89,16 @@ class Spool:
     def free_bytes(self) -> int:
         """Bytes available to this process on the spool's file system."""
         return shutil.disk_usage(self.root).free
+
+    def check_space(self, *, min_free_bytes: int) -> tuple[bool, list[str]]:
+        """(ok, reasons): whether the spool's free space is at or above the watermark."""
+        try:
+            free = self.free_bytes()
+        except OSError as exc:
+            return False, [f"spool {self.root}: free space unknown ({exc.strerror or exc})"]
+        if free < min_free_bytes:
+            return False, [MSG_SPACE_LOW.format(root=self.root, free=free >> 20, limit=min_free_bytes >> 20)]
+        return True, []
 
     # -- instances -------------------------------------------------------------------------
     def instance_path(self, study_key: str, sop_key: str) -> Path:
@@ -182,11 +195,18 @@ class Spool:
             raise ValueError(MSG_BAD_JOB_ID.format(job_id=job_id))
         shutil.rmtree(self.results / job_id, ignore_errors=True)
 
-    def clear_incoming(self) -> int:
-        """Remove partial files left by a crash (never referenced by the job store)."""
+    def clear_incoming(self, *, older_than: float | None = None) -> int:
+        """Remove partial files left by a crash or a transfer cut short (never referenced by
+        the job store): all of them at start, or (``older_than``, seconds) those untouched
+        that long while the service runs (a live transfer writes its file every moment)."""
         n = 0
+        cutoff = None if older_than is None else time.time() - older_than
         for p in [*self.incoming.glob("*.part"), *self.tmp.glob("tmp*")]:
-            if p.is_file():
-                p.unlink(missing_ok=True)
-                n += 1
+            try:
+                if not p.is_file() or (cutoff is not None and p.stat().st_mtime > cutoff):
+                    continue
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            n += 1
         return n
