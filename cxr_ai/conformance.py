@@ -177,6 +177,9 @@ def render(config: Mapping[str, Any] | None = None) -> str:
         ["Maximum PDU size received", f"{listener.max_pdu} bytes", "`[listener] max_pdu`"],
         ["Maximum simultaneous associations", f"{listener.max_associations}; one more is rejected "
          "(rejected-transient, local limit exceeded)", "`[listener] max_associations`"],
+        ["Simultaneous associations per peer address", f"{listener.max_associations_per_address}; "
+         "connections past it are closed at accept", "`[listener] max_associations_per_address`"],
+        ["Larger PDU received", "A-ABORT from the PDU header, nothing buffered", "`[listener] max_pdu`"],
         ["Asynchronous operations window", "Not supported (1 outstanding operation)", "-"],
         ["Called AE title", "must equal ours" if listener.require_called_ae else "not checked",
          "`[listener] require_called_ae`"],
@@ -184,10 +187,15 @@ def render(config: Mapping[str, Any] | None = None) -> str:
          f"recognized (default list: {', '.join(listener.allowed_calling_aes)})", "`[listener] allowed_calling_aes`"],
         ["ARTIM / ACSE timeout", f"{listener.acse_timeout:g} s", "`[listener] acse_timeout`"],
         ["DIMSE timeout", f"{listener.dimse_timeout:g} s", "`[listener] dimse_timeout`"],
-        ["Network timeout", f"{listener.network_timeout:g} s", "`[listener] network_timeout`"],
+        ["Network timeout (idle association released)", f"{listener.network_timeout:g} s",
+         "`[listener] network_timeout`"],
+        ["PDU timeout (a begun PDU must arrive whole)", f"{listener.pdu_timeout:g} s; then A-ABORT",
+         "`[listener] pdu_timeout`"],
         ["C-STORE success", "only after the instance is on disk (fsync) and recorded in the job store", "-"],
         ["C-STORE refused", "0xA700 out of resources below the free-disk watermark; 0xA9xx data set does "
-         "not match SOP class (UID mismatch, truncated data set)", "`[listener] min_free_mb`"],
+         "not match SOP class (UID mismatch, truncated data set); 0xA700 when a Deflated data set inflates past "
+         f"{listener.max_inflated_bytes // (1024 * 1024)} MiB; 0xC000 cannot understand (damaged deflate "
+         "stream, sequences nested too deep)", "`[listener] min_free_mb`, `max_inflated_mb`"],
     ]) + "\n")
 
     s.append("#### 4.2.4 Listener / batch AE: SOP Classes (SCU)\n")
