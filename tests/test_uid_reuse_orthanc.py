@@ -48,6 +48,7 @@ def _reuse(tmp_path: Path, rg1: Path, caplog) -> None:
     cfg["listener"].update(port=0, allowed_calling_aes=["TESTSCU"], min_free_mb=0.0)
     cfg["store"].update(root=str(tmp_path / "var"), quiet_seconds=0.2)
     cfg["http"].update(port=0)
+    cfg["outputs"].update(heatmaps_for="all")  # a heatmap per finding: every object kind of both patients
     cfg["routing"].update(backoff_initial_seconds=0.5, destinations=[
         {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": "ORTHANC"}])
     svc = Service(cfg, pipeline_factory=FixedFindingsPipeline, base_dir=tmp_path)
