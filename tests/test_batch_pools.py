@@ -58,7 +58,7 @@ def test_processes_threads_and_table_only_give_the_same_results(phantoms, config
     table = runs["table"]
     assert not (tmp_path / "table" / batch.STUDIES_DIR).exists()
     assert (table["n_outputs"] == 0).all()
-    same = [c for c in table.columns if c != "n_outputs"]
+    same = [c for c in table.columns if c not in ("n_outputs", "report_uid")]  # no objects, no report
     pd.testing.assert_frame_equal(table[same], runs["threads"][same], check_exact=True)
 
     # heatmaps made in the workers (Grad-CAM on their own model copy) equal the driver's
