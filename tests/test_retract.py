@@ -48,6 +48,7 @@ def _retract(tmp_path: Path, rg1: Path, dciodvfy) -> None:
         f'[listener]\nport = 0\nallowed_calling_aes = ["TESTSCU"]\nmin_free_mb = 0.0\n'
         f'[store]\nroot = "{root}"\nquiet_seconds = 0.2\n[http]\nport = 0\n'
         f'[fhir]\ndefault_patient_identifier_system = "urn:oid:2.16.840.1.113883.19.5"\n'
+        f'[outputs]\nheatmaps_for = "all"\n'
         f'[routing]\nbackoff_initial_seconds = 0.5\ndestinations = [\n'
         f' {{name = "pacs", kind = "dicom", host = "127.0.0.1", port = {orthanc.dicom_port}, ae_title = "ORTHANC"}},\n'
         f' {{name = "ehr", kind = "fhir", url = "{fhir.base_url}"}},\n]\n', encoding="utf-8")
