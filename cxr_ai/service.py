@@ -245,6 +245,13 @@ class Service:
     def http_port(self) -> int | None:
         return self._http.bound_port if self._http is not None else None
 
+    @property
+    def http_url(self) -> str | None:
+        """The web pages' base URL (``http(s)://host:port/``), or None when HTTP is off."""
+        if self._http is None:
+            return None
+        return f"{self._http.scheme}://{self.settings.http_host}:{self.http_port}/"
+
     def start(self) -> Service:
         if self.own_tempdir and not os.environ.get("TMPDIR"):
             # Process-wide, so only when this process is the service (serve_main): pynetdicom
