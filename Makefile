@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 # CPU machines get the lean CPU wheel. GPU sites: install your CUDA build of torch into
 # $(VENV) first (or set TORCH_SPEC); setup keeps any torch that already imports.
 TORCH_SPEC ?= torch==2.13.0
-DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools chromium
+DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools chromium chromium-driver
 # Node.js and npm come from Debian only where the machine has none (images often ship their
 # own Node, whose bundled npm conflicts with Debian's npm package).
 NODE_PACKAGES := nodejs npm

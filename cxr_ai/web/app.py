@@ -213,9 +213,9 @@ def create_app(ctx: WebContext) -> Starlette:
     env = _templates()
     s = ctx.settings
 
-    def render(request: Request, name: str, status: int = 200, **values: Any) -> HTMLResponse:
+    def render(request: Request, template: str, status: int = 200, **values: Any) -> HTMLResponse:
         user = values.pop("user", None)
-        html = env.get_template(name).render(user=user, csrf=csrf_token(request), open_access=ctx.open_access(),
+        html = env.get_template(template).render(user=user, csrf=csrf_token(request), open_access=ctx.open_access(),
                                              request_path=request.url.path, **values)
         return HTMLResponse(html, status_code=status)
 

@@ -69,6 +69,7 @@ class Row:
     demographics: dict[str, Any] = field(default_factory=dict)
     accession: str = ""
     tier: str = ""
+    study_at: float | None = None  # acquisition (StudyDate + StudyTime), when known
 
 
 def _day_bounds(text: str, *, end: bool) -> float | None:
@@ -99,7 +100,7 @@ def worklist_rows(worklist: Worklist, store: JobStore, filters: Filters, *, now:
         rows.append(Row(rank=r.rank, job_id=r.job_id, study=r, state=state, arrival_at=r.arrival_at,
                         wait_minutes=r.wait_minutes, overdue=r.overdue, read=r.read_at is not None,
                         findings=findings, reason=r.reason, demographics=r.demographics, accession=r.accession,
-                        tier=r.tier.name.lower()))
+                        tier=r.tier.name.lower(), study_at=r.acquired_at))
     if filters.read != "read":  # studies still in the pipeline: not ranked yet
         for job, (state, reason, created) in sorted(states.items(), key=lambda kv: kv[1][2]):
             if job in seen or state not in (StudyState.RECEIVED.value, StudyState.PROCESSING.value,
@@ -185,7 +186,7 @@ def study_view(*, job_id: str, store: JobStore, worklist: Worklist, results_dir:
             prefix = f.name.split("-")[0].split(".")[0]
             results.append({"name": f.name, "kind": _KIND_NAMES.get(prefix, prefix), "size": f.stat().st_size})
     deliveries = [{"destination": d.destination, "state": d.state.value, "attempts": d.attempts,
-                   "items": len(d.items), "last_error": d.last_error,
+                   "n_objects": len(d.items), "last_error": d.last_error,
                    "sent_at": dt.datetime.fromtimestamp(d.sent_at).strftime("%Y-%m-%d %H:%M:%S") if d.sent_at else ""}
                   for d in store.deliveries(study_key=study.study_key)]
     heatmaps = sorted({f["key"] for f in findings}) if any(r["name"].startswith("PM-") for r in results) else []
