@@ -1,0 +1,101 @@
+"""Access rules and error answers of the web app (Starlette's test client over a real job
+store and worklist on disk): open on loopback without users, sign-in otherwise, lock-out,
+idle time-out, CSRF, oversized bodies, unknown studies, the proxy header allow-list."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from starlette.testclient import TestClient
+
+from cxr_ai.store.jobs import JobStore
+from cxr_ai.store.spool import Spool
+from cxr_ai.web.app import MSG_UNKNOWN_STUDY, WebContext, create_app
+from cxr_ai.web.auth import UserStore
+from cxr_ai.web.settings import WebSettings
+from cxr_ai.worklist import Worklist
+
+PASSWORD = "a long enough password"
+
+
+def make(tmp: Path, *, host: str = "127.0.0.1", users: bool = False, **kw) -> tuple[TestClient, WebContext]:
+    settings = WebSettings(enabled=True, host=host, users_file=tmp / "users.toml", secret_file=tmp / "secret",
+                           audit_log=tmp / "audit.jsonl", feedback_db=tmp / "fb.sqlite3", **kw)
+    if users:
+        UserStore(settings.users_file).add("drwho", password=PASSWORD)
+    ctx = WebContext(settings=settings, store=JobStore(tmp / "jobs.sqlite3"), spool=Spool(tmp / "spool"),
+                     worklist=Worklist(tmp / "wl.sqlite3"), truth=None, pseudonym_key=b"k" * 32,
+                     health=lambda: {"status": "ok"}, status=lambda: {}, metrics=lambda: b"")
+    return TestClient(create_app(ctx), follow_redirects=False), ctx
+
+
+def csrf(client: TestClient, path: str = "/signin") -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).text).group(1)
+
+
+def sign_in(client: TestClient, password: str = PASSWORD):
+    return client.post("/signin", data={"name": "drwho", "password": password, "csrf_token": csrf(client)})
+
+
+def test_open_on_loopback_without_users_closed_otherwise(tmp_path: Path) -> None:
+    client, _ = make(tmp_path / "a")
+    assert client.get("/").status_code == 200
+    client, _ = make(tmp_path / "b", host="0.0.0.0")  # bound beyond loopback: sign-in needed
+    assert client.get("/").headers["location"] == "/signin"
+    assert client.get("/api/worklist/version").status_code == 401
+    client, _ = make(tmp_path / "c", users=True)
+    assert client.get("/").headers["location"] == "/signin"
+    assert client.get("/healthz").status_code == 200  # service endpoints stay open
+
+
+def test_sign_in_lock_out_and_audit(tmp_path: Path) -> None:
+    client, ctx = make(tmp_path, users=True, lockout_failures=3)
+    for _ in range(3):
+        assert sign_in(client, "wrong password").status_code == 401
+    r = sign_in(client)  # right password, but locked
+    assert r.status_code == 429 and "Too many failed sign-ins" in r.text
+    outcomes = [a["outcome"] for a in ctx.audit.records() if a["event"] == "sign-in"]
+    assert outcomes == ["failed"] * 3 + ["locked-out"]
+    client2, _ = make(tmp_path / "fresh", users=True)
+    r = sign_in(client2)
+    assert r.status_code == 303 and client2.get("/").status_code == 200
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+
+
+def test_idle_session_expires_with_a_clear_message(tmp_path: Path, monkeypatch) -> None:
+    client, _ = make(tmp_path, users=True, idle_timeout_seconds=60.0)
+    sign_in(client)
+    assert client.get("/").status_code == 200
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 61)
+    r = client.get("/")
+    assert r.headers["location"] == "/signin?expired=1"
+    assert "ended after a period of inactivity" in client.get("/signin?expired=1").text
+
+
+def test_csrf_oversize_and_unknown_study_get_clear_pages(tmp_path: Path) -> None:
+    client, _ = make(tmp_path, max_body_bytes=2048)
+    client.get("/")
+    r = client.post("/filters", data={"state": "done"})
+    assert r.status_code == 403 and "security token did not match this session" in r.text and "Traceback" not in r.text
+    r = client.post("/filters", data={"state": "done", "csrf_token": "forged"})
+    assert r.status_code == 403
+    r = client.post("/filters", content=b"x" * 5000, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413 and "larger than this server accepts (2048 bytes)" in r.text
+    r = client.get("/study/Jdoesnotexist")
+    assert r.status_code == 404 and MSG_UNKNOWN_STUDY.split(".")[0] in r.text
+    assert client.get("/study/..%2f..%2fetc").status_code == 404
+    assert client.get("/no-such-page", headers={"accept": "application/json"}).json()["error"].startswith("not found")
+
+
+def test_proxy_header_only_from_allow_listed_proxies(tmp_path: Path) -> None:
+    client, _ = make(tmp_path, users=True, trusted_proxy_header="X-Remote-User", trusted_proxies=("10.9.9.9",))
+    # the test client's address is not the proxy's: the header is ignored
+    assert client.get("/", headers={"X-Remote-User": "drwho"}).status_code == 303
+    # from the allow-listed proxy (Starlette's test client connects as "testclient") it is believed
+    client, _ = make(tmp_path / "p", users=True, trusted_proxy_header="X-Remote-User", trusted_proxies=("testclient",))
+    assert client.get("/", headers={"X-Remote-User": "drwho"}).status_code == 200
+    assert client.get("/").status_code == 303
