@@ -670,6 +670,11 @@ class JobStore:
                                         (state.value,)).fetchall()
         return [StudyRecord._from_row(r) for r in rows]
 
+    def job_states(self) -> dict[str, tuple[str, str, float]]:
+        """job id → (state, reason, created_at) of every study (one light query, for the pages)."""
+        rows = self._conn().execute("SELECT job_id, state, reason, created_at FROM studies").fetchall()
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
     def instances(self, study_key: str | None = None) -> list[InstanceRecord]:
         if study_key is None:
             rows = self._conn().execute("SELECT * FROM instances ORDER BY received_at, sop_key").fetchall()

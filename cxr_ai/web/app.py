@@ -39,7 +39,17 @@ from cxr_ai.store.jobs import JobStore
 from cxr_ai.store.spool import Spool
 from cxr_ai.web.audit import AuditLog
 from cxr_ai.web.auth import Lockout, User, UserStore, reader_pseudonym
-from cxr_ai.web.data import DISPLAY, Filters, finding_keys, page_of, study_view, worklist_rows, STATES
+from cxr_ai.web.data import (
+    DISPLAY,
+    STATES,
+    Filters,
+    RowCache,
+    all_rows,
+    filter_rows,
+    finding_keys,
+    page_of,
+    study_view,
+)
 from cxr_ai.web.feedback import FeedbackStore
 from cxr_ai.web.images import ImageCache, display_size, heatmap_png, pm_finding, radiograph_png
 from cxr_ai.web.settings import WebSettings, session_secret
@@ -83,6 +93,7 @@ class WebContext:
     feedback: FeedbackStore = field(init=False)
     lockout: Lockout = field(init=False)
     images: ImageCache = field(init=False)
+    rows: RowCache = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -91,6 +102,7 @@ class WebContext:
         self.feedback = FeedbackStore(s.feedback_db)
         self.lockout = Lockout(failures=s.lockout_failures, seconds=s.lockout_seconds)
         self.images = ImageCache()
+        self.rows = RowCache()
 
     def open_access(self) -> bool:
         """Loopback, no users and no trusted proxy: a single workstation (and the demo)."""
@@ -328,7 +340,7 @@ def create_app(ctx: WebContext) -> Starlette:
 
     def rows_context(request: Request) -> dict[str, Any]:
         filters = Filters.from_mapping(request.session.get("filters"))
-        rows = worklist_rows(ctx.worklist, ctx.store, filters)
+        rows = filter_rows(ctx.rows.get(version(), lambda: all_rows(ctx.worklist, ctx.store)), filters)
         page_rows, page, pages = page_of(rows, page=_page(request), size=s.page_size)
         return {"rows": page_rows, "page": page, "pages": pages, "total": len(rows), "filters": filters,
                 "cap_minutes": ctx.worklist.policy.ageing_cap_minutes}
@@ -485,8 +497,8 @@ def create_app(ctx: WebContext) -> Starlette:
             title="Configuration problem", user=None, csrf="", open_access=False,
             message=f"{exc}"), status_code=500)
 
-    routes = [
-        Route("/healthz", healthz), Route("/metrics", metrics), Route("/status", status),
+    service_routes = [Route("/healthz", healthz), Route("/metrics", metrics), Route("/status", status)]
+    routes = service_routes + [
         Route("/", worklist_page), Route("/worklist", worklist_page),
         Route("/worklist/rows", worklist_rows_fragment), Route("/api/worklist/version", worklist_version),
         Route("/filters", set_filters, methods=["POST"]),
@@ -497,6 +509,8 @@ def create_app(ctx: WebContext) -> Starlette:
         Route("/study/{job_id}/feedback", study_feedback, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
+    if not s.enabled:  # [web] enabled = false: the service endpoints only
+        routes = service_routes
     middleware = [
         Middleware(SecurityHeaders, https=s.https),
         Middleware(BodyLimit, limit=s.max_body_bytes),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,20 +80,14 @@ def _day_bounds(text: str, *, end: bool) -> float | None:
     return dt.datetime.combine(day, dt.time()).astimezone().timestamp()
 
 
-def job_states(store: JobStore) -> dict[str, tuple[str, str, float]]:
-    """job id → (state, reason, created_at) of every study in the job store."""
-    return {s.job_id: (s.state.value, s.reason, s.created_at) for s in store.studies()}
-
-
-def worklist_rows(worklist: Worklist, store: JobStore, filters: Filters, *, now: float | None = None
-                  ) -> list[Row]:
-    """Every row the filters let through, in reading order."""
+def all_rows(worklist: Worklist, store: JobStore, *, now: float | None = None) -> list[Row]:
+    """Every study in reading order, read ones included: the ranked worklist, then the studies
+    still in the pipeline (not ranked yet)."""
     now = time.time() if now is None else now
-    states = job_states(store)
-    include_read = filters.read != "unread"
+    states = store.job_states()
     rows: list[Row] = []
     seen: set[str] = set()
-    for r in worklist.ranked(now=now, include_read=include_read, include_not_applicable=True):
+    for r in worklist.ranked(now=now, include_read=True, include_not_applicable=True):
         seen.add(r.job_id)
         state = states.get(r.job_id, ("", "", 0.0))[0] or ("not_applicable" if not r.findings else "done")
         findings = [{"key": k, "display": DISPLAY.get(k, k.replace("_", " ").capitalize()), **f}
@@ -101,19 +96,32 @@ def worklist_rows(worklist: Worklist, store: JobStore, filters: Filters, *, now:
                         wait_minutes=r.wait_minutes, overdue=r.overdue, read=r.read_at is not None,
                         findings=findings, reason=r.reason, demographics=r.demographics, accession=r.accession,
                         tier=r.tier.name.lower(), study_at=r.acquired_at))
-    if filters.read != "read":  # studies still in the pipeline: not ranked yet
-        for job, (state, reason, created) in sorted(states.items(), key=lambda kv: kv[1][2]):
-            if job in seen or state not in (StudyState.RECEIVED.value, StudyState.PROCESSING.value,
-                                            StudyState.FAILED.value):
-                continue
-            rows.append(Row(rank=None, job_id=job, study=None, state=state, arrival_at=created,
-                            wait_minutes=max(0.0, now - created) / 60.0, overdue=False, read=False,
-                            reason=reason, tier="pending"))
+    # read studies after the unread ones (the rank applies to the unread list)
+    rows.sort(key=lambda row: row.read)
+    rank = 0
+    for row in rows:
+        if not row.read:
+            rank += 1
+            row.rank = rank
+        else:
+            row.rank = None
+    for job, (state, reason, created) in sorted(states.items(), key=lambda kv: kv[1][2]):
+        if job in seen or state not in (StudyState.RECEIVED.value, StudyState.PROCESSING.value,
+                                        StudyState.FAILED.value):
+            continue
+        rows.append(Row(rank=None, job_id=job, study=None, state=state, arrival_at=created,
+                        wait_minutes=max(0.0, now - created) / 60.0, overdue=False, read=False,
+                        reason=reason, tier="pending"))
+    return rows
+
+
+def filter_rows(rows: list[Row], filters: Filters) -> list[Row]:
+    """The rows the filters let through, order kept."""
     lo, hi = _day_bounds(filters.date_from, end=False), _day_bounds(filters.date_to, end=True)
     q = filters.q
 
     def keep(row: Row) -> bool:
-        if filters.read == "read" and not row.read:
+        if filters.read == "read" and not row.read or filters.read == "unread" and row.read:
             return False
         if filters.state and row.state != filters.state:
             return False
@@ -126,6 +134,33 @@ def worklist_rows(worklist: Worklist, store: JobStore, filters: Filters, *, now:
         return True
 
     return [r for r in rows if keep(r)]
+
+
+def worklist_rows(worklist: Worklist, store: JobStore, filters: Filters, *, now: float | None = None
+                  ) -> list[Row]:
+    """Every row the filters let through, in reading order."""
+    return filter_rows(all_rows(worklist, store, now=now), filters)
+
+
+class RowCache:
+    """:func:`all_rows` computed once per change of the data (``version``) and at most every
+    ``max_age`` seconds otherwise (waits and overdue marks move with the clock), shared by
+    every open page: an update check that finds no change costs two small queries."""
+
+    def __init__(self, *, max_age: float = 15.0) -> None:
+        self.max_age = max_age
+        self._key: str | None = None
+        self._at = 0.0
+        self._rows: list[Row] = []
+        self._lock = threading.Lock()
+
+    def get(self, version: str, make) -> list[Row]:  # noqa: ANN001 - a callable returning rows
+        with self._lock:
+            now = time.monotonic()
+            if self._key != version or now - self._at > self.max_age:
+                self._rows = make()
+                self._key, self._at = version, now
+            return self._rows
 
 
 def page_of(rows: list[Row], *, page: int, size: int) -> tuple[list[Row], int, int]:
