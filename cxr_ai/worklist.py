@@ -295,8 +295,8 @@ class Worklist:
         """Blank the patient demographics whose retention has passed. Returns how many."""
         with self._lock:
             cur = self._db.execute(
-                "UPDATE studies SET demographics_json='', demographics_until=NULL"
-                " WHERE demographics_until IS NOT NULL AND demographics_until<=?", (_ts(now),))
+                "UPDATE studies SET demographics_json='', demographics_until=NULL, updated_at=?"
+                " WHERE demographics_until IS NOT NULL AND demographics_until<=?", (time.time(), _ts(now)))
             return cur.rowcount
 
     def last_change(self) -> tuple[int, float]:

@@ -99,3 +99,32 @@ def test_proxy_header_only_from_allow_listed_proxies(tmp_path: Path) -> None:
     client, _ = make(tmp_path / "p", users=True, trusted_proxy_header="X-Remote-User", trusted_proxies=("testclient",))
     assert client.get("/", headers={"X-Remote-User": "drwho"}).status_code == 200
     assert client.get("/").status_code == 303
+
+
+def test_filters_search_pagination_and_demographics_retention(tmp_path: Path) -> None:
+    client, ctx = make(tmp_path, page_size=2)
+    t0 = time.time() - 600
+    for i in range(5):
+        positive = i % 2 == 0
+        ctx.worklist.upsert_study(f"2.25.{i}", [{"key": "cardiomegaly", "probability": 0.9 if positive else 0.1,
+                                                 "threshold": 0.5}],
+                                  received_at=t0 + i, accession=f"ACC{i}", job_id=f"J{i:04d}",
+                                  demographics={"name": f"DOE^JANE{i}", "id": f"PID{i}", "age": 40.0 + i, "sex": "F"},
+                                  demographics_keep_seconds=3600.0 if i else 0.0)
+    jobs = lambda html: re.findall(r'data-job="(J\d+)"', html)  # noqa: E731
+    first = jobs(client.get("/").text)
+    assert len(first) == 2 and "page 1 of 3" in client.get("/").text
+    assert jobs(client.get("/?page=3").text) == ["J0003"]  # positives first (0, 2, 4 by score, FIFO), then 1, 3
+    token = csrf(client, "/")
+    client.post("/filters", data={"finding": "cardiomegaly", "csrf_token": token})
+    assert "3 studies" in client.get("/").text
+    client.post("/filters", data={"q": "PID3", "csrf_token": token})
+    html = client.get("/").text
+    assert jobs(html) == ["J0003"] and "DOE JANE3" in html and "PID3" not in str(client.get("/").url)
+    client.post("/filters", data={"q": "ACC1", "read": "all", "csrf_token": token})
+    assert jobs(client.get("/").text) == ["J0001"]
+    # demographics past their retention are blanked; the entry stays
+    assert ctx.worklist.purge_demographics() == 1
+    client.post("/filters", data={"clear": "1", "csrf_token": token})
+    html = client.get("/?page=1").text
+    assert "DOE JANE0" not in html and "Job J0000" in html

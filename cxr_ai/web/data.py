@@ -81,8 +81,8 @@ def _day_bounds(text: str, *, end: bool) -> float | None:
 
 
 def all_rows(worklist: Worklist, store: JobStore, *, now: float | None = None) -> list[Row]:
-    """Every study in reading order, read ones included: the ranked worklist, then the studies
-    still in the pipeline (not ranked yet)."""
+    """Every study in reading order, read ones included: the ranked worklist, then the job
+    store's studies not on it (still in the pipeline, failed), oldest first."""
     now = time.time() if now is None else now
     states = store.job_states()
     rows: list[Row] = []
@@ -106,8 +106,7 @@ def all_rows(worklist: Worklist, store: JobStore, *, now: float | None = None) -
         else:
             row.rank = None
     for job, (state, reason, created) in sorted(states.items(), key=lambda kv: kv[1][2]):
-        if job in seen or state not in (StudyState.RECEIVED.value, StudyState.PROCESSING.value,
-                                        StudyState.FAILED.value):
+        if job in seen:  # not on the worklist (yet): still in the pipeline, failed, or being recorded
             continue
         rows.append(Row(rank=None, job_id=job, study=None, state=state, arrival_at=created,
                         wait_minutes=max(0.0, now - created) / 60.0, overdue=False, read=False,
