@@ -128,3 +128,41 @@ def test_filters_search_pagination_and_demographics_retention(tmp_path: Path) ->
     client.post("/filters", data={"clear": "1", "csrf_token": token})
     html = client.get("/?page=1").text
     assert "DOE JANE0" not in html and "Job J0000" in html
+
+
+def test_https_on_the_web_port_with_secure_cookies(tmp_path: Path) -> None:
+    """[web] tls_cert / tls_key: the pages are served over HTTPS (uvicorn, a real socket) and
+    the session cookie is marked Secure; a plain-HTTP request gets no page."""
+    import http.client
+    import ssl
+    import subprocess
+
+    from cxr_ai.web.server import WebServer
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "web.key", "-out", "web.pem", "-days", "2",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1")
+    client, ctx = make(tmp_path / "w", users=True, tls_cert=str(tmp_path / "web.pem"), tls_key=str(tmp_path / "web.key"))
+    server = WebServer(client.app, host="127.0.0.1", port=0, settings=ctx.settings)
+    port = server.start()
+    try:
+        tls = ssl.create_default_context(cafile=str(tmp_path / "web.pem"))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=tls, timeout=20)
+        conn.request("GET", "/signin")
+        r = conn.getresponse()
+        body = r.read()
+        assert r.status == 200 and b"Sign in" in body
+        cookie = r.getheader("set-cookie").lower()
+        assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+        assert "max-age=31536000" in r.getheader("strict-transport-security")
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        plain.request("GET", "/signin")
+        try:
+            answer = plain.getresponse()
+            assert answer.status != 200
+        except (http.client.HTTPException, ConnectionError):
+            pass  # the TLS server drops a plain-HTTP client: that is the refusal
+    finally:
+        server.stop()
