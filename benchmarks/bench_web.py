@@ -43,12 +43,9 @@ def build(root: Path, n: int, *, seed: int = 0):
         conn.execute("INSERT INTO studies (study_key, study_uid, job_id, state, created_at, updated_at, last_received_at)"
                      " VALUES (?,?,?,?,?,?,?)", (f"k{i}", f"2.25.{i}", f"J{i:012x}", "done", t, t, t))
     conn.execute("COMMIT")
-    for i in range(n):
-        t = now - rng.uniform(0, 6 * 3600)
-        wl.upsert_study(f"2.25.{i}", [{"key": "cardiomegaly", "probability": rng.random(), "threshold": 0.5},
-                                      {"key": "low_ef", "probability": rng.random() * 0.8, "threshold": 0.6}],
-                        received_at=t, accession=f"A{i:08d}", job_id=f"J{i:012x}",
-                        demographics={"name": f"PATIENT^{i}", "id": f"P{i:07d}", "age": 60.0, "sex": "F"})
+    wl.close()
+    _fill_worklist(root / "worklist.sqlite3", n)
+    wl = Worklist(root / "worklist.sqlite3")
     settings = WebSettings(enabled=True, host="127.0.0.1", users_file=root / "users.toml",
                            secret_file=root / "secret", audit_log=root / "audit.jsonl", feedback_db=root / "fb.sqlite3")
     ctx = WebContext(settings=settings, store=store, spool=Spool(root / "spool"), worklist=wl, truth=None,
@@ -101,7 +98,9 @@ def _fill_worklist(path: Path, n: int) -> None:
     with Worklist(path) as wl:
         rows = [(f"2.25.{i}", now - rng.uniform(0, 6 * 3600), f"A{i:08d}", "",
                  _json.dumps({"cardiomegaly": {"key": "cardiomegaly", "probability": p, "threshold": 0.5,
-                                               "positive": p >= 0.5}}), "[]", now, f"J{i:012x}",
+                                               "positive": p >= 0.5},
+                              "low_ef": {"key": "low_ef", "probability": 0.8 * (1 - p), "threshold": 0.6,
+                                         "positive": 0.8 * (1 - p) >= 0.6}}), "[]", now, f"J{i:012x}",
                  _json.dumps({"name": f"PATIENT^{i}", "id": f"P{i:07d}", "age": 60.0, "sex": "F"}))
                 for i, p in ((i, rng.random()) for i in range(n))]
         wl._db.execute("BEGIN")
@@ -146,7 +145,9 @@ def receive_variant(web: bool, files: list[Path], root: Path) -> dict:
 
     poller = threading.Thread(target=poll, daemon=True)
     try:
-        if web:
+        if web:  # the page is open before the studies come (its first view ranks the worklist)
+            with urllib.request.urlopen(svc.http_url, timeout=60) as r:
+                r.read()
             poller.start()
         seconds = storescu(svc.dicom_port, files, "CXR_AI")
         assert len(svc.store.instances()) == len(files)

@@ -28,6 +28,7 @@ def make(tmp: Path, *, host: str = "127.0.0.1", users: bool = False, **kw) -> tu
     ctx = WebContext(settings=settings, store=JobStore(tmp / "jobs.sqlite3"), spool=Spool(tmp / "spool"),
                      worklist=Worklist(tmp / "wl.sqlite3"), truth=None, pseudonym_key=b"k" * 32,
                      health=lambda: {"status": "ok"}, status=lambda: {}, metrics=lambda: b"")
+    ctx.rows.min_interval = 0.0  # every change shows at once (the 3 s floor is for live pages)
     return TestClient(create_app(ctx), follow_redirects=False), ctx
 
 

@@ -340,9 +340,11 @@ def create_app(ctx: WebContext) -> Starlette:
 
     def rows_context(request: Request) -> dict[str, Any]:
         filters = Filters.from_mapping(request.session.get("filters"))
-        rows = filter_rows(ctx.rows.get(version(), lambda: all_rows(ctx.worklist, ctx.store)), filters)
+        every, at_version = ctx.rows.get(version(), lambda: all_rows(ctx.worklist, ctx.store))
+        rows = filter_rows(every, filters)
         page_rows, page, pages = page_of(rows, page=_page(request), size=s.page_size)
         return {"rows": page_rows, "page": page, "pages": pages, "total": len(rows), "filters": filters,
+                "version": at_version,
                 "cap_minutes": ctx.worklist.policy.ageing_cap_minutes}
 
     def version() -> str:
@@ -352,12 +354,12 @@ def create_app(ctx: WebContext) -> Starlette:
 
     async def worklist_page(request: Request) -> Response:
         user = require_user(request)
-        return render(request, "worklist.html", user=user, version=version(), states=STATES,
+        return render(request, "worklist.html", user=user, states=STATES,
                       findings=finding_keys(ctx.worklist), **rows_context(request))
 
     async def worklist_rows_fragment(request: Request) -> Response:
         require_user(request)
-        return render(request, "_rows.html", version=version(), **rows_context(request))
+        return render(request, "_rows.html", **rows_context(request))
 
     async def worklist_version(request: Request) -> Response:
         require_user(request)

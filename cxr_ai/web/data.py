@@ -142,24 +142,29 @@ def worklist_rows(worklist: Worklist, store: JobStore, filters: Filters, *, now:
 
 
 class RowCache:
-    """:func:`all_rows` computed once per change of the data (``version``) and at most every
-    ``max_age`` seconds otherwise (waits and overdue marks move with the clock), shared by
-    every open page: an update check that finds no change costs two small queries."""
+    """:func:`all_rows` shared by every open page: computed again when the data changed
+    (``version``), but at most once per ``min_interval`` seconds (ranking 10,000 studies takes
+    a good fraction of a second of Python, which the listener's threads would feel under a
+    stream of arrivals), and at least every ``max_age`` seconds (waits and overdue marks move
+    with the clock). An update check that finds no change costs two small queries."""
 
-    def __init__(self, *, max_age: float = 15.0) -> None:
+    def __init__(self, *, min_interval: float = 3.0, max_age: float = 15.0) -> None:
+        self.min_interval = min_interval
         self.max_age = max_age
         self._key: str | None = None
-        self._at = 0.0
+        self._at = -1e9
         self._rows: list[Row] = []
         self._lock = threading.Lock()
 
-    def get(self, version: str, make) -> list[Row]:  # noqa: ANN001 - a callable returning rows
+    def get(self, version: str, make) -> tuple[list[Row], str]:  # noqa: ANN001 - a callable returning rows
+        """(rows, the version they were computed at)."""
         with self._lock:
             now = time.monotonic()
-            if self._key != version or now - self._at > self.max_age:
+            age = now - self._at
+            if (self._key != version and age >= self.min_interval) or age > self.max_age:
                 self._rows = make()
                 self._key, self._at = version, now
-            return self._rows
+            return self._rows, self._key or ""
 
 
 def page_of(rows: list[Row], *, page: int, size: int) -> tuple[list[Row], int, int]:

@@ -13,8 +13,9 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from cxr_ai.dicom.heatmap import PM_SCALE
-from cxr_ai.imaging import display_array
+# cxr_ai.imaging and cxr_ai.dicom.heatmap (MONAI, highdicom) are imported when an image is
+# first drawn: the service's pipeline has usually loaded them already, and the pages alone
+# should not add them to the process.
 
 
 class ImageCache:
@@ -46,6 +47,8 @@ def _fit(shape: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 def radiograph_png(path: str | Path, *, max_side: int) -> bytes:
     """The radiograph at ``path`` as an 8-bit grey PNG no larger than ``max_side``."""
+    from cxr_ai.imaging import display_array
+
     ds = pydicom.dcmread(path)
     pixels = ds.pixel_array
     if pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
@@ -74,6 +77,8 @@ def heatmap_png(path: Path, *, size: tuple[int, int]) -> bytes:
     """The Parametric Map at ``path`` as a coloured, transparent PNG of ``size`` (width, height)
     over the displayed radiograph (alpha follows the value)."""
     from matplotlib import colormaps
+
+    from cxr_ai.dicom.heatmap import PM_SCALE
 
     ds = pydicom.dcmread(path)
     heat = np.asarray(ds.pixel_array, dtype=np.float32)
