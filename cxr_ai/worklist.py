@@ -200,6 +200,9 @@ class Worklist:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.policy = policy or TriagePolicy()
         self._lock = threading.Lock()
+        #: study UID -> (updated_at, findings, report UIDs, demographics) parsed by :meth:`ranked`;
+        #: the findings and demographics dicts are shared between calls (read them, don't change them)
+        self._parsed: dict[str, tuple[float, Any, Any, Any]] = {}
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
@@ -329,8 +332,13 @@ class Worklist:
             sql += " WHERE " + " AND ".join(where)
         entries = []
         acquired_first = self.policy.wait_from == "acquired"
+        parsed = self._parsed
         for uid, received0, acc, pkey, fj, rj, job, acq, why, read_at, upd, demo in self._db.execute(sql):
-            findings = json.loads(fj)
+            hit = parsed.get(uid)
+            if hit is None or hit[0] != upd:  # parse each row's JSON once per change of the row
+                hit = (upd, json.loads(fj), json.loads(rj), json.loads(demo) if demo else {})
+                parsed[uid] = hit
+            _, findings, reports, demographics = hit
             score = max((self.policy.weight(k) * f["probability"] for k, f in findings.items() if f["positive"]),
                         default=0.0)
             # the wait starts at acquisition when known (and not in the future), else at receipt
@@ -345,9 +353,9 @@ class Worklist:
             else:
                 key = (tier.value, received, -score, uid)
             entries.append((key, RankedStudy(0, uid, tier, TIER_PRIORITY[tier], score, wait / 60.0, overdue,
-                                             received0, acc, pkey, findings, json.loads(rj), job_id=job,
+                                             received0, acc, pkey, findings, list(reports), job_id=job,
                                              acquired_at=acq, reason=why, read_at=read_at, updated_at=upd,
-                                             demographics=json.loads(demo) if demo else {}, arrival_at=received)))
+                                             demographics=demographics, arrival_at=received)))
         entries.sort(key=lambda e: e[0])
         out = []
         for i, (_, r) in enumerate(entries, start=1):

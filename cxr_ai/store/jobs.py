@@ -672,8 +672,10 @@ class JobStore:
 
     def job_states(self) -> dict[str, tuple[str, str, float]]:
         """job id → (state, reason, created_at) of every study (one light query, for the pages)."""
-        rows = self._conn().execute("SELECT job_id, state, reason, created_at FROM studies").fetchall()
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+        cur = self._conn().cursor()
+        cur.row_factory = None  # plain tuples: 10,000 rows in a few ms
+        return {job: (state, reason, created) for job, state, reason, created in
+                cur.execute("SELECT job_id, state, reason, created_at FROM studies")}
 
     def instances(self, study_key: str | None = None) -> list[InstanceRecord]:
         if study_key is None:
