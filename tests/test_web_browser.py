@@ -235,6 +235,7 @@ def test_radiologist_worklist_study_feedback_in_chromium(service, browser, phant
     assert record["feedback"]["truth_match"]["cardiomegaly"]["by_study"] >= 1
     assert record["feedback"]["truth"].startswith(FEEDBACK_SOURCE)
     assert "cardiomegaly" in record["feedback"]["result"]["findings"]
+    assert record["feedback"]["result"]["findings"]["cardiomegaly"]["attributes"]  # subgroup figures
     assert record["truth_match"].get("cardiomegaly", {}).get("by_study", 0) == 0  # not mixed with independent truth
 
     # the read study leaves the unread worklist

@@ -38,6 +38,12 @@ def context_for(service: Service) -> WebContext:
     cfg.setdefault("store", {})["root"] = str(service.settings.store_root)
     settings = WebSettings.from_config(cfg, store_root=service.settings.store_root, host=service.settings.http_host,
                                        base_dir=service.settings.store_root.parent)
+    if settings.enabled and not settings.loopback and not settings.trusted_proxy_header:
+        from cxr_ai.web.auth import UserStore
+
+        if not UserStore(settings.users_file).any_users():
+            logger.warning("the web pages listen beyond loopback and need sign-in, but %s has no users yet: "
+                           "add one with `cxr-ai users add NAME`", settings.users_file)
     recorder = service.workers.recorder
     mon = cfg.get("monitoring", {})
     truth = None
