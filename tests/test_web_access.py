@@ -167,3 +167,14 @@ def test_https_on_the_web_port_with_secure_cookies(tmp_path: Path) -> None:
             pass  # the TLS server drops a plain-HTTP client: that is the refusal
     finally:
         server.stop()
+
+
+def test_feedback_is_for_radiologists(tmp_path: Path) -> None:
+    client, ctx = make(tmp_path, users=True)
+    UserStore(ctx.settings.users_file).add("boss", password=PASSWORD, role="admin")
+    r = client.post("/signin", data={"name": "boss", "password": PASSWORD, "csrf_token": csrf(client)})
+    assert r.status_code == 303
+    token = csrf(client, "/")
+    r = client.post("/study/J0001/feedback", data={"verdict_cardiomegaly": "agree", "csrf_token": token})
+    assert r.status_code == 403 and "cannot give feedback" in r.text
+    assert ctx.feedback.for_job("J0001") == []

@@ -437,10 +437,10 @@ def create_app(ctx: WebContext) -> Starlette:
     async def study_feedback(request: Request) -> Response:
         user = require_user(request)
         form = await check_csrf(request)
-        job_id = request.path_params["job_id"]
-        view = load_study(job_id)
         if not user.can_give_feedback:
             raise HTTPException(403, MSG_ROLE.format(role=user.role))
+        job_id = request.path_params["job_id"]
+        view = load_study(job_id)
         reader = reader_pseudonym(ctx.pseudonym_key, user.name)
         now_iso = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         given = []
