@@ -178,3 +178,27 @@ def test_feedback_is_for_radiologists(tmp_path: Path) -> None:
     r = client.post("/study/J0001/feedback", data={"verdict_cardiomegaly": "agree", "csrf_token": token})
     assert r.status_code == 403 and "cannot give feedback" in r.text
     assert ctx.feedback.for_job("J0001") == []
+
+
+def test_further_pages_plug_in_with_the_same_access_rules(tmp_path: Path) -> None:
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(request):  # noqa: ANN001, ANN202
+        user = request.app.state.pages.require_user(request)
+        return PlainTextResponse(f"hello {user.role}")
+
+    async def change(request):  # noqa: ANN001, ANN202
+        request.app.state.pages.require_user(request)
+        form = await request.app.state.pages.check_csrf(request)
+        return PlainTextResponse(form.get("x", ""))
+
+    settings_dir = tmp_path / "x"
+    client, ctx = make(settings_dir, users=True)
+    app = create_app(ctx, extra_routes=[Route("/ops/hello", hello), Route("/ops/change", change, methods=["POST"])])
+    client = TestClient(app, follow_redirects=False)
+    assert client.get("/ops/hello").headers["location"] == "/signin"
+    sign_in(client)
+    assert client.get("/ops/hello").text == "hello radiologist"
+    assert client.post("/ops/change", data={"x": "1"}).status_code == 403
+    assert client.post("/ops/change", data={"x": "1", "csrf_token": csrf(client, "/")}).text == "1"

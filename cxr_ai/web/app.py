@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -136,10 +136,10 @@ def _client(request: Request) -> str:
 
 
 def _wants_json(request: Request) -> bool:
-    path = request.url.path
-    return path.startswith("/api/") or path in ("/healthz", "/metrics", "/status") or (
-        "text/html" not in request.headers.get("accept", "") and request.method == "GET"
-        and not path.startswith(("/study", "/worklist", "/signin")) and path != "/")
+    """JSON errors for the data and service endpoints and for clients that ask for JSON only."""
+    path, accept = request.url.path, request.headers.get("accept", "")
+    return (path.startswith("/api/") or path in ("/healthz", "/metrics", "/status")
+            or ("application/json" in accept and "text/html" not in accept))
 
 
 class _Expired(Exception):
@@ -220,8 +220,26 @@ class SecurityHeaders:
 
 
 # -- the application ------------------------------------------------------------------------
-def create_app(ctx: WebContext) -> Starlette:
-    """The Starlette application over ``ctx`` (no globals: tests build as many as they like)."""
+@dataclass(frozen=True)
+class PageTools:
+    """What a page handler needs, on ``request.app.state.pages`` (for pages added through
+    ``create_app(extra_routes=...)``): ``require_user(request)`` → :class:`User` (or the
+    sign-in redirect / 401), ``await check_csrf(request)`` → the form (or 403),
+    ``render(request, template, status=200, user=..., **values)`` → HTML (templates from
+    ``cxr_ai/web/templates``, extending ``base.html``), and the :class:`WebContext`."""
+
+    ctx: WebContext
+    require_user: Callable[[Request], User]
+    check_csrf: Callable[[Request], Any]
+    render: Callable[..., HTMLResponse]
+
+
+def create_app(ctx: WebContext, *, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """The Starlette application over ``ctx`` (no globals: tests build as many as they like).
+
+    ``extra_routes`` are added after the built-in ones (further pages; see :class:`PageTools`).
+    Every route is behind the same middleware: body limit, session, security headers.
+    """
     env = _templates()
     s = ctx.settings
 
@@ -471,7 +489,7 @@ def create_app(ctx: WebContext) -> Starlette:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404 and exc.detail in ("Not Found", None):
-            if _wants_json(request):
+            if _wants_json(request) or "text/html" not in request.headers.get("accept", ""):
                 return Response(NOT_FOUND_JSON, status_code=404, media_type="application/json")
             return render(request, "error.html", status=404, title="Not found",
                           message="There is no page at this address. The worklist is at /.")
@@ -511,6 +529,7 @@ def create_app(ctx: WebContext) -> Starlette:
         Route("/study/{job_id}/feedback", study_feedback, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
+    routes += list(extra_routes)
     if not s.enabled:  # [web] enabled = false: the service endpoints only
         routes = service_routes
     middleware = [
@@ -522,4 +541,5 @@ def create_app(ctx: WebContext) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware, debug=False,
                     exception_handlers={HTTPException: http_error, ConfigError: config_error, Exception: server_error})
     app.state.ctx = ctx
+    app.state.pages = PageTools(ctx=ctx, require_user=require_user, check_csrf=check_csrf, render=render)
     return app
