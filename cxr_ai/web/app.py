@@ -481,6 +481,7 @@ def create_app(ctx: WebContext, *, extra_routes: Sequence[BaseRoute] = ()) -> St
         read = form.get("read")
         if read in ("1", "0") and view.ranked is not None:
             ctx.worklist.mark_read(view.study_uid, read=read == "1")
+            ctx.rows.invalidate()  # the reader sees their own change at once
         ctx.audit.write("feedback", user=user.name, client=_client(request), job_id=job_id, reader=reader,
                         verdicts=given, read={"1": True, "0": False}.get(read or ""))
         return RedirectResponse(f"/study/{job_id}?saved=1", status_code=303)

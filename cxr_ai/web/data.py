@@ -156,6 +156,11 @@ class RowCache:
         self._rows: list[Row] = []
         self._lock = threading.Lock()
 
+    def invalidate(self) -> None:
+        """Rank again at the next request (after a change made through the pages themselves)."""
+        with self._lock:
+            self._at = -1e9
+
     def get(self, version: str, make) -> tuple[list[Row], str]:  # noqa: ANN001 - a callable returning rows
         """(rows, the version they were computed at)."""
         with self._lock:
