@@ -20,7 +20,7 @@ LOCK := requirements.lock
 LOCK_VENV ?= .venv-lock
 PIP_TOOLS_SPEC ?= pip-tools==7.6.2
 LOCK_ARGS ?=
-DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools chromium prometheus logrotate
+DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools chromium chromium-driver prometheus logrotate
 # Node.js and npm come from Debian only where the machine has none (images often ship their
 # own Node, whose bundled npm conflicts with Debian's npm package).
 NODE_PACKAGES := nodejs npm

@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -222,36 +221,6 @@ def import_factory(spec: str) -> PipelineFactory:
     return obj
 
 
-# -- HTTP -------------------------------------------------------------------------------------
-class _Handler(BaseHTTPRequestHandler):
-    service: Service
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("http: " + format, *args)
-
-    def _send(self, code: int, body: bytes, ctype: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        svc = self.service
-        path = self.path.split("?", 1)[0]
-        if path == "/healthz":
-            health = svc.health()
-            self._send(200 if health["status"] == "ok" else 503, json.dumps(health).encode(), "application/json")
-        elif path == "/metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST
-
-            self._send(200, svc.metrics_text(), CONTENT_TYPE_LATEST)
-        elif path == "/status":
-            self._send(200, json.dumps(svc.status()).encode(), "application/json")
-        else:
-            self._send(404, b'{"error": "not found; try /healthz, /metrics or /status"}', "application/json")
-
-
 # -- the service ------------------------------------------------------------------------------
 class Service:
     """The running service. ``start()`` returns once everything listens; ``stop()`` is graceful.
@@ -288,7 +257,7 @@ class Service:
 
         self.metrics.registry.register(OpsCollector(db_path=s.db_path, config=config,
                                                     min_free_bytes=s.listener.min_free_bytes))
-        self._http: ThreadingHTTPServer | None = None
+        self._http: Any = None  # cxr_ai.web.server.WebServer (pages, /healthz, /metrics, /status)
         self._janitor: threading.Thread | None = None
         self._stopped = threading.Event()
         self.started_at: float | None = None
@@ -325,7 +294,14 @@ class Service:
 
     @property
     def http_port(self) -> int | None:
-        return self._http.server_address[1] if self._http is not None else None
+        return self._http.bound_port if self._http is not None else None
+
+    @property
+    def http_url(self) -> str | None:
+        """The web pages' base URL (``http(s)://host:port/``), or None when HTTP is off."""
+        if self._http is None:
+            return None
+        return f"{self._http.scheme}://{self.settings.http_host}:{self.http_port}/"
 
     def start(self) -> Service:
         if self.own_tempdir and not os.environ.get("TMPDIR"):
@@ -345,12 +321,14 @@ class Service:
         if self.monitor_runner is not None:
             self.monitor_runner.start()
         if self.settings.http_enabled:
-            handler = type("Handler", (_Handler,), {"service": self})
-            self._http = ThreadingHTTPServer((self.settings.http_host, self.settings.http_port), handler)
-            self._http.daemon_threads = True
-            threading.Thread(target=self._http.serve_forever, name="cxr-ai-http", daemon=True).start()
-            logger.info("health and metrics on http://%s:%d/healthz and /metrics", self.settings.http_host,
-                        self.http_port)
+            from cxr_ai.web import WebServer, context_for, create_app
+
+            web = context_for(self)
+            self._http = WebServer(create_app(web), host=self.settings.http_host, port=self.settings.http_port,
+                                   settings=web.settings)
+            self._http.start()
+            logger.info("worklist on %s://%s:%d/, health and metrics on /healthz and /metrics", self._http.scheme,
+                        self.settings.http_host, self.http_port)
         self.scp.start()
         self.started_at = time.time()
         return self
@@ -371,8 +349,7 @@ class Service:
         if self.monitor_runner is not None:
             self.monitor_runner.stop()
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
         if self._janitor is not None:
             self._janitor.join(5.0)
         self.store.close()

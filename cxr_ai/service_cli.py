@@ -46,6 +46,9 @@ def _fill_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     p.add_argument("--out", default=None, help="folder for everything (default: a new temp folder)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for results")
+    p.add_argument("--serve", action="store_true",
+                   help="keep the listener and the web pages running after the demo (Ctrl-C stops)")
+    p.add_argument("--http-port", type=int, default=8780, help="web port with --serve (default 8780; 0 = any free)")
 
 
 def add_service_parsers(subparsers: Any) -> None:
@@ -214,8 +217,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     config = load_config()
     config["listener"].update(port=0, allowed_calling_aes=["CXR_AI_DEMO"])
     config["store"].update(root=str(out / "var"), quiet_seconds=0.2)
-    config["http"].update(port=0)
+    config["http"].update(port=args.http_port if getattr(args, "serve", False) else 0)
     config["routing"]["destinations"] = [{"name": "folder", "kind": "folder", "path": str(out / "results")}]
+    # Phantom studies carry historical study dates: their wait starts when they are received.
+    config["worklist"]["wait_from"] = "received"
     service = Service(config, base_dir=out)
     service.start()
     try:
@@ -227,20 +232,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"results not complete after {args.timeout:.0f} s; see {out}/var", file=sys.stderr)
             return 1
         truth = _phantom_truth(studies_dir / "labels.csv")
-        rows = []
-        for study in service.store.studies():
-            best, parts, reasons = -1.0, [], []
-            for inst in service.store.instances(study.study_key):
-                if inst.state is not InstanceState.PROCESSED:
-                    reasons.append(inst.reason or inst.state.value)
-                for f in (inst.result or {}).get("findings", []):
-                    best = max(best, f["probability"])
-                    parts.append(f"{f['display']} {format_probability(f['probability'])}{'+' if f['positive'] else ''}")
-            label = "; ".join(parts) if parts else f"not applicable ({', '.join(sorted(set(reasons)))})"
-            rows.append((best, study, label))
-        rows.sort(key=lambda r: -r[0])
-        print("\nTriage order (highest model probability first; + = above the operating threshold):")
-        for rank, (_best, study, label) in enumerate(rows, 1):
+        print("\nTriage order (the worklist's ranking: overdue, then AI-positive by weighted probability, "
+              "then first in, first out; + = above the operating threshold):")
+        for rank, (study, label) in enumerate(_demo_order(service), 1):
             known = truth.get(study.study_uid)
             print(f"{rank:>3}. job {study.job_id}  {study.state.value:<15} {label}"
                   + (f"   [phantom truth: {known}]" if known else ""))
@@ -249,6 +243,48 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 kinds = sorted({f.name.split("-")[0].split(".")[0] for f in folder.iterdir()})
                 print(f"     outputs: {folder}  ({', '.join(kinds)})")
         print(f"\nEverything is under {out}")
+        if getattr(args, "serve", False):
+            _serve_on(service)
         return 0
     finally:
         service.stop(grace=5.0)
+
+
+def _demo_order(service: Service) -> list[tuple[Any, str]]:
+    """The demo's studies in worklist order (those not on the worklist, e.g. failed, last)."""
+    from cxr_ai.worklist import Worklist
+
+    wl = service.workers.recorder.worklist
+    with Worklist(wl.path, policy=wl.policy) as view:
+        ranked = view.ranked(include_not_applicable=True)
+    by_job = {s.job_id: s for s in service.store.studies()}
+    order = [by_job[r.job_id] for r in ranked if r.job_id in by_job]
+    order += [s for s in by_job.values() if s not in order]
+    rows = []
+    for study in order:
+        parts, reasons = [], []
+        for inst in service.store.instances(study.study_key):
+            if inst.state is not InstanceState.PROCESSED:
+                reasons.append(inst.reason or inst.state.value)
+            for f in (inst.result or {}).get("findings", []):
+                parts.append(f"{f['display']} {format_probability(f['probability'])}{'+' if f['positive'] else ''}")
+        rows.append((study, "; ".join(parts) if parts else f"not applicable ({', '.join(sorted(set(reasons)))})"))
+    return rows
+
+
+def _serve_on(service: Service) -> None:
+    """Keep the demo's service running until Ctrl-C / SIGTERM."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    url = service.http_url or "(web pages off)"
+    print(f"\nWorklist: {url}\nListener: {service.settings.listener.ae_title} on 127.0.0.1:{service.dicom_port} "
+          f"(send more studies with any C-STORE SCU, calling AE CXR_AI_DEMO). Ctrl-C stops.", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

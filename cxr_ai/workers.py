@@ -61,6 +61,9 @@ def _result_summary(outcome: Any) -> dict[str, Any] | None:
     model = getattr(result, "model", None)
     if model is not None:
         summary["model"] = getattr(model, "label", str(model))
+        summary["not_for_clinical_use"] = bool(getattr(model, "not_for_clinical_use", True))
+        if getattr(model, "intended_use", ""):
+            summary["intended_use"] = str(model.intended_use)
     decision = getattr(result, "decision", None)
     if decision is not None and hasattr(decision, "to_dict"):
         summary["decision"] = decision.to_dict()
@@ -117,12 +120,33 @@ class ResultRecorder:
                                      key=resolve_pseudonym_key(cfg))
         wl_path = Path(cfg.get("worklist", {}).get("path") or settings.store_root / "worklist.sqlite3")
         self.worklist = Worklist(wl_path, policy=TriagePolicy.from_config(cfg))
+        keep = float(cfg.get("worklist", {}).get("demographics_keep_hours", 720))
+        self.demographics_keep_seconds = None if keep < 0 else keep * 3600.0
         self.errors = 0
 
-    def record(self, outcomes: Sequence[Any], received_at: float | None) -> None:
-        study_uid, findings, report_uid, pkey, accession = "", [], "", "", ""
+    def record(self, outcomes: Sequence[Any], received_at: float | None, *, job_id: str = "",
+               study_uid: str = "") -> None:
+        """Log the predictions and put the study on the worklist (a study without findings
+        goes on it too, with the reason it is not applicable)."""
+        from cxr_ai.worklist import acquisition_time
+
+        findings: list[Any] = []
+        report_uid, pkey, accession = "", "", ""
+        acquired: float | None = None
+        demographics: dict[str, Any] = {}
+        reasons: list[str] = []
         for o in outcomes:
             rg, result = getattr(o, "radiograph", None), getattr(o, "result", None)
+            if rg is not None and not demographics:
+                acquired = acquisition_time(rg.dataset.get("StudyDate", ""), rg.study_time)
+                demographics = {"name": str(rg.dataset.get("PatientName", "") or ""), "id": rg.patient_id,
+                                "age": rg.age_years, "sex": rg.sex or ""}
+                accession = accession or rg.accession_number
+                study_uid = study_uid or rg.study_instance_uid
+            if result is None or not result.findings:
+                why = str(getattr(o, "reason", "") or "")
+                if why and why not in reasons:
+                    reasons.append(why)
             if rg is None or result is None:
                 continue
             try:
@@ -138,11 +162,15 @@ class ResultRecorder:
                 findings.extend(result.findings)
                 sr = next((ds for ds in getattr(o, "datasets", []) if str(ds.get("Modality", "")) == "SR"), None)
                 report_uid = report_uid or (str(sr.SOPInstanceUID) if sr is not None else "")
-        if not findings:
+        if not study_uid:
             return
         try:
             self.worklist.upsert_study(study_uid, findings, received_at=received_at, accession=accession,
-                                       patient_key=pkey, report_uid=report_uid)
+                                       patient_key=pkey, report_uid=report_uid, job_id=job_id, acquired_at=acquired,
+                                       reason="" if findings else ("; ".join(reasons) or "no finding computed"),
+                                       demographics=demographics or None,
+                                       demographics_keep_seconds=self.demographics_keep_seconds)
+            self.worklist.purge_demographics()
         except (OSError, ValueError, sqlite3.Error) as exc:
             self.errors += 1
             logger.error("worklist update failed (%s); the study's results are unaffected", type(exc).__name__)
@@ -376,7 +404,8 @@ class WorkerPool:
             files.append(self.spool.write_result(job, "summary.json", json.dumps(summary, indent=1).encode()))
         deliveries = self._deliveries(files)
         state = self.store.complete_processing(claim.study.study_key, results=results, deliveries=deliveries)
-        self.recorder.record([o for _, o in pairs if o is not None], received_at=claim.study.created_at)
+        self.recorder.record([o for _, o in pairs if o is not None], received_at=claim.study.created_at,
+                             job_id=job, study_uid=claim.study.study_uid)
         for outcome_name, n in counts.items():
             self.metrics.instances_processed.labels(outcome_name).inc(n)
         code = ""

@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS: dict[str, float] = {"cardiomegaly": 1.0, "low_ef": 1.5}
 DEFAULT_CAP_MINUTES = 240.0
+#: Where a study's wait starts: its acquisition (StudyDate + StudyTime, read as the
+#: server's local time), else its receipt; or always its receipt.
+WAIT_FROM = ("acquired", "received")
 
 MSG_BAD_WEIGHT = "[worklist] weights: weight of {key!r} must be a number >= 0, got {value!r}"
 MSG_BAD_CAP = "[worklist] ageing_cap_minutes must be > 0, got {value!r}"
@@ -57,6 +60,18 @@ MSG_BAD_FINDING = (
     "(a cxr_ai.results.FindingResult or a mapping)"
 )
 MSG_NO_DB = "no worklist database given: pass --db or set [worklist] path"
+MSG_BAD_WAIT_FROM = "[worklist] wait_from must be one of {choices}, got {value!r}"
+
+#: Columns added after the first release (ALTER TABLE on an older file). ``demographics_json``
+#: holds patient name, ID, age and sex for the pages (same file protection as the job store);
+#: it is blanked once ``demographics_until`` has passed (``[worklist] demographics_keep_hours``).
+_ADDED_COLUMNS = (
+    ("job_id", "TEXT NOT NULL DEFAULT ''"),
+    ("acquired_at", "REAL"),
+    ("reason", "TEXT NOT NULL DEFAULT ''"),
+    ("demographics_json", "TEXT NOT NULL DEFAULT ''"),
+    ("demographics_until", "REAL"),
+)
 
 
 class Tier(int, enum.Enum):
@@ -82,6 +97,7 @@ class TriagePolicy:
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     ageing_cap_minutes: float = DEFAULT_CAP_MINUTES
     default_weight: float = 1.0
+    wait_from: str = "acquired"
 
     def __post_init__(self) -> None:
         for k, v in self.weights.items():
@@ -89,6 +105,8 @@ class TriagePolicy:
                 raise ConfigError(MSG_BAD_WEIGHT.format(key=k, value=v))
         if not isinstance(self.ageing_cap_minutes, (int, float)) or self.ageing_cap_minutes <= 0:
             raise ConfigError(MSG_BAD_CAP.format(value=self.ageing_cap_minutes))
+        if self.wait_from not in WAIT_FROM:
+            raise ConfigError(MSG_BAD_WAIT_FROM.format(choices=list(WAIT_FROM), value=self.wait_from))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> "TriagePolicy":
@@ -97,6 +115,7 @@ class TriagePolicy:
             weights=dict(section.get("weights", DEFAULT_WEIGHTS)),
             ageing_cap_minutes=float(section.get("ageing_cap_minutes", DEFAULT_CAP_MINUTES)),
             default_weight=float(section.get("default_weight", 1.0)),
+            wait_from=str(section.get("wait_from", "acquired")),
         )
 
     def weight(self, key: str) -> float:
@@ -117,6 +136,14 @@ class RankedStudy:
     patient_key: str
     findings: dict[str, dict[str, Any]]
     report_uids: list[str]
+    job_id: str = ""
+    acquired_at: float | None = None
+    reason: str = ""
+    read_at: float | None = None
+    updated_at: float = 0.0
+    demographics: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: when the wait started: acquisition or receipt, per :attr:`TriagePolicy.wait_from`
+    arrival_at: float = 0.0
 
     def flat(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -173,6 +200,9 @@ class Worklist:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.policy = policy or TriagePolicy()
         self._lock = threading.Lock()
+        #: study UID -> (updated_at, findings, report UIDs, demographics) parsed by :meth:`ranked`;
+        #: the findings and demographics dicts are shared between calls (read them, don't change them)
+        self._parsed: dict[str, tuple[float, Any, Any, Any]] = {}
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
@@ -181,6 +211,11 @@ class Worklist:
                    patient_key TEXT NOT NULL, findings_json TEXT NOT NULL, reports_json TEXT NOT NULL,
                    read_at REAL, updated_at REAL NOT NULL)"""
         )
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(studies)")}
+        for name, decl in _ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE studies ADD COLUMN {name} {decl}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS studies_job ON studies(job_id)")
 
     def close(self) -> None:
         self._db.close()
@@ -192,7 +227,10 @@ class Worklist:
         self.close()
 
     def upsert_study(self, study_uid: str, findings: Iterable[Any], *, received_at: float | dt.datetime | None = None,
-                     accession: str = "", patient_key: str = "", report_uid: str = "") -> None:
+                     accession: str = "", patient_key: str = "", report_uid: str = "", job_id: str = "",
+                     acquired_at: float | dt.datetime | None = None, reason: str = "",
+                     demographics: Mapping[str, Any] | None = None,
+                     demographics_keep_seconds: float | None = None) -> None:
         """Add a study, or merge more results into it (another instance, a re-run).
 
         Per finding the highest probability over the study's instances is kept. The arrival
@@ -200,14 +238,24 @@ class Worklist:
         ``findings`` are :class:`cxr_ai.results.FindingResult` or mappings with ``key``,
         ``probability``, ``threshold``. ``report_uid`` is the SR SOP Instance UID (also the
         FHIR DiagnosticReport identifier).
+
+        ``job_id`` (the listener's opaque job id, used in page URLs), ``acquired_at`` (StudyDate
+        + StudyTime), ``reason`` (why the study is not applicable, when it is not) and
+        ``demographics`` (patient name, ID, age, sex: shown on signed-in pages only, kept for
+        ``demographics_keep_seconds``; None keeps them) are optional.
         """
         new = {f["key"]: f for f in (_finding_dict(f, study_uid) for f in findings)}
         ts = _ts(received_at)
+        acq = None if acquired_at is None else _ts(acquired_at)
+        demo_json = json.dumps(dict(demographics), sort_keys=True) if demographics else ""
+        demo_until = (None if not demographics or demographics_keep_seconds is None
+                      else time.time() + demographics_keep_seconds)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(
-                    "SELECT received_at, accession, patient_key, findings_json, reports_json FROM studies WHERE study_uid=?",
+                    "SELECT received_at, accession, patient_key, findings_json, reports_json, job_id, acquired_at,"
+                    " reason, demographics_json, demographics_until FROM studies WHERE study_uid=?",
                     (study_uid,)).fetchone()
                 if row is not None:
                     old = json.loads(row[3])
@@ -218,6 +266,11 @@ class Worklist:
                     ts = min(ts, row[0])
                     accession = accession or row[1]
                     patient_key = patient_key or row[2]
+                    job_id = job_id or row[5]
+                    acq = acq if acq is not None else row[6]
+                    reason = "" if new else (reason or row[7])
+                    if not demo_json:
+                        demo_json, demo_until = row[8], row[9]
                     new = old
                 else:
                     reports = []
@@ -225,39 +278,78 @@ class Worklist:
                     reports.append(report_uid)
                 self._db.execute(
                     "INSERT OR REPLACE INTO studies (study_uid, received_at, accession, patient_key, findings_json,"
-                    " reports_json, read_at, updated_at) VALUES (?,?,?,?,?,?,"
-                    " (SELECT read_at FROM studies WHERE study_uid=?),?)",
+                    " reports_json, read_at, updated_at, job_id, acquired_at, reason, demographics_json,"
+                    " demographics_until) VALUES (?,?,?,?,?,?,"
+                    " (SELECT read_at FROM studies WHERE study_uid=?),?,?,?,?,?,?)",
                     (study_uid, ts, accession, patient_key, json.dumps(new, sort_keys=True), json.dumps(reports),
-                     study_uid, time.time()))
+                     study_uid, time.time(), job_id, acq, "" if new else reason, demo_json, demo_until))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def mark_read(self, study_uid: str, *, at: float | None = None) -> None:
-        """Take a study off the worklist (it stays in the database)."""
+    def mark_read(self, study_uid: str, *, at: float | None = None, read: bool = True) -> None:
+        """Take a study off the worklist (it stays in the database); ``read=False`` puts it back."""
         with self._lock:
-            self._db.execute("UPDATE studies SET read_at=? WHERE study_uid=?", (_ts(at), study_uid))
+            self._db.execute("UPDATE studies SET read_at=?, updated_at=? WHERE study_uid=?",
+                             (_ts(at) if read else None, time.time(), study_uid))
 
     def remove_study(self, study_uid: str) -> bool:
         """Delete a study from the worklist (its results were retracted). True if it was there."""
         with self._lock:
             return self._db.execute("DELETE FROM studies WHERE study_uid=?", (study_uid,)).rowcount > 0
 
-    def ranked(self, *, now: float | dt.datetime | None = None, include_read: bool = False) -> list[RankedStudy]:
-        """Unread studies in reading order (see the module docstring)."""
+    def purge_demographics(self, *, now: float | None = None) -> int:
+        """Blank the patient demographics whose retention has passed. Returns how many."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE studies SET demographics_json='', demographics_until=NULL, updated_at=?"
+                " WHERE demographics_until IS NOT NULL AND demographics_until<=?", (time.time(), _ts(now)))
+            return cur.rowcount
+
+    def last_change(self) -> tuple[int, float]:
+        """(number of studies, latest update time): changes when any study arrives or changes."""
+        n, t = self._db.execute("SELECT COUNT(*), COALESCE(MAX(updated_at), 0) FROM studies").fetchone()
+        return int(n), float(t)
+
+    def by_job(self, job_id: str) -> RankedStudy | None:
+        """One study by its job id (ranked among all studies, read ones included), or None."""
+        if not job_id:
+            return None
+        return next((r for r in self.ranked(include_read=True, include_not_applicable=True) if r.job_id == job_id),
+                    None)
+
+    def ranked(self, *, now: float | dt.datetime | None = None, include_read: bool = False,
+               include_not_applicable: bool = False) -> list[RankedStudy]:
+        """Unread studies in reading order (see the module docstring).
+
+        Studies the models could not read (no findings; ``reason`` says why) are listed only
+        with ``include_not_applicable`` (the pages show them, the exports do not).
+        """
         t_now = _ts(now)
         cap_s = self.policy.ageing_cap_minutes * 60.0
-        sql = "SELECT study_uid, received_at, accession, patient_key, findings_json, reports_json FROM studies"
-        if not include_read:
-            sql += " WHERE read_at IS NULL"
+        sql = ("SELECT study_uid, received_at, accession, patient_key, findings_json, reports_json, job_id,"
+               " acquired_at, reason, read_at, updated_at, demographics_json FROM studies")
+        where = [] if include_read else ["read_at IS NULL"]
+        if not include_not_applicable:
+            where.append("findings_json != '{}'")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         entries = []
-        for uid, received, acc, pkey, fj, rj in self._db.execute(sql):
-            findings = json.loads(fj)
+        acquired_first = self.policy.wait_from == "acquired"
+        parsed = self._parsed
+        for uid, received0, acc, pkey, fj, rj, job, acq, why, read_at, upd, demo in self._db.execute(sql):
+            hit = parsed.get(uid)
+            if hit is None or hit[0] != upd:  # parse each row's JSON once per change of the row
+                hit = (upd, json.loads(fj), json.loads(rj), json.loads(demo) if demo else {})
+                parsed[uid] = hit
+            _, findings, reports, demographics = hit
             score = max((self.policy.weight(k) * f["probability"] for k, f in findings.items() if f["positive"]),
                         default=0.0)
+            # the wait starts at acquisition when known (and not in the future), else at receipt
+            received = acq if acquired_first and acq is not None and acq <= t_now else received0
             wait = max(0.0, t_now - received)
-            overdue = wait >= cap_s
+            overdue = wait >= cap_s and read_at is None
             tier = Tier.OVERDUE if overdue else Tier.POSITIVE if score > 0 else Tier.ROUTINE
             if tier is Tier.OVERDUE:
                 key = (tier.value, -wait, -score, uid)
@@ -266,7 +358,9 @@ class Worklist:
             else:
                 key = (tier.value, received, -score, uid)
             entries.append((key, RankedStudy(0, uid, tier, TIER_PRIORITY[tier], score, wait / 60.0, overdue,
-                                             received, acc, pkey, findings, json.loads(rj))))
+                                             received0, acc, pkey, findings, list(reports), job_id=job,
+                                             acquired_at=acq, reason=why, read_at=read_at, updated_at=upd,
+                                             demographics=demographics, arrival_at=received)))
         entries.sort(key=lambda e: e[0])
         out = []
         for i, (_, r) in enumerate(entries, start=1):
@@ -348,16 +442,38 @@ def task_for(r: RankedStudy, *, cap_minutes: float) -> Any:
     return Task.model_validate(data)
 
 
+def acquisition_time(study_date: Any, study_time: Any = "") -> float | None:
+    """POSIX time of a DICOM StudyDate (``YYYYMMDD`` or ISO) + StudyTime (``HHMMSS.ffffff``),
+    read as the server's local time (DICOM times carry no zone unless TimezoneOffsetFromUTC
+    says so); None when the date is missing or unreadable."""
+    text = str(study_date or "").strip().replace("-", "")
+    if len(text) != 8 or not text.isdigit():
+        return None
+    digits = "".join(c for c in str(study_time or "").split(".")[0] if c.isdigit())[:6]
+    digits = (digits + "000000")[:6] if digits else "000000"
+    try:
+        when = dt.datetime.strptime(text + digits, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    return when.astimezone().timestamp()
+
+
 def load_results_table(worklist: Worklist, table: Any, *, received_at: float | None = None) -> int:
-    """Upsert the processed studies of a batch results table (DataFrame or CSV/Parquet path)."""
+    """Upsert the processed studies of a batch results table (DataFrame or CSV/Parquet path).
+
+    A study's wait starts at its acquisition (the table's ``study_date`` + ``study_time``),
+    else at ``received_at``; the load time is used only when neither is known.
+    """
     import pandas as pd
 
     if not isinstance(table, pd.DataFrame):
         p = Path(table)
         table = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(
             p, dtype={"study_uid": str, "sop_uid": str, "report_uid": str})
+            p, dtype={"study_date": str, "study_time": str})
     keys = [c[2:] for c in table.columns if c.startswith("p_")]
-    n = 0
+    n, undated = 0, 0
+    loaded_at = time.time()
     for study, group in table[table["status"] == "processed"].groupby("study_uid"):
         findings = []
         for _, row in group.iterrows():
@@ -371,5 +487,16 @@ def load_results_table(worklist: Worklist, table: Any, *, received_at: float | N
                               report_uid=reports[0] if reports else "")
         for uid in reports[1:]:
             worklist.upsert_study(str(study), [], received_at=received_at, report_uid=uid)
+        first = group.iloc[0]
+        acquired = acquisition_time(first.get("study_date") if pd.notna(first.get("study_date")) else "",
+                                    first.get("study_time") if pd.notna(first.get("study_time")) else "")
+        if acquired is None and received_at is None:
+            undated += 1
+        worklist.upsert_study(str(study), findings,
+                              received_at=received_at if received_at is not None else (acquired or loaded_at),
+                              acquired_at=acquired,
+                              patient_key=str(group["patient_key"].iloc[0] if "patient_key" in group else "") or "")
         n += 1
+    if undated:
+        logger.warning("%d studies have no study date in the table; their wait starts now", undated)
     return n

@@ -161,3 +161,26 @@ def test_policy_errors_are_actionable() -> None:
     assert str(exc.value) == MSG_BAD_CAP.format(value=0)
     with pytest.raises(ValueError, match="lacks probability"):
         Worklist(":memory:").upsert_study("1.2", [{"key": "low_ef", "threshold": 0.5}])
+
+
+def test_load_starts_the_wait_at_the_study_time_not_the_load(tmp_path: Path) -> None:
+    """A batch table loaded in one go: first in, first out follows the studies' acquisition
+    times (study_date + study_time), not the load time (which would fall back to UID order)."""
+    from cxr_ai.worklist import acquisition_time
+
+    table = pd.DataFrame([
+        {"study_uid": "1.1", "status": "processed", "patient_key": "a", "study_date": "2024-03-02", "study_time": "081500",
+         "p_cardiomegaly": 0.1, "thr_cardiomegaly": 0.5},
+        {"study_uid": "1.2", "status": "processed", "patient_key": "b", "study_date": "2024-03-01", "study_time": "235900",
+         "p_cardiomegaly": 0.2, "thr_cardiomegaly": 0.5},
+        {"study_uid": "1.3", "status": "processed", "patient_key": "c", "study_date": "2024-03-02", "study_time": "07",
+         "p_cardiomegaly": 0.3, "thr_cardiomegaly": 0.5},
+    ])
+    path = tmp_path / "results.csv"
+    table.to_csv(path, index=False)
+    wl = Worklist(tmp_path / "wl.sqlite", policy=TriagePolicy(ageing_cap_minutes=10**9))
+    assert load_results_table(wl, path) == 3
+    ranked = wl.ranked()
+    assert [r.study_uid for r in ranked] == ["1.2", "1.3", "1.1"]
+    assert ranked[0].arrival_at == acquisition_time("20240301", "235900")
+    assert acquisition_time("", "1200") is None and acquisition_time("2024-13-40") is None

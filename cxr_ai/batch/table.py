@@ -50,6 +50,7 @@ def outcome_row(outcome: Any, *, model: Any, key: bytes, finding_keys: Sequence[
         age=float(rg.age_years) if rg and rg.age_years is not None else None,
         ethnic_group=(rg.ethnic_group or "") if rg else "",
         study_date=rg.study_date.isoformat() if rg and rg.study_date else "",
+        study_time=rg.study_time if rg else "",
         n_outputs=n_outputs,
         report_uid=report_identifier(outcome),
     )

@@ -36,7 +36,7 @@ from cxr_ai.evaluation.evaluate import (
 from cxr_ai.evaluation.metrics import DEFAULT_FLAG_METRICS, METRICS, MetricSettings, flagged_gaps, resolve_metrics
 from cxr_ai.evaluation.report import strip_frames
 from cxr_ai.monitoring.log import PredictionLog, monitoring_dir
-from cxr_ai.monitoring.truth import TruthStore, match_truth
+from cxr_ai.monitoring.truth import FEEDBACK_SOURCE, TruthStore, match_truth
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,14 @@ class PerformanceMonitor:
                    performance_log=d / m.get("performance_log", "performance.jsonl"),
                    settings=MonitorSettings.from_config(config))
 
-    def window_frame(self, *, now: dt.datetime | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-        """(current window joined with truth, reference window, truth match report)."""
+    def window_frame(self, *, now: dt.datetime | None = None,
+                     truth: str = "independent") -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+        """(current window joined with truth, reference window, truth match report).
+
+        ``truth`` is ``"independent"`` (echocardiography, reports, CSV: every record not made
+        from feedback on the pages) or ``"feedback"`` (radiologists' verdicts given with the
+        model's answer shown, :data:`~cxr_ai.monitoring.truth.FEEDBACK_SOURCE`).
+        """
         now = pd.Timestamp(now or dt.datetime.now(dt.timezone.utc))
         if now.tzinfo is None:
             now = now.tz_localize("UTC")
@@ -114,7 +120,9 @@ class PerformanceMonitor:
         # the offline evaluator's canonical order (by SOP Instance UID): same rows, same CIs
         current = current.sort_values("sop_uid", kind="stable")
         reference = preds[(preds["logged_at"] > now - 2 * w) & (preds["logged_at"] <= now - w)]
-        joined, report = match_truth(current.reset_index(drop=True), self.truth_store.records(),
+        records = [r for r in self.truth_store.records()
+                   if (r.get("source") == FEEDBACK_SOURCE) == (truth == "feedback")]
+        joined, report = match_truth(current.reset_index(drop=True), records,
                                      findings=self.settings.findings,
                                      window_days=self.settings.truth_window_days)
         return joined, reference.reset_index(drop=True), report
@@ -140,12 +148,28 @@ class PerformanceMonitor:
                     for flag in flagged_gaps(r, metrics=s.gap_metrics, min_abs_gap=s.gap_bound):
                         record["alerts"].append({"kind": "gap", "finding": f, **flag})
         record["alerts"] += self._drift(accepted, reference)
+        record["truth"] = "independent (radiologist feedback given with the AI shown is reported apart)"
+        record["feedback"] = self._feedback_figures(now=now)
         for alert in record["alerts"]:
             logger.warning("monitoring alert: %s", json.dumps(alert))
         with self._lock, open(self.performance_log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(strip_frames(record), separators=(",", ":"), allow_nan=False) + "\n")
         self._values = self._flatten(record)
         return record
+
+    def _feedback_figures(self, *, now: dt.datetime | None) -> dict[str, Any]:
+        """The same figures on feedback-based truth only (no alerts: the readers saw the model)."""
+        s = self.settings
+        joined, _, match = self.window_frame(now=now, truth="feedback")
+        out: dict[str, Any] = {"truth": FEEDBACK_SOURCE + " (not independent of the model)", "truth_match": match}
+        accepted = joined[joined["gate_accepted"].astype(bool)] if len(joined) else joined
+        findings = tuple(f for f in s.findings if len(accepted) and f in accepted and accepted[f].notna().any())
+        if findings:
+            out["result"] = strip_frames(evaluate_joined(
+                accepted.reset_index(drop=True), name="live window, radiologist feedback (AI shown)",
+                settings=EvaluationSettings(findings=findings, attributes=s.attributes, intersections=s.intersections,
+                                            metrics=s.metrics, gap_bound=s.gap_bound)))
+        return out
 
     def _drift(self, current: pd.DataFrame, reference: pd.DataFrame) -> list[dict[str, Any]]:
         s = self.settings
@@ -186,6 +210,15 @@ class PerformanceMonitor:
                         gap = gr.get("gap_to_overall", {}).get(m)
                         if gap and gap["difference"]["value"] is not None:
                             values[_label("cxr_ai_subgroup_gap", {**base, "metric": m})] = float(gap["difference"]["value"])
+        for f, res in record.get("feedback", {}).get("result", {}).get("findings", {}).items():
+            for attr, r in res.get("attributes", {}).items():
+                for gr in [{"group": "overall", "metrics": r["overall"], "n": r["n"]}, *r["groups"]]:
+                    base = {"finding": f, "attribute": attr, "group": gr["group"], "truth": "feedback_ai_shown"}
+                    values[_label("cxr_ai_feedback_subgroup_n", base)] = float(gr["n"])
+                    for m in METRICS:
+                        v = gr["metrics"][m]["value"]
+                        if v is not None:
+                            values[_label("cxr_ai_feedback_subgroup_metric", {**base, "metric": m})] = float(v)
         for alert in record.get("alerts", []):
             labels = {k: str(alert[k]) for k in ("kind", "finding", "attribute", "group", "metric") if k in alert}
             values[_label("cxr_ai_fairness_alert", labels)] = 1.0

@@ -42,6 +42,31 @@ MSG_CSV_COLUMNS = (
 )
 
 
+#: Source of truth records made from a radiologist's feedback on the pages: the reader saw the
+#: model's answer, so this truth is not independent of the model (reported apart from it).
+FEEDBACK_SOURCE = "radiologist, AI shown"
+#: Findings a radiograph reading can establish. Low EF needs echocardiography: feedback on it
+#: is the reader's opinion only and never becomes truth.
+FEEDBACK_TRUTH_FINDINGS = ("cardiomegaly",)
+VERDICTS = ("agree", "disagree", "uncertain")
+
+
+def truth_from_feedback(*, finding: str, verdict: str, model_positive: bool, study_uid: str,
+                        patient_key: str | None, reader: str, observed_at: str) -> list[dict[str, Any]]:
+    """A radiologist's verdict on the model's call → truth records (empty when it is none).
+
+    ``agree`` keeps the model's call, ``disagree`` flips it, ``uncertain`` gives no truth; only
+    :data:`FEEDBACK_TRUTH_FINDINGS` become truth. ``reader`` is a pseudonym.
+    """
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict {verdict!r} is not one of {VERDICTS}")
+    if finding not in FEEDBACK_TRUTH_FINDINGS or verdict == "uncertain":
+        return []
+    value = int(model_positive) if verdict == "agree" else int(not model_positive)
+    return [{"finding": finding, "value": value, "study_uid": study_uid, "patient_key": patient_key,
+             "observed_at": observed_at, "source": FEEDBACK_SOURCE, "reader": reader}]
+
+
 class TruthStore:
     """Append-only JSON-lines store of truth records::
 

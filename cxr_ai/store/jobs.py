@@ -816,6 +816,13 @@ class JobStore:
         with self._tx() as conn:
             conn.execute("UPDATE studies SET retracted_at=?, updated_at=? WHERE study_key=?", (now, now, study_key))
 
+    def job_states(self) -> dict[str, tuple[str, str, float]]:
+        """job id → (state, reason, created_at) of every study (one light query, for the pages)."""
+        cur = self._conn().cursor()
+        cur.row_factory = None  # plain tuples: 10,000 rows in a few ms
+        return {job: (state, reason, created) for job, state, reason, created in
+                cur.execute("SELECT job_id, state, reason, created_at FROM studies")}
+
     def instances(self, study_key: str | None = None) -> list[InstanceRecord]:
         if study_key is None:
             rows = self._conn().execute("SELECT * FROM instances ORDER BY received_at, sop_key").fetchall()
