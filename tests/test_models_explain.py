@@ -150,9 +150,9 @@ def test_attention_contributions_sum_to_the_logit(arch: str) -> None:
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    """The same bundle (DenseNet-121, a hidden layer) with the forward's maps and with MONAI's."""
+    """The same bundle (a DenseNet with a hidden layer) with the forward's maps and with MONAI's."""
     torch.manual_seed(21)
-    net = _like_trained(build_network(_config("densenet121", hidden=16)), seed=22)
+    net = _like_trained(build_network(_config("densenet_small", hidden=16)), seed=22)
     with torch.no_grad():
         net.head[1].bias.fill_(0.5)
     path = save_bundle(
