@@ -12,7 +12,9 @@ TorchScript module for the peers.
   composed once and run per study folder in one fresh process (start-up included), in the
   SDK's own virtual environment (``--peer-python``; the SDK is not a dependency of cxr-ai).
 - **Plain script** (``benchmarks/peer/plain_script.py``): pydicom read -> MONAI transforms ->
-  model -> highdicom SR, one image at a time, in the same environment.
+  model -> highdicom SR, one image at a time, in this environment (cxr-ai's libraries, not
+  cxr-ai: in the SDK's environment ``import monai`` also imports the SDK, which sits in MONAI's
+  namespace).
 
 Runs alternate (cxr-ai, SDK, script; ``--reps`` rounds) so that load from other processes on a
 shared machine hits all alike; the best round of each is kept. Figure of merit:
@@ -115,7 +117,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg.write_text(f'[models]\nbundle = "{bundle}"\n', encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         sdk_ok, sdk_detail = _peer_can_run(args.peer_python)
-        peer_python = args.peer_python if Path(args.peer_python).exists() else sys.executable
         runs: dict[str, list[dict[str, Any]]] = {"cxr_ai_batch": [], "monai_deploy_sdk": [], "plain_script": []}
         for r in range(max(1, args.reps)):
             out = tmp / f"cxr-{r}"
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs["monai_deploy_sdk"].append({"wall_s": round(wall, 3), "img_s": round(n_images / wall, 3),
                                                  "rc": rc, "log_tail": log[-600:]})
             out = tmp / f"plain-{r}"
-            wall, log, rc = _timed([peer_python, str(HERE / "peer" / "plain_script.py"), "--input", str(folder),
+            wall, log, rc = _timed([sys.executable, str(HERE / "peer" / "plain_script.py"), "--input", str(folder),
                                     "--model", str(ts), "--out", str(out)])
             runs["plain_script"].append({"wall_s": round(wall, 3), "img_s": round(n_images / wall, 3), "rc": rc,
                                          "log_tail": log[-400:]})
