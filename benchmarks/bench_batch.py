@@ -252,7 +252,7 @@ def bench_model(name: str, bundle: Path, items: list, tmp: Path, *, threads: int
                   f"{r['of_bound']:.2f} of the {cores}-core bound", flush=True)
         by = res["batch"][pool]
         if "heatmaps" in by and "sr_fhir" in by:
-            res["batch"][pool]["heatmaps_over_sr_fhir"] = round(by["heatmaps"]["img_s"] / by["sr_fhir"]["img_s"], 3)
+            res.setdefault("heatmaps_over_sr_fhir", {})[pool] = round(by["heatmaps"]["img_s"] / by["sr_fhir"]["img_s"], 3)
     return res
 
 
