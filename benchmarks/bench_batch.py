@@ -11,8 +11,10 @@ realistic 2048 x 2048 (uncompressed, 16-bit):
    model (its lanes, :func:`cxr_ai.batch.pools.model_plan`); the faster is the reference.
 2. **CPU seconds per image by stage**, each stage alone in this process with one PyTorch
    thread (as the driver's lanes and the workers run them): prepare (read, gate, decode, pixel
-   pipeline), forward, SR + FHIR objects, write, table row, and for heatmaps Grad-CAM and the
-   extra SC + PM objects and their writing. With ``C`` cores, ``C / sum(stages)`` estimates the
+   pipeline), forward, SR + FHIR objects, write, table row, and for heatmaps the explanation
+   (the forward's maps: forward with maps minus forward without, plus mapping them to the
+   source geometry; MONAI's GradCAM per finding, the former path, is timed beside it as a
+   reference) and the extra SC + PM objects and their writing. With ``C`` cores, ``C / sum(stages)`` estimates the
    most any driver can reach on this machine (every core busy with nothing but the stages); it
    is reported as the bound.
 3. **Batch**: :func:`cxr_ai.batch.pools.run_items` over the files in three output modes — ``table``
@@ -23,7 +25,9 @@ realistic 2048 x 2048 (uncompressed, 16-bit):
    forward: interference only slows a run down), ratio to the bare forward, and the CPU
    seconds per image the run really spent (driver + workers, wall clock x cores busy).
 
-Goal (issue 6): batch >= 0.8 x bare forward. Run:
+Goals: batch >= 0.8 x bare forward (issue 6); explanation cost <= 0.10 x the forward and the
+heatmaps batch >= 0.6 x the SR + FHIR batch (issue 20, ``explanation_cost_over_forward`` and
+``heatmaps_over_sr_fhir``). Run:
 ``.venv/bin/python benchmarks/bench_batch.py [--n 24] [--size 2048] [--models densenet121,demo]``;
 writes ``benchmarks/results/batch.json``. Measure on a quiet machine (``flock`` the shared lock).
 """
@@ -114,11 +118,12 @@ def _stage_costs(pipe: Any, items: list, tmp: Path) -> tuple[dict[str, float], n
     keys = batch._finding_keys(pipe)
     torch.set_num_threads(1)
     try:
-        # warm-up on one image: lazy imports, caches, the Grad-CAM copy of the network
+        # warm-up on one image: lazy imports, caches, the MONAI reference's copy of the network
         warm = [pipe.prepare(items[0].path)]
-        pipe.infer(warm, explain=False)
+        pipe.infer(warm, explain=True, source_maps=False)
         pipe.build_outputs(warm[0][0])
         pipe.add_heatmaps(warm)
+        eng.explain(warm[0][1].image[None], method="monai-gradcam")
         pipe.build_outputs(warm[0][0], parts=HEATMAP_PARTS)
         batch.write_outputs(warm[0][0], tmp / "stage-warm")
 
@@ -129,6 +134,7 @@ def _stage_costs(pipe: Any, items: list, tmp: Path) -> tuple[dict[str, float], n
         pairs = [(p.outcome, p.pre) for p in preps]
         x = np.stack([pre.image for _, pre in pairs]).astype(np.float32)
         _, fwd1, _ = _per_image(lambda: eng.predict(x), n)
+        _, fwd1_maps, _ = _per_image(lambda: eng.predict(x, explain=True), n)
         pipe.infer(pairs, explain=False)
         outcomes = [o for o, _ in pairs]
         _, outputs, _ = _per_image(lambda: [pipe.build_outputs(o) for o in outcomes], n)  # SR + FHIR
@@ -138,10 +144,19 @@ def _stage_costs(pipe: Any, items: list, tmp: Path) -> tuple[dict[str, float], n
         preps = pairs = outcomes = []  # free them before the heatmap batch
         k = min(n, eng.batch_size)  # heatmaps: one batch prices them (pixels kept, as the batch does)
         hm = [pipe.prepare(it.path) for it in items[:k]]
-        pipe.infer(hm, explain=False)
+        pipe.infer(hm, explain=True, source_maps=False)  # the forward keeps its maps (model geometry)
         for o, _ in hm:
             pipe.build_outputs(o)
-        _, gradcam, _ = _per_image(lambda: pipe.add_heatmaps(hm), k)
+        kept = [o.saliency for o, _ in hm]
+
+        def to_source() -> None:
+            for o, s in zip((o for o, _ in hm), kept):
+                o.saliency = s
+            pipe.add_heatmaps(hm)  # the kept maps to the source geometry, as stage 3 does
+
+        _, source_maps, _ = _per_image(to_source, k)
+        _, monai_gradcam, _ = _per_image(
+            lambda: eng.explain(np.stack([pre.image for _, pre in hm]), method="monai-gradcam"), k)
         _, outputs_hm, _ = _per_image(lambda: [pipe.build_outputs(o, parts=HEATMAP_PARTS) for o, _ in hm], k)
         _, write_all, _ = _per_image(lambda: [batch.write_outputs(o, tmp / "stage-hm") for o, _ in hm], k)
     finally:
@@ -149,10 +164,16 @@ def _stage_costs(pipe: Any, items: list, tmp: Path) -> tuple[dict[str, float], n
     _, fwd_n, _ = _per_image(lambda: eng.predict(x), len(x))
     for d in ("stage-warm", "stage-sr", "stage-hm"):
         shutil.rmtree(tmp / d, ignore_errors=True)
+    maps_in_forward = max(0.0, fwd1_maps - fwd1)
     costs = {
         "prepare": prep, "forward_1_thread": fwd1, "forward_engine_threads": fwd_n,
         "outputs_sr_fhir": outputs, "write_sr_fhir": write, "row": row,
-        "gradcam": gradcam, "outputs_heatmaps_extra": outputs_hm, "write_heatmaps_extra": max(0.0, write_all - write),
+        # explanations: the forward's maps (forward with maps - forward without) + mapping them
+        # to the source geometry; MONAI's GradCAM per finding (the former path) for reference
+        "forward_1_thread_with_maps": fwd1_maps, "maps_in_forward": maps_in_forward,
+        "maps_to_source": source_maps, "gradcam": maps_in_forward + source_maps,
+        "monai_gradcam_reference": monai_gradcam,
+        "outputs_heatmaps_extra": outputs_hm, "write_heatmaps_extra": max(0.0, write_all - write),
     }
     return {k: round(v, 4) for k, v in costs.items()}, x
 
@@ -213,6 +234,8 @@ def bench_model(name: str, bundle: Path, items: list, tmp: Path, *, threads: int
         "cpu_s_per_image": costs,
         "bound_img_s": bounds,
         "bound_ratio": {m: round(b / reference, 3) for m, b in bounds.items()},
+        "explanation_cost_over_forward": round(costs["gradcam"] / costs["forward_1_thread"], 3),
+        "monai_gradcam_cost_over_forward": round(costs["monai_gradcam_reference"] / costs["forward_1_thread"], 3),
         "batch": {},
     }
     _run_batch(pipe, items[: eng.batch_size], tmp / "warm", mode="sr_fhir", pool=pools[0], threads=threads)
@@ -227,6 +250,9 @@ def bench_model(name: str, bundle: Path, items: list, tmp: Path, *, threads: int
             res["batch"][pool][mode] = r
             print(f"  {name:12s} {pool:9s} {mode:8s} {r['img_s']:7.2f} img/s  x{r['ratio']:.3f} of forward, "
                   f"{r['of_bound']:.2f} of the {cores}-core bound", flush=True)
+        by = res["batch"][pool]
+        if "heatmaps" in by and "sr_fhir" in by:
+            res.setdefault("heatmaps_over_sr_fhir", {})[pool] = round(by["heatmaps"]["img_s"] / by["sr_fhir"]["img_s"], 3)
     return res
 
 

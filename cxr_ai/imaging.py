@@ -97,15 +97,19 @@ class Letterbox:
     size: int
 
     def to_source(self, model_map: np.ndarray) -> np.ndarray:
-        """Resample a ``(size, size)`` map (e.g. Grad-CAM) to the source image geometry."""
+        """Resample a ``(size, size)`` map (e.g. Grad-CAM) to the source image geometry.
+
+        Leading dimensions (``(..., size, size)``, e.g. one map per finding) are resampled
+        in one call and kept.
+        """
         if model_map.shape[-2:] != (self.size, self.size):
             raise ValueError(f"map shape {model_map.shape} does not match model input {self.size}")
         r0, c0 = self.offset
         rh, rw = self.resized_shape
         crop = np.asarray(model_map, dtype=np.float32)[..., r0 : r0 + rh, c0 : c0 + rw]
-        t = torch.from_numpy(np.ascontiguousarray(crop)).reshape(1, 1, rh, rw)
+        t = torch.from_numpy(np.ascontiguousarray(crop)).reshape(1, -1, rh, rw)
         out = torch.nn.functional.interpolate(t, size=self.source_shape, mode="bilinear", align_corners=False)
-        return out[0, 0].numpy()
+        return out[0].reshape(*crop.shape[:-2], *self.source_shape).numpy()
 
 
 @dataclass

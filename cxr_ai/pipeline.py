@@ -65,6 +65,9 @@ class InstanceOutcome:
     datasets: list[Dataset] = field(default_factory=list, repr=False)
     fhir_bundle: dict[str, Any] | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
+    #: The model's maps of this image in model-input geometry, (F, S, S) float32 in [0, 1],
+    #: kept by :meth:`Pipeline.infer` with ``source_maps=False`` until :meth:`Pipeline.add_heatmaps`.
+    saliency: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def processed(self) -> bool:
@@ -112,9 +115,10 @@ class Pipeline:
 
         With ``on_results``, the findings go out first: the model runs without heatmaps, the
         SR and FHIR objects are built, and ``on_results`` gets the outcomes (their
-        ``datasets`` hold the SRs) so that the caller can send them; then the Grad-CAM maps
-        are computed and the heatmap SC / Parametric Map objects are appended to the same
-        outcomes. The objects are identical either way; only their order in time differs.
+        ``datasets`` hold the SRs) so that the caller can send them; then the maps the same
+        forward kept are mapped to the source geometry and the heatmap SC / Parametric Map
+        objects are appended to the same outcomes. The objects are identical either way;
+        only their order in time differs.
         """
         prepared = [self.prepare(source) for source in sources]
         if on_results is None or not self.explain:
@@ -125,7 +129,7 @@ class Pipeline:
             if on_results is not None:
                 on_results([outcome for outcome, _ in prepared])
             return [outcome for outcome, _ in prepared]
-        self.infer(prepared, explain=False)
+        self.infer(prepared, source_maps=False)
         inferred = [(o, pre) for o, pre in prepared
                     if pre is not None and o.result is not None and o.result.findings]
         for outcome, _ in inferred:
@@ -176,22 +180,26 @@ class Pipeline:
         return outcome, pre
 
     def infer(self, prepared: Sequence[tuple[InstanceOutcome, Preprocessed | None]], *,
-              explain: bool | None = None) -> None:
+              explain: bool | None = None, source_maps: bool = True) -> None:
         """Stage 2: one model call for every prepared instance that has a model input.
 
-        ``explain`` (default: the pipeline's) adds the Grad-CAM heatmaps in the same call;
-        :meth:`add_heatmaps` adds them later.
+        ``explain`` (default: the pipeline's) keeps the forward's Grad-CAM maps
+        (:attr:`InstanceOutcome.saliency`); with ``source_maps`` the findings get their
+        heatmaps in the source geometry at once, else :meth:`add_heatmaps` maps them later
+        (after the SR has gone out, or in the process that holds the source image).
         """
         accepted = [(outcome, pre) for outcome, pre in prepared if pre is not None]
         if not accepted:
             return
         explain = self.explain if explain is None else explain
         t0 = time.perf_counter()
-        model_outputs = self.engine.predict_preprocessed([pre for _, pre in accepted], explain=explain)
+        model_outputs = self.engine.predict_preprocessed([pre for _, pre in accepted], explain=explain,
+                                                         source_maps=source_maps)
         per_image = (time.perf_counter() - t0) / len(accepted)
         for (outcome, _pre), out in zip(accepted, model_outputs):
             assert outcome.result is not None and outcome.radiograph is not None
             outcome.timings["model_s"] = per_image
+            outcome.saliency = None if source_maps else out.saliency
             outcome.result = ImageResult(
                 sop_instance_uid=outcome.sop_instance_uid,
                 study_instance_uid=outcome.study_instance_uid,
@@ -202,16 +210,24 @@ class Pipeline:
             )
 
     def add_heatmaps(self, inferred: Sequence[tuple[InstanceOutcome, Preprocessed]]) -> None:
-        """Stage 2b: the Grad-CAM map of each finding of instances inferred without them."""
+        """Stage 2b: each finding's heatmap in the source geometry, for instances inferred
+        without them: from the maps their forward kept (:attr:`InstanceOutcome.saliency`),
+        else (an outcome inferred with ``explain=False``) from one more model call."""
+        from cxr_ai.models.engine import source_heatmaps
+
         todo = [(o, pre) for o, pre in inferred if o.result is not None and o.result.findings]
         if not todo:
             return
         t0 = time.perf_counter()
-        maps = self.engine.heatmaps_preprocessed([pre for _, pre in todo])
+        missing = [(o, pre) for o, pre in todo if o.saliency is None]
+        computed = iter(self.engine.heatmaps_preprocessed([pre for _, pre in missing]) if missing else [])
+        maps = [source_heatmaps(o.saliency, pre.letterbox) if o.saliency is not None else next(computed)
+                for o, pre in todo]
         per_image = (time.perf_counter() - t0) / len(todo)
         for (outcome, _), per_finding in zip(todo, maps):
             assert outcome.result is not None
             outcome.timings["heatmaps_s"] = per_image
+            outcome.saliency = None
             outcome.result.findings = [replace(f, heatmap=m) for f, m in zip(outcome.result.findings, per_finding)]
 
     def build_outputs(self, outcome: InstanceOutcome, *, parts: Collection[str] = OUTPUT_PARTS) -> None:

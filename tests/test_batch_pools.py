@@ -61,7 +61,8 @@ def test_processes_threads_and_table_only_give_the_same_results(phantoms, config
     same = [c for c in table.columns if c not in ("n_outputs", "report_uid")]  # no objects, no report
     pd.testing.assert_frame_equal(table[same], runs["threads"][same], check_exact=True)
 
-    # heatmaps made in the workers (Grad-CAM on their own model copy) equal the driver's
+    # heatmaps: both come from the driver's forward; mapped to the source geometry in the
+    # workers (processes) or in the model call (threads), they must give the same objects
     from cxr_ai.dicom.sr import read_sr_findings
 
     for rel in _outputs(tmp_path / "processes"):
@@ -73,8 +74,8 @@ def test_processes_threads_and_table_only_give_the_same_results(phantoms, config
         if rel.name.endswith("_sr1.dcm"):
             pa = {f["key"]: f["probability"] for f in read_sr_findings(a)}
             assert pa == {f["key"]: f["probability"] for f in read_sr_findings(b)}
-        else:  # SC (RGB) and PM (stored integers): Grad-CAM ran on batches of other make-up in
-            # the workers, so float rounding may move a pixel by one stored step, no more
+        else:  # SC (RGB) and PM (stored integers): float rounding may move a pixel by one
+            # stored step, no more
             diff = np.abs(a.pixel_array.astype(np.int64) - b.pixel_array.astype(np.int64))
             assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (rel, diff.max(), (diff > 0).mean())
 

@@ -294,3 +294,39 @@ def test_one_pm_per_finding_in_one_series(images):
     assert len({m.SeriesInstanceUID for m in maps}) == 1
     assert len({m.SOPInstanceUID for m in maps}) == 2
     assert [int(m.InstanceNumber) for m in maps] == [1, 2]
+
+
+# --- rendering internals: the cheaper path gives the same pixels ---------------------------------
+
+
+def test_sc_pixels_are_the_overlay_of_the_resized_images_for_each_finding(images):
+    """The display is resized once per image and reused for every finding: each SC must still
+    be exactly overlay_rgb of its own heat over that display, and a new display (another
+    image, same size) must not get the previous one's pixels."""
+    from cxr_ai.dicom.heatmap import _resize
+
+    ds, _, display = images["phantom_DX_M1"]
+    rows, cols = display.shape
+    heats = [_blob(rows, cols), _blob(rows, cols, centre=(0.3, 0.3), width=(0.1, 0.1))]
+    for display_now in (display, 1.0 - display):
+        for heat in heats:
+            sc = build_heatmap_sc(ds, _finding(ds, heat=heat), DEMO, display_image=display_now, max_side=256)
+            small = (256, 256)
+            want = overlay_rgb(_resize(display_now, small), _resize(heat, small))
+            np.testing.assert_array_equal(sc.pixel_array[:256], want)
+
+
+def test_heat_clipping_matches_nan_to_num_then_clip():
+    from cxr_ai.dicom.heatmap import _clip01
+
+    heat = np.array([[np.nan, -np.inf, np.inf, -0.5], [0.0, 0.25, 1.0, 1.5]], dtype=np.float32)
+    np.testing.assert_array_equal(_clip01(heat), np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0))
+    inside = np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32)
+    assert _clip01(inside) is inside  # no copy for a map already in [0, 1]
+
+
+def test_pm_stores_rounded_heat(images):
+    ds, _, _ = images["phantom_DX_M1"]
+    heat = _blob(int(ds.Rows), int(ds.Columns))
+    pm = build_parametric_map(ds, _finding(ds, heat=heat), DEMO)
+    np.testing.assert_array_equal(pm.pixel_array, np.round(heat * PM_SCALE).astype(np.uint16))

@@ -90,7 +90,8 @@ def test_gradcam_matches_monai_and_is_not_inverted(bundle, images) -> None:
     maps = engine.explain(images[:2])
     assert maps.shape == (2, 2, SIZE, SIZE)
     assert maps.min() >= 0.0 and maps.max() <= 1.0
-    raw = GradCAM(nn_module=LogitsOnly(bundle.model), target_layers=GRADCAM_LAYER, postprocessing=lambda t: t)(
+    # eval(): MONAI restores the wrapper's training flag, which would put the bundle in train mode
+    raw = GradCAM(nn_module=LogitsOnly(bundle.model).eval(), target_layers=GRADCAM_LAYER, postprocessing=lambda t: t)(
         torch.from_numpy(images[:2]).requires_grad_(True), class_idx=1
     )
     raw = raw[:, 0].detach().numpy()

@@ -60,7 +60,7 @@ class _ThreadStages:
     building result objects does not, so it competes with the driver)."""
 
     kind = "threads"
-    computes_heatmaps = False  # Grad-CAM runs in the driver's model call
+    maps_in_pool = False  # the model call maps the heatmaps to the source geometry
 
     def __init__(self, pipeline: Any, size: int, *, out_dir: Path, pkey: bytes, write: bool) -> None:
         self.pipeline, self.size = pipeline, size
@@ -130,17 +130,19 @@ def _proc_prepare(item: WorkItem, ticket: int, out_dir: Path, pkey: bytes, write
     return Prepared(item, _light_outcome(got.outcome), got.pre, ticket)
 
 
-def _proc_finish(done: list[tuple[int, Any, dict[str, float]]], heatmaps: bool, out_dir: Path, pkey: bytes,
+def _proc_finish(done: list[tuple[int, Any, dict[str, float], Any]], heatmaps: bool, out_dir: Path, pkey: bytes,
                  write: bool) -> list[Finished]:
     """Worker: stage 3 for instances of one model batch that this process prepared, given the
-    driver's model outputs (``(ticket, result, timings)``). With ``heatmaps``, their Grad-CAM
-    maps are computed here first (:meth:`~cxr_ai.pipeline.Pipeline.add_heatmaps`, one call), on this process's
-    copy of the model, so that the explanations of several batches run in parallel."""
+    driver's model outputs (``(ticket, result, timings, saliency)``). With ``heatmaps``, the
+    maps the driver's forward kept (model geometry, small) are mapped here to the source
+    geometry (:meth:`~cxr_ai.pipeline.Pipeline.add_heatmaps`), so that full-resolution maps never cross
+    between processes."""
     pipeline = _PROC["pipeline"]
     mine: list[Prepared] = []
-    for ticket, result, timings in done:
+    for ticket, result, timings, saliency in done:
         prepared = _PROC["kept"].pop(ticket)
         prepared.outcome.result = result
+        prepared.outcome.saliency = saliency
         prepared.outcome.timings.update(timings)
         mine.append(prepared)
     if heatmaps:
@@ -159,7 +161,7 @@ def _light_outcome(outcome: Any) -> Any:
     rg = outcome.radiograph
     light_rg = dataclasses.replace(rg, dataset=Dataset(), _pixels=None) if rg is not None else None
     return dataclasses.replace(outcome, radiograph=light_rg, datasets=[], fhir_bundle=None,
-                               timings=dict(outcome.timings))
+                               timings=dict(outcome.timings), saliency=None)
 
 
 def _worker_config_json(pipeline: Any) -> str:
@@ -215,8 +217,8 @@ class _ProcessStages:
         import multiprocessing as mp
 
         self.pipeline, self.size = pipeline, size
-        # Grad-CAM in the workers when the model runs on the CPU (on a GPU it stays there)
-        self.computes_heatmaps = getattr(getattr(pipeline.engine, "device", None), "type", "cpu") == "cpu"
+        # the forward's maps are mapped to the source geometry in the worker holding the source
+        self.maps_in_pool = True
         self.start_method = _start_method(start_method)
         ctx = mp.get_context(self.start_method)
         inherit = pipeline if self.start_method == "fork" else None  # fork: no pickling, no reload
@@ -275,7 +277,7 @@ class _ProcessStages:
         by_worker: dict[int, list[tuple[int, Any, dict[str, float]]]] = {}
         for p in batch:
             by_worker.setdefault(self._where.pop(p.ticket), []).append(
-                (p.ticket, p.outcome.result, dict(p.outcome.timings)))
+                (p.ticket, p.outcome.result, dict(p.outcome.timings), p.outcome.saliency))
         return [(self._submit(w, _proc_finish, done, heatmaps, *self._args), len(done))
                 for w, done in by_worker.items()]
 
@@ -428,10 +430,11 @@ def run_items(
     logger.info("batch: %d instances, model batches of %d in %d lane(s)%s, stages in %d %s", len(items), bs,
                 plan.lanes, f" of {plan.torch_threads} thread(s)" if plan.torch_threads else "", size, stages.kind)
 
-    # Heatmaps are made only when result objects are; in worker processes when they can
-    # (Grad-CAM of several batches then runs in parallel), else in the driver's model call.
+    # Heatmaps are made only when result objects are, always from the driver's forward; they
+    # are mapped to the source geometry in the worker processes when there are some (only the
+    # small model-geometry maps cross), else in the driver's model call.
     explain = bool(getattr(pipeline, "explain", False)) and write
-    heatmaps_in_pool = explain and stages.computes_heatmaps
+    heatmaps_in_pool = explain and stages.maps_in_pool
 
     def deliver(fin: Finished) -> None:
         results[fin.key] = fin
@@ -487,8 +490,8 @@ def run_items(
                 batch.append(got)
             if batch and (len(batch) >= bs or not queue):
                 harvest(block_until=plan.lanes - 1)  # a free lane
-                inferring.append((lanes.submit(infer, pipeline, batch, explain=explain and not heatmaps_in_pool),
-                                  batch))
+                inferring.append((lanes.submit(infer, pipeline, batch, explain=explain,
+                                               source_maps=not heatmaps_in_pool), batch))
                 batch = []
             harvest(block_until=plan.lanes)
             drain(block_until=2 * bs)  # bounded memory: prepared outcomes wait for their outputs

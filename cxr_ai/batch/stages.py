@@ -51,16 +51,20 @@ def prepare(pipeline: Any, item: WorkItem, *, keep_pixels: bool | None = None) -
     return Prepared(item, outcome, pre)
 
 
-def infer(pipeline: Any, batch: Sequence[Prepared], *, explain: bool | None = None) -> None:
+def infer(pipeline: Any, batch: Sequence[Prepared], *, explain: bool | None = None,
+          source_maps: bool = True) -> None:
     """Run the model on the accepted instances of ``batch`` (one engine call): stage 2.
 
-    ``explain`` (default: the pipeline's) adds the Grad-CAM heatmaps in the same call.
+    ``explain`` (default: the pipeline's) keeps the forward's Grad-CAM maps; with
+    ``source_maps`` they are mapped to the source geometry in the same call, else
+    :meth:`~cxr_ai.pipeline.Pipeline.add_heatmaps` does it in stage 3.
     """
     pairs = [(p.outcome, p.pre) for p in batch]
+    kwargs: dict[str, Any] = {} if source_maps else {"source_maps": False}
     if explain is None:
-        pipeline.infer(pairs)
+        pipeline.infer(pairs, **kwargs)
     else:
-        pipeline.infer(pairs, explain=explain)
+        pipeline.infer(pairs, explain=explain, **kwargs)
     for p in batch:
         p.pre = None  # free the tensor
 

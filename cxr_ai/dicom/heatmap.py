@@ -35,9 +35,12 @@ only when its PixelSpacing is plausible (0.01-5 mm); invalid spacing such as RG1
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import textwrap
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -102,7 +105,20 @@ def _heat(source_ds: Dataset, finding: FindingResult) -> np.ndarray:
                 key=finding.key, shape=heat.shape, sop=source_ds.SOPInstanceUID, rows=rows, cols=cols
             )
         )
-    return np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0)
+    return _clip01(heat)
+
+
+def _clip01(heat: np.ndarray) -> np.ndarray:
+    """``np.clip(np.nan_to_num(heat), 0, 1)`` (NaN and -inf to 0, +inf to 1), read-only use.
+
+    A map already in [0, 1] (what the engine makes) is returned as it is: two reductions, no
+    copy. ``min``/``max`` propagate NaN, so a map with NaN takes the clipping path.
+    """
+    if 0.0 <= float(heat.min()) and float(heat.max()) <= 1.0:
+        return heat
+    out = np.fmax(heat, np.float32(0.0))  # NaN -> 0 (fmax ignores NaN), -inf -> 0
+    np.fmin(out, np.float32(1.0), out=out)  # +inf -> 1
+    return out
 
 
 def _valid_spacing(value: object) -> bool:
@@ -178,7 +194,44 @@ def _banner(width: int, lines: Sequence[str]) -> np.ndarray:
 
 
 def _to_u8(img: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+    """``rint(clip(img, 0, 1) * 255)`` as uint8, in one temporary."""
+    out = np.clip(img, 0.0, 1.0)
+    out *= 255.0
+    np.rint(out, out=out)
+    return out.astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=16)
+def _overlay_luts(colormap: str, max_alpha: float, min_heat: float) -> tuple[list[int], list[int]]:
+    """The colormap as a 256-entry RGB palette and the opacity as a 256-entry lookup table
+    (8-bit heat in, 8-bit out), computed once per look."""
+    try:
+        cmap = matplotlib.colormaps[colormap]
+    except KeyError:
+        raise ValueError(MSG_COLORMAP.format(name=colormap)) from None
+    levels = np.linspace(0.0, 1.0, 256)
+    palette = _to_u8(cmap(levels)[:, :3]).ravel().tolist()
+    opacity = _to_u8(max_alpha * np.clip((levels - min_heat) / (1.0 - min_heat), 0.0, 1.0)).tolist()
+    return palette, opacity
+
+
+def _gray_rgb(display_image: np.ndarray) -> Image.Image:
+    return Image.fromarray(_to_u8(np.asarray(display_image, dtype=np.float32))).convert("RGB")
+
+
+_SMALL_DISPLAY = threading.local()
+
+
+def _small_display(display: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """``display`` resized to ``size`` and quantised to 8-bit grey RGB: the same for every
+    finding of an image, so made once per image (a one-entry cache per thread, keyed on the
+    array object, which callers do not modify)."""
+    slot = getattr(_SMALL_DISPLAY, "slot", None)
+    if slot is not None and slot[0]() is display and slot[1] == size:
+        return slot[2]
+    gray = _gray_rgb(_resize(display, size))
+    _SMALL_DISPLAY.slot = (weakref.ref(display), size, gray)
+    return gray
 
 
 def overlay_rgb(
@@ -200,17 +253,15 @@ def overlay_rgb(
         raise ValueError(MSG_OPTIONS.format(name="max_alpha", bounds="[0, 1]", value=max_alpha))
     if not 0.0 <= min_heat < 1.0:
         raise ValueError(MSG_OPTIONS.format(name="min_heat", bounds="[0, 1)", value=min_heat))
-    try:
-        cmap = matplotlib.colormaps[colormap]
-    except KeyError:
-        raise ValueError(MSG_COLORMAP.format(name=colormap)) from None
-    levels = np.linspace(0.0, 1.0, 256)
-    palette = _to_u8(cmap(levels)[:, :3]).ravel().tolist()
-    opacity = _to_u8(max_alpha * np.clip((levels - min_heat) / (1.0 - min_heat), 0.0, 1.0)).tolist()
+    return _blend(_gray_rgb(display_image), heat, colormap=colormap, max_alpha=max_alpha, min_heat=min_heat)
+
+
+def _blend(gray: Image.Image, heat: np.ndarray, *, colormap: str, max_alpha: float, min_heat: float) -> np.ndarray:
+    """:func:`overlay_rgb` over an already quantised grey RGB image (options checked)."""
+    palette, opacity = _overlay_luts(colormap, float(max_alpha), float(min_heat))
     heat_u8 = Image.fromarray(_to_u8(np.asarray(heat, dtype=np.float32)))  # mode "L"
     colour = heat_u8.copy()
     colour.putpalette(palette)  # an "L" image with a palette becomes "P"
-    gray = Image.fromarray(_to_u8(np.asarray(display_image, dtype=np.float32))).convert("RGB")
     blended = Image.composite(colour.convert("RGB"), gray, heat_u8.point(opacity))
     return np.asarray(blended, dtype=np.uint8)
 
@@ -281,8 +332,14 @@ def build_heatmap_sc(
         )
     scale = min(1.0, max_side / max(rows, cols))
     size = (max(1, round(rows * scale)), max(1, round(cols * scale)))
-    image = overlay_rgb(
-        _resize(display, size), _resize(heat, size),
+    if not 0.0 <= max_alpha <= 1.0:
+        raise ValueError(MSG_OPTIONS.format(name="max_alpha", bounds="[0, 1]", value=max_alpha))
+    if not 0.0 <= min_heat < 1.0:
+        raise ValueError(MSG_OPTIONS.format(name="min_heat", bounds="[0, 1)", value=min_heat))
+    # what overlay_rgb(_resize(display, size), _resize(heat, size)) gives, with the display
+    # resized and quantised once per image rather than once per finding
+    image = _blend(
+        _small_display(display, size), _resize(heat, size),
         colormap=colormap, max_alpha=max_alpha, min_heat=min_heat,
     )
     pixels = np.concatenate([image, _banner(size[1], sc_text_lines(finding, model))], axis=0)
@@ -466,7 +523,9 @@ def build_parametric_map(
     """
     check_source(source_ds)
     heat = _heat(source_ds, finding)
-    stored = np.round(heat * PM_SCALE).astype(np.uint16)
+    stored = np.multiply(heat, np.float32(PM_SCALE))  # round(heat * PM_SCALE), one temporary
+    np.rint(stored, out=stored)
+    stored = stored.astype(np.uint16)
     label = f"{finding.key.upper()}_MAP"[:16]
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=finding.key[:16],

@@ -11,10 +11,24 @@ Device policy
   cores the process cannot use or that other services need. Set it lower to leave cores to
   the DICOM listener. Note that the thread count is process-wide in PyTorch.
 
-Prediction runs under ``torch.inference_mode``. Explanations need gradients, so they run on a
-private float32 copy of the network with MONAI's :class:`monai.visualize.GradCAM` hooked onto
-its ``feature_map`` layer (or :class:`monai.visualize.SmoothGrad`, when asked), and are
-mapped back to the source image geometry with :meth:`cxr_ai.imaging.Letterbox.to_source`.
+Prediction runs under ``torch.inference_mode``.
+
+Explanations
+------------
+``gradcam`` (default) comes from the inference forward itself: the forward keeps the final
+feature map and :meth:`cxr_ai.models.networks.CxrNet.explanation_maps` turns it into one map
+per finding, Grad-CAM in closed form for pooled heads (equal to MONAI's
+:class:`monai.visualize.GradCAM` at ``feature_map``, which the tests check on every
+architecture) and the exact contribution map for the attention head. No second forward, no
+copy of the network: the maps cost a small fraction of the forward. Each map is upsampled to
+the model input (bilinear, as MONAI's CAM does), scaled to [0, 1] per image and finding, and
+mapped back to the source geometry with :meth:`cxr_ai.imaging.Letterbox.to_source` (all
+findings of an image in one resampling).
+
+``smoothgrad`` (:class:`monai.visualize.SmoothGrad`, opt-in) and ``monai-gradcam`` (MONAI's
+``GradCAM`` hooked onto ``feature_map``, one forward and backward per finding: the reference
+the closed form is tested against) need gradients through the whole network, so they run on
+a private float32 copy of it and cost several forwards per image.
 """
 
 from __future__ import annotations
@@ -43,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 #: Directory name of the shipped demo bundle under ``cxr_ai/bundles``.
 DEMO_BUNDLE_NAME = "demo-cxr-phantom"
-EXPLAIN_METHODS = ("gradcam", "smoothgrad")
+EXPLAIN_METHODS = ("gradcam", "smoothgrad", "monai-gradcam")
 
 MSG_BAD_INPUT = (
     "engine input has shape {shape} and dtype {dtype}; expected float32 images shaped "
@@ -86,11 +100,16 @@ def available_cores() -> int:
 
 @dataclass
 class Prediction:
-    """Batched model outputs: probabilities (B, F) and embeddings (B, D), float32."""
+    """Batched model outputs: probabilities (B, F) and embeddings (B, D), float32.
+
+    ``saliency`` (with ``explain``): one map per finding in the model-input geometry,
+    (B, F, S, S) float32 in [0, 1], from the same forward.
+    """
 
     probabilities: np.ndarray
     embeddings: np.ndarray
     finding_keys: list[str]
+    saliency: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -101,6 +120,35 @@ class ModelOutput:
     embedding: np.ndarray = field(repr=False)
     model: ModelInfo
     notes: list[str] = field(default_factory=list)
+    #: One map per finding in the model-input geometry, (F, S, S) float32 in [0, 1], when
+    #: explanations were asked for (``source_maps=False`` leaves the findings' heatmaps to
+    #: :func:`source_heatmaps`).
+    saliency: np.ndarray | None = field(default=None, repr=False)
+
+
+def source_heatmaps(saliency: np.ndarray, letterbox: Any) -> list[np.ndarray]:
+    """Model-geometry maps (F, S, S) -> one float32 map in [0, 1] per finding, in the source
+    geometry (:meth:`cxr_ai.imaging.Letterbox.to_source`, every finding in one resampling)."""
+    maps = letterbox.to_source(np.asarray(saliency, dtype=np.float32))
+    maps = maps.reshape(-1, *maps.shape[-2:])
+    np.clip(maps, 0.0, 1.0, out=maps)
+    return [maps[k] for k in range(maps.shape[0])]
+
+
+def saliency_maps(net: torch.nn.Module, out: dict[str, torch.Tensor], *, size: int) -> torch.Tensor:
+    """A forward's maps (:meth:`~cxr_ai.models.networks.CxrNet.explanation_maps`, (B, F, h, w))
+    as heatmaps (B, F, size, size) in [0, 1], float32, on the forward's device.
+
+    Upsampled as MONAI's CAM upsamples (bilinear, ``align_corners=False``), then scaled to
+    [0, 1] per image and finding (:func:`_normalise01`), outside autocast: for pooled heads
+    this is MONAI's ``GradCAM(..., postprocessing=_normalise01)`` of each finding.
+    """
+    raw = out["feature_map"]
+    with torch.autocast(raw.device.type, enabled=False):
+        raw = net.explanation_maps(out)
+        b, f = raw.shape[:2]
+        up = torch.nn.functional.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False)
+        return _normalise01(up.reshape(b * f, 1, size, size)).reshape(b, f, size, size)
 
 
 def _normalise01(x: torch.Tensor) -> torch.Tensor:
@@ -241,23 +289,36 @@ class InferenceEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
-    def predict(self, images: np.ndarray) -> Prediction:
-        """Probabilities and embeddings for ``images`` shaped (B, 1, S, S), float32."""
+    def predict(self, images: np.ndarray, *, explain: bool = False) -> Prediction:
+        """Probabilities and embeddings for ``images`` shaped (B, 1, S, S), float32.
+
+        With ``explain``, also the closed-form Grad-CAM (or attention contribution) map of each
+        finding from the same forward (:attr:`Prediction.saliency`).
+        """
         arr = self._check(images)
-        probs, embs = [], []
-        with torch.inference_mode(), self._autocast():
+        probs, embs, maps = [], [], []
+        with torch.inference_mode():
             for start in range(0, arr.shape[0], self.batch_size):
-                out = self.model(self._to_device(arr[start : start + self.batch_size]))
+                with self._autocast():
+                    out = self.model(self._to_device(arr[start : start + self.batch_size]))
                 probs.append(out["logits"].float().sigmoid().cpu())
                 embs.append(out["embedding"].float().cpu())
+                if explain:
+                    maps.append(self._saliency(out).cpu())
+        n_f = len(self.finding_keys)
         if not probs:
-            n_f = len(self.finding_keys)
-            return Prediction(np.zeros((0, n_f), np.float32), np.zeros((0, self.model.embedding_dim), np.float32), self.finding_keys)
+            empty = np.zeros((0, n_f, self.size, self.size), np.float32) if explain else None
+            return Prediction(np.zeros((0, n_f), np.float32), np.zeros((0, self.model.embedding_dim), np.float32),
+                              list(self.finding_keys), saliency=empty)
         return Prediction(
             probabilities=torch.cat(probs).numpy(),
             embeddings=torch.cat(embs).numpy(),
             finding_keys=list(self.finding_keys),
+            saliency=torch.cat(maps).numpy() if explain else None,
         )
+
+    def _saliency(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return saliency_maps(self.model, out, size=self.size)
 
     # --- explanations -------------------------------------------------------------------------
 
@@ -272,21 +333,27 @@ class InferenceEngine:
     def explain(self, images: np.ndarray, *, method: str | None = None) -> np.ndarray:
         """Heatmaps (B, F, S, S) in [0, 1] in model-input geometry, one per finding.
 
-        Thread-safe (serialised: the CAM hooks hold per-call state); :meth:`predict` runs
-        concurrently from several threads.
+        ``gradcam`` runs one forward (:meth:`predict` with ``explain``); a caller that also
+        wants the probabilities should call that instead. ``smoothgrad`` and
+        ``monai-gradcam`` are thread-safe but serialised (MONAI's hooks hold per-call
+        state); :meth:`predict` runs concurrently from several threads.
         """
-        from monai.visualize import GradCAM, SmoothGrad
-
         method = method or self.explain_method
         if method not in EXPLAIN_METHODS:
             raise ValueError(MSG_BAD_METHOD.format(method=method, known=EXPLAIN_METHODS))
+        if method == "gradcam":
+            saliency = self.predict(images, explain=True).saliency
+            assert saliency is not None
+            return saliency
+        from monai.visualize import GradCAM, SmoothGrad
+
         arr = self._check(images)
         wrapped = self._explainer_model()
         n_f = len(self.finding_keys)
         out = np.zeros((arr.shape[0], n_f, self.size, self.size), dtype=np.float32)
         # gradients are needed even when the caller runs under torch.inference_mode()
         with self._explain_lock, torch.inference_mode(False), torch.enable_grad():
-            if method == "gradcam":
+            if method == "monai-gradcam":
                 if self._gradcam is None:
                     self._gradcam = GradCAM(nn_module=wrapped, target_layers=GRADCAM_LAYER, postprocessing=_normalise01)
                 for start in range(0, arr.shape[0], self.batch_size):
@@ -310,41 +377,48 @@ class InferenceEngine:
     # --- radiographs --------------------------------------------------------------------------
 
     def heatmaps_preprocessed(self, items: Sequence[Preprocessed]) -> list[list[np.ndarray]]:
-        """Heatmaps in source geometry (float32 in [0, 1]): one list per item, one map per finding."""
-        if not items:
-            return []
-        batch = np.stack([p.image for p in items]).astype(np.float32, copy=False)
-        maps = self.explain(batch)
-        return [
-            [np.clip(pre.letterbox.to_source(maps[i, k]), 0.0, 1.0).astype(np.float32)
-             for k in range(len(self.bundle.findings))]
-            for i, pre in enumerate(items)
-        ]
+        """Heatmaps in source geometry (float32 in [0, 1]): one list per item, one map per finding.
 
-    def predict_preprocessed(self, items: Sequence[Preprocessed], *, explain: bool = True) -> list[ModelOutput]:
-        """Model outputs for images already run through the bundle's pixel pipeline.
-
-        With ``explain``, each finding carries its heatmap in source geometry (see
-        :meth:`heatmaps_preprocessed`, which adds them later to outputs made without).
+        For images whose forward has not kept its maps; :meth:`predict_preprocessed` with
+        ``explain`` gets them from the forward it runs anyway.
         """
         if not items:
             return []
         batch = np.stack([p.image for p in items]).astype(np.float32, copy=False)
-        pred = self.predict(batch)
-        maps = self.heatmaps_preprocessed(items) if explain else None
+        maps = self.explain(batch)
+        return [source_heatmaps(maps[i], pre.letterbox) for i, pre in enumerate(items)]
+
+    def predict_preprocessed(self, items: Sequence[Preprocessed], *, explain: bool = True,
+                             source_maps: bool = True) -> list[ModelOutput]:
+        """Model outputs for images already run through the bundle's pixel pipeline.
+
+        With ``explain``, each output carries its maps in model geometry
+        (:attr:`ModelOutput.saliency`, from the same forward for ``gradcam``) and, with
+        ``source_maps``, each finding its heatmap in source geometry (:func:`source_heatmaps`;
+        without, the caller maps them where the source image is, e.g. a worker process).
+        """
+        if not items:
+            return []
+        batch = np.stack([p.image for p in items]).astype(np.float32, copy=False)
+        forward_maps = explain and self.explain_method == "gradcam"
+        pred = self.predict(batch, explain=forward_maps)
+        saliency = pred.saliency if forward_maps else (self.explain(batch) if explain else None)
         outputs = []
         for i, pre in enumerate(items):
+            maps = source_heatmaps(saliency[i], pre.letterbox) if saliency is not None and source_maps else None
             findings = [
                 FindingResult(
                     key=spec.key,
                     display=spec.display,
                     probability=float(pred.probabilities[i, k]),
                     threshold=float(spec.threshold),
-                    heatmap=maps[i][k] if maps is not None else None,
+                    heatmap=maps[k] if maps is not None else None,
                 )
                 for k, spec in enumerate(self.bundle.findings)
             ]
-            outputs.append(ModelOutput(findings=findings, embedding=pred.embeddings[i], model=self.model_info, notes=list(pre.notes)))
+            outputs.append(ModelOutput(findings=findings, embedding=pred.embeddings[i], model=self.model_info,
+                                       notes=list(pre.notes),
+                                       saliency=saliency[i] if saliency is not None else None))
         return outputs
 
     def predict_radiographs(self, radiographs: Sequence[Radiograph], *, explain: bool = True) -> list[ModelOutput]:

@@ -24,7 +24,23 @@ Heads: ``avg`` (global average pooling, a linear or small-MLP classifier) or ``a
 that finding's linear classifier: the map learns to ignore regions irrelevant to the finding).
 
 Every backbone ends in a module named ``feature_map`` (an identity): Grad-CAM targets it,
-whatever the architecture (:data:`GRADCAM_LAYER`).
+whatever the architecture (:data:`GRADCAM_LAYER`), and the forward returns it
+(``"feature_map"``, ``(B, C, h, w)``) so that explanations need no second pass.
+
+Explanations from the forward (:meth:`CxrNet.explanation_maps`)
+--------------------------------------------------------------
+With the ``avg`` head the embedding is the feature map's spatial mean,
+``embedding = fmap.mean((2, 3))``, so ``d logit / d fmap[c, i, j] = (1/hw) d logit / d
+embedding[c]`` at every position ``(i, j)``. Grad-CAM's channel weights (the spatial mean of
+that gradient) are therefore ``alpha = (1/hw) d logit / d embedding``, and Grad-CAM at
+``feature_map`` is exactly ``relu(sum_c alpha_c fmap_c)``: the forward's own feature map and
+a backward through the head alone (for a linear head, its weight row). This holds for every
+backbone here (DenseNet, ResNet, EfficientNet, ViT), since all of them are pooled this way.
+
+The ``attention`` head pools with a softmax over positions, so its gradient depends on the
+position and Grad-CAM has no such closed form. Its logit decomposes exactly instead:
+``logit_f = sum_n att[f, n] (w_f . fmap[:, n]) + b_f`` (:meth:`CxrNet.contributions`); the
+map shown is that contribution map, ``relu`` applied (evidence for the finding).
 """
 
 from __future__ import annotations
@@ -216,12 +232,36 @@ class _AttentionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_outputs))
         nn.init.normal_(self.weight, std=channels**-0.5)
 
+    def contributions(self, fmap: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Per-position contributions ``att[f, n] * (w_f . fmap[:, n])``, ``(B, F, h, w)``.
+
+        In eval mode (dropout off) they sum over positions to ``logit - bias``.
+        """
+        b, c, h, w = fmap.shape
+        projected = torch.einsum("fc,bcn->bfn", self.weight.to(fmap.dtype), fmap.flatten(2))  # (B, F, hw)
+        return (attention.flatten(2).to(fmap.dtype) * projected).reshape(b, -1, h, w)
+
     def forward(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, h, w = fmap.shape
         att = torch.softmax(self.attention(fmap).flatten(2), dim=-1)  # (B, F, hw)
         pooled = torch.einsum("bfn,bcn->bfc", att, fmap.flatten(2))  # (B, F, C)
         logits = (self.dropout(pooled) * self.weight).sum(-1) + self.bias
         return logits, att.reshape(b, -1, h, w)
+
+
+def build_head(config: NetworkConfig, *, channels: int) -> nn.Module:
+    """The classifier head of ``config`` for a backbone of ``channels`` feature channels."""
+    if config.head == "attention":
+        return _AttentionHead(channels, config.num_outputs, config.dropout)
+    if config.hidden:
+        return nn.Sequential(
+            nn.Dropout(config.dropout),
+            nn.Linear(channels, config.hidden),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, config.num_outputs),
+        )
+    return nn.Sequential(nn.Dropout(config.dropout), nn.Linear(channels, config.num_outputs))
 
 
 class CxrNet(nn.Module):
@@ -234,26 +274,63 @@ class CxrNet(nn.Module):
         self.feature_map = nn.Identity()
         d = self.backbone.channels
         self.embedding_dim = d
-        if config.head == "attention":
-            self.head: nn.Module = _AttentionHead(d, config.num_outputs, config.dropout)
-        elif config.hidden:
-            self.head = nn.Sequential(
-                nn.Dropout(config.dropout),
-                nn.Linear(d, config.hidden),
-                nn.ReLU(),
-                nn.Dropout(config.dropout),
-                nn.Linear(config.hidden, config.num_outputs),
-            )
-        else:
-            self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(d, config.num_outputs))
+        self.head: nn.Module = build_head(config, channels=d)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         fmap = self.feature_map(self.backbone(x))
         embedding = fmap.mean(dim=(2, 3))
         if isinstance(self.head, _AttentionHead):
             logits, att = self.head(fmap)
-            return {"logits": logits, "embedding": embedding, "attention": att}
-        return {"logits": self.head(embedding), "embedding": embedding}
+            return {"logits": logits, "embedding": embedding, "attention": att, "feature_map": fmap}
+        return {"logits": self.head(embedding), "embedding": embedding, "feature_map": fmap}
+
+    # --- explanations from the forward's outputs (see the module docstring) --------------------
+
+    def head_gradient(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``d logit_f / d embedding``, ``(B, F, D)`` float32, for the ``avg`` head.
+
+        A linear head's gradient is its weight row (dropout is the identity in eval mode);
+        a head with a hidden layer gets a backward through the head alone, whatever the
+        caller's grad or inference mode.
+        """
+        if isinstance(self.head, _AttentionHead):
+            raise ValueError("the attention head has no position-independent gradient; use contributions()")
+        layers = list(self.head)
+        linear = [m for m in layers if isinstance(m, nn.Linear)]
+        if not self.training and len(linear) == 1 and all(isinstance(m, (nn.Linear, nn.Dropout)) for m in layers):
+            weight = linear[0].weight.detach().float()
+            return weight.unsqueeze(0).expand(embedding.shape[0], -1, -1)
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(embedding.device.type, enabled=False):
+            dtype = linear[0].weight.dtype
+            e = embedding.detach().clone().to(dtype).requires_grad_(True)
+            logits = self.head(e)
+            n_out = logits.shape[1]
+            rows = [torch.autograd.grad(logits[:, k].sum(), e, retain_graph=k < n_out - 1)[0] for k in range(n_out)]
+        return torch.stack(rows, dim=1).float()
+
+    def contributions(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Attention head: per-position contributions to each logit, ``(B, F, h, w)`` float32.
+
+        ``contributions(out).sum((2, 3)) + head.bias == out["logits"]`` (eval mode).
+        """
+        if not isinstance(self.head, _AttentionHead):
+            raise ValueError("contributions are defined for the attention head; use explanation_maps()")
+        return self.head.contributions(out["feature_map"].float(), out["attention"].float())
+
+    def explanation_maps(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One map per finding at the feature map's resolution, ``(B, F, h, w)`` float32, >= 0.
+
+        From this network's forward output ``out`` alone (no second pass): Grad-CAM at
+        ``feature_map`` in closed form for the ``avg`` head, equal to MONAI's
+        :class:`~monai.visualize.GradCAM` before upsampling; the positive part of the
+        contribution map for the ``attention`` head.
+        """
+        fmap = out["feature_map"].float()
+        if isinstance(self.head, _AttentionHead):
+            return torch.relu(self.contributions(out))
+        h, w = fmap.shape[-2:]
+        alpha = self.head_gradient(out["embedding"]) / float(h * w)  # (B, F, C)
+        return torch.relu(torch.einsum("bfc,bchw->bfhw", alpha, fmap))
 
 
 class LogitsOnly(nn.Module):
