@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxr_ai.errors import ConfigError
 from cxr_ai.monitoring.truth import VERDICTS, TruthStore, truth_from_feedback
+from cxr_ai.results import format_probability
 from cxr_ai.store.jobs import JobStore
 from cxr_ai.store.spool import Spool
 from cxr_ai.web.audit import AuditLog
@@ -127,6 +128,7 @@ def _templates() -> Environment:
 
     env.filters["minutes"] = minutes
     env.filters["clock"] = clock
+    env.filters["probability"] = format_probability  # never "1.00": "> 0.99" / "< 0.01" at the ends
     env.globals["DISPLAY"] = DISPLAY
     return env
 
