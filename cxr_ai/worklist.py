@@ -469,8 +469,7 @@ def load_results_table(worklist: Worklist, table: Any, *, received_at: float | N
     if not isinstance(table, pd.DataFrame):
         p = Path(table)
         table = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(
-            p, dtype={"study_uid": str, "sop_uid": str, "report_uid": str})
-            p, dtype={"study_date": str, "study_time": str})
+            p, dtype={"study_uid": str, "sop_uid": str, "report_uid": str, "study_date": str, "study_time": str})
     keys = [c[2:] for c in table.columns if c.startswith("p_")]
     n, undated = 0, 0
     loaded_at = time.time()
@@ -482,20 +481,17 @@ def load_results_table(worklist: Worklist, table: Any, *, received_at: float | N
                     findings.append({"key": k, "probability": float(row[f"p_{k}"]), "threshold": float(row[f"thr_{k}"])})
         reports = ([str(u) for u in group["report_uid"].dropna().unique() if str(u).strip()]
                    if "report_uid" in group else [])  # the AI reports (SR = DiagnosticReport ids)
-        worklist.upsert_study(str(study), findings, received_at=received_at,
-                              patient_key=str(group["patient_key"].iloc[0] if "patient_key" in group else "") or "",
-                              report_uid=reports[0] if reports else "")
-        for uid in reports[1:]:
-            worklist.upsert_study(str(study), [], received_at=received_at, report_uid=uid)
         first = group.iloc[0]
         acquired = acquisition_time(first.get("study_date") if pd.notna(first.get("study_date")) else "",
                                     first.get("study_time") if pd.notna(first.get("study_time")) else "")
         if acquired is None and received_at is None:
             undated += 1
-        worklist.upsert_study(str(study), findings,
-                              received_at=received_at if received_at is not None else (acquired or loaded_at),
-                              acquired_at=acquired,
-                              patient_key=str(group["patient_key"].iloc[0] if "patient_key" in group else "") or "")
+        arrival = received_at if received_at is not None else (acquired or loaded_at)
+        worklist.upsert_study(str(study), findings, received_at=arrival, acquired_at=acquired,
+                              patient_key=str(group["patient_key"].iloc[0] if "patient_key" in group else "") or "",
+                              report_uid=reports[0] if reports else "")
+        for uid in reports[1:]:
+            worklist.upsert_study(str(study), [], received_at=arrival, report_uid=uid)
         n += 1
     if undated:
         logger.warning("%d studies have no study date in the table; their wait starts now", undated)
