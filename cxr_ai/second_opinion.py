@@ -120,6 +120,8 @@ class SecondOpinion:
     findings: list[dict[str, Any]] = field(default_factory=list)
     #: finding key -> PNG of the heatmap over the image (screen size)
     overlays: dict[str, bytes] = field(default_factory=dict, repr=False)
+    #: the image as the model saw it (grayscale PNG, screen size): the viewer's base layer
+    image_png: bytes = field(default=b"", repr=False)
     #: DICOM uploads only: file name -> bytes (SR, SC, PM as .dcm; the FHIR Bundle as .json)
     downloads: dict[str, bytes] = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
@@ -243,11 +245,15 @@ def _fill_result(answer: SecondOpinion, outcome: InstanceOutcome, *, pipeline: P
     answer.model = {"name": model.name, "version": model.version, "not_for_clinical_use": model.not_for_clinical_use,
                     "intended_use": model.intended_use}
     answer.findings = [f.to_dict() for f in result.findings]
+    display, _ = display_array(rg.dataset, rg.pixels(), pipeline.engine.bundle.pipeline)
+    scale = min(1.0, settings.overlay_max_side / max(display.shape))
+    size = (max(1, round(display.shape[1] * scale)), max(1, round(display.shape[0] * scale)))
+    display = _screen(display, size)  # blend at screen size: the browser gets no more
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(display * 255.0), 0, 255).astype(np.uint8)).save(buf, format="PNG",
+                                                                                     compress_level=3)
+    answer.image_png = buf.getvalue()
     if any(f.heatmap is not None for f in result.findings):
-        display, _ = display_array(rg.dataset, rg.pixels(), pipeline.engine.bundle.pipeline)
-        scale = min(1.0, settings.overlay_max_side / max(display.shape))
-        size = (max(1, round(display.shape[1] * scale)), max(1, round(display.shape[0] * scale)))
-        display = _screen(display, size)  # blend at screen size: the browser gets no more
         for f in result.findings:
             if f.heatmap is None:
                 continue
