@@ -313,9 +313,9 @@ def read_grayscale_image(data: bytes, name: str, *,
         # (a decompression bomb); the side check below refuses anything over max_side first.
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise SecondOpinionError("image_size", MSG_PIXELS.format(name=name, width="?", height="?",
-                                                                 limit=settings.max_side) + f" ({exc})",
-                                 status=413) from exc
+        width, height = _claimed_size(data)
+        raise SecondOpinionError("image_size", MSG_PIXELS.format(name=name, width=width, height=height,
+                                                                 limit=settings.max_side), status=413) from exc
     except UnidentifiedImageError as exc:
         raise SecondOpinionError("not_image", MSG_NOT_IMAGE.format(name=name, detail="no known image header"),
                                  status=415) from exc
@@ -368,6 +368,24 @@ def read_grayscale_image(data: bytes, name: str, *,
         raise SecondOpinionError("mode", MSG_MODE.format(name=name, fmt=fmt, mode=mode), status=422)
     assumptions.insert(0, f"{fmt}, {bits}-bit grayscale, {width} x {height} pixels")
     return arr, fmt, assumptions
+
+
+def _claimed_size(data: bytes) -> tuple[int | str, int | str]:
+    """(width, height) a PNG or JPEG header claims, read without decoding; ("?", "?") if unknown."""
+    import struct
+
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width), int(height)
+    if data[:2] == b"\xff\xd8":  # JPEG: the first start-of-frame marker holds the size
+        i = 2
+        while i + 9 < len(data) and data[i] == 0xFF:
+            marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", data[i + 5:i + 9])
+                return int(width), int(height)
+            i += 2 + length
+    return "?", "?"
 
 
 def image_dataset(pixels: np.ndarray) -> Dataset:

@@ -175,6 +175,7 @@ class BodyLimit:
         except ValueError:
             declared = 0
         if declared > limit:
+            await _drain(receive, cap=DRAIN_FACTOR * limit)
             await _too_large(scope, receive, send, message_text)
             return
         seen = 0
@@ -185,10 +186,30 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    if message.get("more_body", False):
+                        await _drain(receive, cap=DRAIN_FACTOR * limit)
                     raise HTTPException(413, message_text)
             return message
 
         await self.app(scope, limited, send)
+
+
+#: A body over the limit is read and dropped (never kept) up to this many times the limit
+#: before the 413 goes out: a server that closes a connection with unread data makes the
+#: client's TCP stack reset it, and the client never sees the answer. Beyond it, the
+#: connection is closed at once.
+DRAIN_FACTOR = 4
+
+
+async def _drain(receive: Receive, *, cap: int) -> None:
+    dropped = 0
+    while dropped <= cap:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send, message: str) -> None:
