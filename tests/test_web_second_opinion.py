@@ -299,7 +299,10 @@ def test_second_opinion_page_in_chromium(service, browser, rg1_paths, rg3_paths,
                 len(data))
             assert got[0] == 413 and words in got[1]
         else:
-            text = (d.find_elements("id", "so-error") or d.find_elements("css selector", "section.error"))[0].text
+            shown = (d.find_elements("id", "so-error") or d.find_elements("id", "gate-refused")  # (a gate refusal)
+                     or d.find_elements("css selector", "section.error"))
+            assert shown, (case, d.page_source[:2000])
+            text = shown[0].text
             assert words in text, (case, text)
         assert not d.find_elements("id", "so-findings")
     d.get(base + "/second-opinion")  # still serving

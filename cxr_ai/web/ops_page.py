@@ -33,6 +33,16 @@ MSG_BAD_IDS = "Re-queue: {value!r} is not a dead letter's number; nothing was ch
 PLOT_METRIC = "auroc"
 
 
+def svg_img(svg: str, title: str) -> Markup:
+    """An inline SVG plot as an ``<img>`` with a data URI: the page's Content-Security-Policy
+    allows no inline styles (matplotlib's SVG uses them), an image document keeps its own."""
+    import base64
+
+    data = base64.b64encode(('<?xml version="1.0" encoding="utf-8"?>' + svg).encode()).decode()
+    return Markup('<img class="svgplot" alt="{t}" title="{t}" src="data:image/svg+xml;base64,{d}">').format(
+        t=title, d=Markup(data))
+
+
 def _require_admin(request: Request) -> Any:
     pages = request.app.state.pages
     user = pages.require_user(request)
@@ -75,8 +85,9 @@ class OpsData:
         for window in ("hour", "day"):
             tp = ops.throughput(db, window=window)
             lat = ops.stage_latency(db, window=window)
-            out["throughput"][window] = (tp, Markup(plots.throughput_svg(tp)))
-            out["latency"][window] = (lat, Markup(plots.latency_svg(lat, window=window)))
+            out["throughput"][window] = (tp, svg_img(plots.throughput_svg(tp), f"Throughput, last {window}"))
+            out["latency"][window] = (lat, svg_img(plots.latency_svg(lat, window=window),
+                                                   f"Per-stage latency, last {window}"))
         runner = getattr(svc, "monitor_runner", None)
         record = None
         coverage: list[ops.TruthCoverage] = []
@@ -93,8 +104,12 @@ class OpsData:
         out["plots"] = {}
         for t in view.tables:
             if t.available and t.groups:
-                out["plots"][(t.finding, t.attribute)] = (Markup(plots.gap_bars_svg(t, metric=PLOT_METRIC)),
-                                                          Markup(plots.calibration_svg(t)))
+                flagged = [m for m in ops.OPS_METRICS if any(g.gaps[m].flagged for g in t.groups)]
+                metric = flagged[0] if flagged else PLOT_METRIC
+                out["plots"][(t.finding, t.attribute)] = (
+                    svg_img(plots.gap_bars_svg(t, metric=metric),
+                            f"{t.finding}: {ops.OPS_METRICS[metric]} gap by {t.attribute}"),
+                    svg_img(plots.calibration_svg(t), f"{t.finding}: calibration by {t.attribute}"))
         return out
 
 
