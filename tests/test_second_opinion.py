@@ -91,7 +91,7 @@ def test_dicom_chest_gets_findings_overlay_and_downloads(pipeline, rg1_paths, tm
 def test_rejected_dicom_gets_the_gate_reason_in_words(pipeline, rg3_paths) -> None:
     tibia = second_opinion(rg3_paths["RG3_UNCR"].read_bytes(), "leg.dcm", pipeline=pipeline)
     assert not tibia.accepted and tibia.status == 422 and tibia.reason == "body_part" and not tibia.findings
-    assert "not a chest" in tibia.message and tibia.message.startswith("leg.dcm:")
+    assert "not the chest" in tibia.message and tibia.message.startswith("leg.dcm:")
     ct = second_opinion(Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes(), "ct.dcm",
                         pipeline=pipeline)
     assert not ct.accepted and ct.reason == "modality" and "modality CT" in ct.message and not ct.downloads
