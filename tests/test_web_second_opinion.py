@@ -322,3 +322,44 @@ def test_download_store_and_rate_limit_expire() -> None:
     assert rate.allow("a") and rate.allow("a") and not rate.allow("a") and rate.allow("b")
     now[0] += 60.0
     assert rate.allow("a")
+
+
+def test_open_workstation_api_and_keep_uploads(tmp_path: Path, rg1_png) -> None:
+    """On loopback with no users the API is open to the workstation but still needs the custom
+    header (a cross-site form cannot send it); with ``keep_uploads`` the upload is kept."""
+    from starlette.testclient import TestClient
+
+    from cxr_ai.store.jobs import JobStore
+    from cxr_ai.store.spool import Spool
+    from cxr_ai.web.app import WebContext, create_app
+    from cxr_ai.web.settings import WebSettings
+    from cxr_ai.worklist import Worklist
+
+    cfg = load_config(env={})
+    cfg["store"]["root"] = str(tmp_path / "var")
+    cfg["monitoring"]["dir"] = str(tmp_path / "mon")
+    cfg["web"].update(keep_uploads=True, download_ttl_seconds=30.0)
+    settings = WebSettings.from_config(cfg, store_root=tmp_path / "var", base_dir=tmp_path)
+    assert settings.keep_uploads and settings.uploads_dir == tmp_path / "var" / "uploads"
+    ctx = WebContext(settings=settings, store=JobStore(tmp_path / "jobs.sqlite3"), spool=Spool(tmp_path / "spool"),
+                     worklist=Worklist(tmp_path / "wl.sqlite3"), truth=None, pseudonym_key=b"k" * 32,
+                     health=lambda: {"status": "ok"}, status=lambda: {}, metrics=lambda: b"", config=cfg)
+    client = TestClient(create_app(ctx))
+    files = {"file": ("chest.png", rg1_png, "image/png")}
+    r = client.post("/api/v1/second-opinion", files=files)
+    assert r.status_code == 403  # no header: what a cross-site form would send
+    r = client.post("/api/v1/second-opinion", files=files, headers={"X-CSRF-Token": "1"})
+    assert r.status_code == 200 and r.json()["expires_in_seconds"] == 30.0
+    kept = list((tmp_path / "var" / "uploads").iterdir())
+    assert len(kept) == 1 and kept[0].read_bytes() == rg1_png and kept[0].name.endswith("-chest.png")
+    r = client.post("/second-opinion", files=files)  # the page's form without its token
+    assert r.status_code == 403 and "security token" in r.text
+    assert client.get("/ops").status_code == 200  # open like the other pages (no service: says so)
+    bad = {"X-CSRF-Token": "1"}
+    from cxr_ai.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="keep_uploads must be true or false"):
+        WebSettings.from_config({"web": {"keep_uploads": "yes"}}, store_root=tmp_path)
+    r = client.post("/api/v1/second-opinion", headers=bad, data={"x": "1"})
+    assert r.status_code == 400 and r.json()["error"].startswith("No file")
+    ctx.close()
