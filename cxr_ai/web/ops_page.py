@@ -149,10 +149,9 @@ async def requeue(request: Request) -> Response:
             ids = [int(value)]
         except ValueError:
             raise HTTPException(400, MSG_BAD_IDS.format(value=value[:40])) from None
+    # audited by requeue_dead itself (the same record as `cxr-ai jobs --retry-dead`, with the user)
     n = await run_in_threadpool(lambda: ops.requeue_dead(svc.store, audit_path=pages.ctx.settings.audit_log,
                                                          actor=user.name, delivery_ids=ids))
-    pages.ctx.audit.write("requeue-dead", user=user.name, client=request.client.host if request.client else "",
-                          delivery_ids=ids, requeued=n)
     _data(request).invalidate()
     return RedirectResponse(f"/ops?requeued={n}", status_code=303)
 
