@@ -5,6 +5,8 @@ the request that pays for that re-ranking).
 
     python benchmarks/bench_web.py                  # 10,000 studies
     python benchmarks/bench_web.py --studies 1000   # quick
+    python benchmarks/bench_web.py --studies 0 --receive 20 --page ops --out benchmarks/results/web_ops.json
+                                                    # receive cost of an open operations page
 
 The requests go through the whole Starlette app (routing, session, templates) in process via
 httpx; the socket and uvicorn are not timed. Each figure is also given relative to one plain
@@ -109,7 +111,13 @@ def _fill_worklist(path: Path, n: int) -> None:
         wl._db.execute("COMMIT")
 
 
-def receive_variant(web: bool, files: list[Path], root: Path) -> dict:
+#: What an open page polls: the worklist page (live-update check, page, rows) or the
+#: operations page (its panel: health, queues, plots, fairness; the service renders it at
+#: most once per 5 s, whoever polls).
+POLLED = {"worklist": ("/api/worklist/version", "/", "/worklist/rows"), "ops": ("/ops/panel",)}
+
+
+def receive_variant(web: bool, files: list[Path], root: Path, *, page: str = "worklist") -> dict:
     """One service (listener + workers + routing, and the pages when ``web``) receiving ``files``
     by dcmtk storescu; with the pages on, a client polls them as open pages do (faster)."""
     import shutil
@@ -137,7 +145,7 @@ def receive_variant(web: bool, files: list[Path], root: Path) -> dict:
     def poll() -> None:
         base = svc.http_url
         while not stop.is_set():
-            for path in ("/api/worklist/version", "/", "/worklist/rows"):
+            for path in POLLED[page]:
                 with urllib.request.urlopen(base + path.lstrip("/"), timeout=30) as r:
                     r.read()
                 polls[0] += 1
@@ -146,7 +154,7 @@ def receive_variant(web: bool, files: list[Path], root: Path) -> dict:
     poller = threading.Thread(target=poll, daemon=True)
     try:
         if web:  # the page is open before the studies come (its first view ranks the worklist)
-            with urllib.request.urlopen(svc.http_url, timeout=60) as r:
+            with urllib.request.urlopen(svc.http_url + POLLED[page][-1].lstrip("/"), timeout=60) as r:
                 r.read()
             poller.start()
         seconds = storescu(svc.dicom_port, files, "CXR_AI")
@@ -160,7 +168,7 @@ def receive_variant(web: bool, files: list[Path], root: Path) -> dict:
     return {"seconds": seconds, "rss_mib_after": rss, "rss_mib_added_by_service": rss - rss0, "page_requests": polls[0]}
 
 
-def bench_receive(n: int, rounds: int, work: Path) -> dict:
+def bench_receive(n: int, rounds: int, work: Path, *, page: str = "worklist") -> dict:
     """Receive with and without the pages, alternating, each variant in a fresh process."""
     import json as _json
     import subprocess
@@ -177,12 +185,13 @@ def bench_receive(n: int, rounds: int, work: Path) -> dict:
         for variant in ("without_pages", "with_pages"):
             subprocess.run(["sync"], check=False)
             out = subprocess.run([sys.executable, __file__, "--receive-variant", variant, "--files", str(listing),
-                                  "--work", str(work / variant)], capture_output=True, text=True, check=True)
+                                  "--work", str(work / variant), "--page", page], capture_output=True, text=True,
+                                 check=True)
             if r:  # the first round warms the page cache and imports
                 runs[variant].append(_json.loads(out.stdout.strip().splitlines()[-1]))
     med = {v: statistics.median(x["seconds"] for x in runs[v]) for v in runs}
     rss = {v: statistics.median(x["rss_mib_after"] for x in runs[v]) for v in runs}
-    return {"n": n, "rounds": rounds, "object_mb": round(files[0].stat().st_size / 1e6, 2), "runs": runs,
+    return {"page": page, "polled": list(POLLED[page]), "n": n, "rounds": rounds, "object_mb": round(files[0].stat().st_size / 1e6, 2), "runs": runs,
             "median_seconds": med, "median_rss_mib": rss,
             "receive_with_over_without_pages": med["without_pages"] / med["with_pages"],
             "rss_ratio_with_over_without": rss["with_pages"] / rss["without_pages"]}
@@ -225,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--receive", type=int, default=0, metavar="N",
                    help="also: N x RG1 (7.2 MB) received with and without the pages open (0 = skip)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--page", choices=tuple(POLLED), default="worklist",
+                   help="which open page polls while receiving: the worklist, or the operations page")
     p.add_argument("--receive-variant", choices=("with_pages", "without_pages"), help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -233,14 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         import json as _json
 
         files = [Path(x) for x in Path(args.files).read_text().split("\n") if x]
-        print(_json.dumps(receive_variant(args.receive_variant == "with_pages", files, Path(args.work))))
+        print(_json.dumps(receive_variant(args.receive_variant == "with_pages", files, Path(args.work),
+                                          page=args.page)))
         return 0
     pages = bench_pages(args.studies, args.reps) if args.studies > 0 else None
     receive = None
     if args.receive:
         with tempfile.TemporaryDirectory() as tmp:
-            receive = bench_receive(args.receive, args.rounds, Path(tmp))
-        print(f"receive {args.receive} x RG1: without pages {receive['median_seconds']['without_pages']:.2f} s, "
+            receive = bench_receive(args.receive, args.rounds, Path(tmp), page=args.page)
+        print(f"receive {args.receive} x RG1 ({args.page} page): without pages {receive['median_seconds']['without_pages']:.2f} s, "
               f"with pages polled {receive['median_seconds']['with_pages']:.2f} s "
               f"(throughput ratio {receive['receive_with_over_without_pages']:.2f}); RSS "
               f"{receive['median_rss_mib']['without_pages']:.0f} -> {receive['median_rss_mib']['with_pages']:.0f} MiB")

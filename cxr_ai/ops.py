@@ -266,8 +266,9 @@ def stage_latency(db_path: str | os.PathLike, *, window: str = "hour", now: floa
         for stage, (a, b) in STAGES.items():
             rows = conn.execute(f"SELECT {b} - {a} FROM studies WHERE {a} IS NOT NULL AND {b} IS NOT NULL "
                                 f"AND {b}>=?", (now - span,)).fetchall()
-            d = np.array([r[0] for r in rows], dtype=float)
-            d = d[d >= 0]
+            # a study can be taken by a worker before its association's close stamps ready_at
+            # (the close moves ready_at past the start of processing): its wait counts as 0
+            d = np.clip(np.array([r[0] for r in rows], dtype=float), 0.0, None)
             if len(d):
                 out.append(StageLatency(stage, len(d), float(np.percentile(d, 50)), float(np.percentile(d, 90)),
                                         float(d.max())))

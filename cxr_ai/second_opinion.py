@@ -120,6 +120,8 @@ class SecondOpinion:
     findings: list[dict[str, Any]] = field(default_factory=list)
     #: finding key -> PNG of the heatmap over the image (screen size)
     overlays: dict[str, bytes] = field(default_factory=dict, repr=False)
+    #: the image as the model saw it (grayscale PNG, screen size): the viewer's base layer
+    image_png: bytes = field(default=b"", repr=False)
     #: DICOM uploads only: file name -> bytes (SR, SC, PM as .dcm; the FHIR Bundle as .json)
     downloads: dict[str, bytes] = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
@@ -243,11 +245,15 @@ def _fill_result(answer: SecondOpinion, outcome: InstanceOutcome, *, pipeline: P
     answer.model = {"name": model.name, "version": model.version, "not_for_clinical_use": model.not_for_clinical_use,
                     "intended_use": model.intended_use}
     answer.findings = [f.to_dict() for f in result.findings]
+    display, _ = display_array(rg.dataset, rg.pixels(), pipeline.engine.bundle.pipeline)
+    scale = min(1.0, settings.overlay_max_side / max(display.shape))
+    size = (max(1, round(display.shape[1] * scale)), max(1, round(display.shape[0] * scale)))
+    display = _screen(display, size)  # blend at screen size: the browser gets no more
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(display * 255.0), 0, 255).astype(np.uint8)).save(buf, format="PNG",
+                                                                                     compress_level=3)
+    answer.image_png = buf.getvalue()
     if any(f.heatmap is not None for f in result.findings):
-        display, _ = display_array(rg.dataset, rg.pixels(), pipeline.engine.bundle.pipeline)
-        scale = min(1.0, settings.overlay_max_side / max(display.shape))
-        size = (max(1, round(display.shape[1] * scale)), max(1, round(display.shape[0] * scale)))
-        display = _screen(display, size)  # blend at screen size: the browser gets no more
         for f in result.findings:
             if f.heatmap is None:
                 continue
@@ -307,9 +313,9 @@ def read_grayscale_image(data: bytes, name: str, *,
         # (a decompression bomb); the side check below refuses anything over max_side first.
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise SecondOpinionError("image_size", MSG_PIXELS.format(name=name, width="?", height="?",
-                                                                 limit=settings.max_side) + f" ({exc})",
-                                 status=413) from exc
+        width, height = _claimed_size(data)
+        raise SecondOpinionError("image_size", MSG_PIXELS.format(name=name, width=width, height=height,
+                                                                 limit=settings.max_side), status=413) from exc
     except UnidentifiedImageError as exc:
         raise SecondOpinionError("not_image", MSG_NOT_IMAGE.format(name=name, detail="no known image header"),
                                  status=415) from exc
@@ -362,6 +368,24 @@ def read_grayscale_image(data: bytes, name: str, *,
         raise SecondOpinionError("mode", MSG_MODE.format(name=name, fmt=fmt, mode=mode), status=422)
     assumptions.insert(0, f"{fmt}, {bits}-bit grayscale, {width} x {height} pixels")
     return arr, fmt, assumptions
+
+
+def _claimed_size(data: bytes) -> tuple[int | str, int | str]:
+    """(width, height) a PNG or JPEG header claims, read without decoding; ("?", "?") if unknown."""
+    import struct
+
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width), int(height)
+    if data[:2] == b"\xff\xd8":  # JPEG: the first start-of-frame marker holds the size
+        i = 2
+        while i + 9 < len(data) and data[i] == 0xFF:
+            marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", data[i + 5:i + 9])
+                return int(width), int(height)
+            i += 2 + length
+    return "?", "?"
 
 
 def image_dataset(pixels: np.ndarray) -> Dataset:

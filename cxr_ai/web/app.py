@@ -89,6 +89,10 @@ class WebContext:
     health: Callable[[], dict[str, Any]]
     status: Callable[[], dict[str, Any]]
     metrics: Callable[[], bytes]
+    #: the running service (the operations page's health, queues, monitor); None in unit tests
+    service: Any = None
+    #: the service's configuration (the second-opinion pipeline is built from it)
+    config: dict[str, Any] = field(default_factory=dict)
     users: UserStore = field(init=False)
     audit: AuditLog = field(init=False)
     feedback: FeedbackStore = field(init=False)
@@ -149,23 +153,32 @@ class _Expired(Exception):
 
 
 class BodyLimit:
-    """Refuse requests whose body is larger than ``limit`` bytes (413, before any handler)."""
+    """Refuse requests whose body is larger than ``limit`` bytes (413, before any handler).
 
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+    ``paths`` give other limits for some paths (the uploads), with their own message. The
+    limit is checked on the declared length first and then on every chunk as it is read, so
+    a body over the limit is never buffered whole.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int, paths: dict[str, tuple[int, str]] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.paths = dict(paths or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, message_text = self.paths.get(scope.get("path", ""), (self.limit, ""))
+        message_text = message_text or MSG_TOO_LARGE.format(limit=limit)
         headers = dict(scope.get("headers") or [])
         try:
             declared = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             declared = 0
-        if declared > self.limit:
-            await _too_large(scope, receive, send, self.limit)
+        if declared > limit:
+            await _drain(receive, cap=DRAIN_FACTOR * limit)
+            await _too_large(scope, receive, send, message_text)
             return
         seen = 0
 
@@ -174,18 +187,44 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise HTTPException(413, MSG_TOO_LARGE.format(limit=self.limit))
+                if seen > limit:
+                    if message.get("more_body", False):
+                        await _drain(receive, cap=DRAIN_FACTOR * limit)
+                    raise HTTPException(413, message_text)
             return message
 
         await self.app(scope, limited, send)
 
 
-async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    body = _templates().get_template("error.html").render(
-        title="Request too large", message=MSG_TOO_LARGE.format(limit=limit), user=None, csrf="").encode()
+#: A body over the limit is read and dropped (never kept) up to this many times the limit
+#: before the 413 goes out: a server that closes a connection with unread data makes the
+#: client's TCP stack reset it, and the client never sees the answer. Beyond it, the
+#: connection is closed at once.
+DRAIN_FACTOR = 4
+
+
+async def _drain(receive: Receive, *, cap: int) -> None:
+    dropped = 0
+    while dropped <= cap:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send, message: str) -> None:
+    path = str(scope.get("path", ""))
+    accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
+    if path.startswith("/api/") or ("application/json" in accept and "text/html" not in accept):
+        body, media = json.dumps({"error": message, "reason": "too_large"}).encode(), b"application/json"
+    else:
+        body = _templates().get_template("error.html").render(
+            title="Request too large", message=message, user=None, csrf="").encode()
+        media = b"text/html; charset=utf-8"
     await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                "headers": [(b"content-type", media), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
 
@@ -501,7 +540,7 @@ def create_app(ctx: WebContext, *, extra_routes: Sequence[BaseRoute] = ()) -> St
         if exc.status_code == 401:
             return RedirectResponse("/signin?expired=1" if exc.detail == MSG_EXPIRED else "/signin", status_code=303)
         titles = {400: "Bad request", 403: "Refused", 404: "Unknown study", 405: "Not allowed",
-                  413: "Request too large"}
+                  413: "Request too large", 429: "Too many requests"}
         return render(request, "error.html", status=exc.status_code,
                       title=titles.get(exc.status_code, "Error"), message=exc.detail)
 
@@ -532,12 +571,18 @@ def create_app(ctx: WebContext, *, extra_routes: Sequence[BaseRoute] = ()) -> St
         Route("/study/{job_id}/feedback", study_feedback, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
+    from cxr_ai.web import ops_page, second_opinion_page
+
+    routes += second_opinion_page.routes() + ops_page.routes()
     routes += list(extra_routes)
     if not s.enabled:  # [web] enabled = false: the service endpoints only
         routes = service_routes
     middleware = [
         Middleware(SecurityHeaders, https=s.https),
-        Middleware(BodyLimit, limit=s.max_body_bytes),
+        Middleware(BodyLimit, limit=s.max_body_bytes, paths={
+            p: (s.max_upload_bytes + second_opinion_page.MULTIPART_OVERHEAD,
+                second_opinion_page.MSG_UPLOAD_TOO_LARGE.format(mb=s.max_upload_bytes / 2**20))
+            for p in second_opinion_page.UPLOAD_PATHS}),
         Middleware(SessionMiddleware, secret_key=session_secret(s.secret_file), session_cookie="cxr_ai_session",
                    max_age=None, same_site="strict", https_only=s.https),
     ]

@@ -57,7 +57,8 @@ def context_for(service: Service) -> WebContext:
         key = session_secret(settings.secret_file).encode()
     return WebContext(settings=settings, store=service.store, spool=service.spool,
                       worklist=Worklist(recorder.worklist.path, policy=recorder.worklist.policy), truth=truth,
-                      pseudonym_key=key, health=service.health, status=service.status, metrics=service.metrics_text)
+                      pseudonym_key=key, health=service.health, status=service.status, metrics=service.metrics_text,
+                      service=service, config=cfg)
 
 
 class WebServer:

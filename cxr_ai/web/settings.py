@@ -48,6 +48,13 @@ class WebSettings:
     max_body_bytes: int = 65536
     page_size: int = 50
     image_max_side: int = 1024
+    max_upload_bytes: int = 50 * 2**20
+    rgb_tolerance: int = 2
+    keep_uploads: bool = False
+    uploads_dir: Path | None = None
+    download_ttl_seconds: float = 600.0
+    second_opinion_per_minute: int = 10
+    ops_refresh_seconds: float = 15.0
 
     @property
     def loopback(self) -> bool:
@@ -77,6 +84,12 @@ class WebSettings:
                 what = f"{'an integer' if integer else 'a number'} >= {minimum:g}"
                 raise ConfigError(MSG_WEB.format(key=key, what=what, value=value))
             return int(value) if integer else float(value)
+
+        def _flag(key: str) -> bool:
+            value = web.get(key, False)
+            if not isinstance(value, bool):
+                raise ConfigError(MSG_WEB.format(key=key, what="true or false", value=value))
+            return value
 
         proxies = web.get("trusted_proxies", [])
         if not isinstance(proxies, list) or not all(isinstance(p, str) for p in proxies):
@@ -118,6 +131,13 @@ class WebSettings:
             max_body_bytes=number("max_body_bytes", 65536, minimum=1024, integer=True),
             page_size=number("page_size", 50, minimum=1, integer=True),
             image_max_side=number("image_max_side", 1024, minimum=64, integer=True),
+            max_upload_bytes=int(number("max_upload_mb", 50.0, minimum=0.001) * 2**20),
+            rgb_tolerance=number("rgb_tolerance", 2, minimum=0, integer=True),
+            keep_uploads=_flag("keep_uploads"),
+            uploads_dir=path("uploads_dir", store_root / "uploads"),
+            download_ttl_seconds=number("download_ttl_seconds", 600.0, minimum=1.0),
+            second_opinion_per_minute=number("second_opinion_per_minute", 10, minimum=1, integer=True),
+            ops_refresh_seconds=number("ops_refresh_seconds", 15.0, minimum=1.0),
         )
 
 
