@@ -469,8 +469,8 @@ def load_results_table(worklist: Worklist, table: Any, *, received_at: float | N
     if not isinstance(table, pd.DataFrame):
         p = Path(table)
         table = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(
-            p, dtype={"study_uid": str, "sop_uid": str, "report_uid": str})
-            p, dtype={"study_date": str, "study_time": str})
+            p, dtype={"study_uid": str, "sop_uid": str, "report_uid": str,
+                      "study_date": str, "study_time": str})
     keys = [c[2:] for c in table.columns if c.startswith("p_")]
     n, undated = 0, 0
     loaded_at = time.time()
