@@ -237,7 +237,7 @@ class Pipeline:
         appended to ``outcome.datasets`` (SR first) and the FHIR bundle set, so that calling
         it with the result parts and then the heatmap parts gives what one call gives.
         """
-        from cxr_ai.dicom.sr import outputs_for
+        from cxr_ai.outputs import outputs_for
 
         t0 = time.perf_counter()
         rg = outcome.radiograph

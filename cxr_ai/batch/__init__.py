@@ -44,12 +44,12 @@ DICOMweb), :mod:`~cxr_ai.batch.state` (output-folder names, pseudonym keys, the 
 :mod:`~cxr_ai.batch.table` (the results table), :mod:`~cxr_ai.batch.stages` (prepare, infer,
 finish one instance), :mod:`~cxr_ai.batch.pools` (stage pools, model plan, :func:`run_items`),
 :mod:`~cxr_ai.batch.run` (:func:`run_batch`, Dask), :mod:`~cxr_ai.batch.cli` (the command line).
-Everything is re-exported here: ``from cxr_ai.batch import run_batch`` and ``batch.X`` work.
+The public names are re-exported here (``from cxr_ai.batch import run_batch``); the command line
+lives in :mod:`~cxr_ai.batch.cli`.
 """
 
 from __future__ import annotations
 
-from cxr_ai.batch.cli import add_batch_parser, batch_main
 from cxr_ai.batch.inputs import (
     ACCESSION_COLUMNS,
     MSG_BAD_DICOMDIR,
@@ -134,7 +134,7 @@ __all__ = [
     "STUDY_COLUMNS", "TABLE_COLUMNS", "TAIL_COLUMNS", "TMP_PREFIX",
     "BatchOptions", "BatchState", "BatchSummary", "BatchWorkerError", "Finished", "ModelPlan", "Prepared",
     "WorkItem", "Worklist",
-    "add_batch_parser", "batch_main", "batch_section", "finish", "infer", "load_or_create_key", "model_plan",
+    "batch_section", "finish", "infer", "load_or_create_key", "model_plan",
     "outcome_row", "parse_peer", "partition_studies", "patient_key", "plan", "pool_kind", "prepare",
     "process_partition", "read_study_csv", "retrieve_studies", "run_batch", "run_items", "scan_dicomdir",
     "scan_folder", "scan_inputs", "write_outputs", "write_skipped_inputs", "write_table",

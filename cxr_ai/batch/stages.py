@@ -15,6 +15,7 @@ from typing import Any
 from cxr_ai.batch.inputs import WorkItem
 from cxr_ai.batch.state import STUDIES_DIR, TMP_PREFIX
 from cxr_ai.batch.table import DEFAULT_FINDINGS, outcome_row
+from cxr_ai.outputs import batch_kind_name
 
 
 @dataclass
@@ -69,17 +70,6 @@ def infer(pipeline: Any, batch: Sequence[Prepared], *, explain: bool | None = No
         p.pre = None  # free the tensor
 
 
-def _kind(ds: Any) -> str:
-    uid = str(getattr(ds, "SOPClassUID", ""))
-    if uid.startswith("1.2.840.10008.5.1.4.1.1.88."):
-        return "sr"
-    if uid == "1.2.840.10008.5.1.4.1.1.30":
-        return "pm"
-    if uid.startswith("1.2.840.10008.5.1.4.1.1.7"):
-        return "sc"
-    return "obj"
-
-
 def write_outputs(outcome: Any, out_dir: Path, *, variant: str = "") -> list[str]:
     """Write the instance's result objects under deterministic names; return them (relative).
 
@@ -96,7 +86,7 @@ def write_outputs(outcome: Any, out_dir: Path, *, variant: str = "") -> list[str
     staged: list[tuple[Path, Path]] = []
     counts: Counter[str] = Counter()
     for ds in outcome.datasets:
-        kind = _kind(ds)
+        kind = batch_kind_name(ds)
         counts[kind] += 1
         final = study_dir / f"{sop}_{kind}{counts[kind]}.dcm"
         tmp = study_dir / f"{TMP_PREFIX}{final.name}"

@@ -44,7 +44,7 @@ from cxr_ai.net.common import (
     Status,
     handle_conn_open_nodelay,
 )
-from cxr_ai.net.metrics import ServiceMetrics
+from cxr_ai.service.metrics import ServiceMetrics
 from cxr_ai.net.receive import ReceiveLimits, discarded_reason, install_on_server
 from cxr_ai.store.jobs import JobStore
 from cxr_ai.store.spool import Spool, is_valid_uid, safe_key

@@ -1,6 +1,6 @@
 """``cxr-ai serve``: the listener service (SCP + job store + workers + routing + HTTP).
 
-Wiring only; the parts live in :mod:`cxr_ai.net`, :mod:`cxr_ai.store` and :mod:`cxr_ai.workers`::
+Wiring only; the parts live in :mod:`cxr_ai.net`, :mod:`cxr_ai.store` and :mod:`cxr_ai.service.workers`::
 
     PACS --C-STORE--> StorageSCP --spool+job store--> WorkerPool --pipeline--> results/ + outbox
                                                                                     |
@@ -31,8 +31,8 @@ from typing import Any
 import pydicom
 
 from cxr_ai.errors import ConfigError
-from cxr_ai.net.metrics import ServiceMetrics
-from cxr_ai.net.routing import Destination, RetryPolicy, Router, build_destination
+from cxr_ai.service.metrics import ServiceMetrics
+from cxr_ai.service.routing import Destination, RetryPolicy, Router, build_destination
 from cxr_ai.net.scp import ListenerSettings, StorageSCP
 from cxr_ai.net.tls import server_context
 from cxr_ai.store.jobs import (
@@ -42,7 +42,7 @@ from cxr_ai.store.jobs import (
 )
 from cxr_ai.store.listing import recent_problems
 from cxr_ai.store.spool import Spool, safe_key
-from cxr_ai.workers import WorkerPool
+from cxr_ai.service.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -535,9 +535,3 @@ def run_service(config: Mapping[str, Any], *, pipeline_factory: PipelineFactory 
         # MONAI) took seconds of the shutdown grace, for memory the system reclaims anyway.
         gc.freeze()
     return 0
-
-
-if __name__ == "__main__":  # `python -m cxr_ai.service`, as the systemd unit and tests run it
-    from cxr_ai.service_cli import serve_main
-
-    sys.exit(serve_main())

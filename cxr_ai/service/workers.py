@@ -25,8 +25,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-from cxr_ai.net.metrics import ServiceMetrics
-from cxr_ai.net.routing import Router
+from cxr_ai.service.metrics import ServiceMetrics
+from cxr_ai.service.routing import Router
 from cxr_ai.store.jobs import (
     ClaimedStudy,
     InstanceResult,
@@ -36,10 +36,11 @@ from cxr_ai.store.jobs import (
     ReasonCode,
     StudyState,
 )
+from cxr_ai.outputs import listener_prefix
 from cxr_ai.store.spool import Spool, safe_key
 
 if TYPE_CHECKING:
-    from cxr_ai.service import PipelineFactory, ServiceSettings
+    from cxr_ai.service.wiring import PipelineFactory, ServiceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -82,22 +83,6 @@ def _dataset_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
-
-
-_PREFIX_BY_SOP_CLASS = (
-    ("1.2.840.10008.5.1.4.1.1.88.", "SR"),   # Structured Report Storage classes
-    ("1.2.840.10008.5.1.4.1.1.30", "PM"),    # Parametric Map Storage
-    ("1.2.840.10008.5.1.4.1.1.7", "SC"),     # Secondary Capture Image Storage classes
-)
-
-
-def _kind_prefix(ds: Dataset) -> str:
-    """File name prefix of a result object: SR, SC, PM, else its modality."""
-    sop_class = str(ds.get("SOPClassUID", ""))
-    for prefix, name in _PREFIX_BY_SOP_CLASS:
-        if sop_class.startswith(prefix):
-            return name
-    return "".join(c for c in str(ds.get("Modality", "") or "OBJ") if c.isalnum())[:8] or "OBJ"
 
 
 class ResultRecorder:
@@ -344,7 +329,7 @@ class WorkerPool:
         """Write an outcome's result objects into the job's result folder (names not in ``skip``)."""
         files: list[Path] = []
         for ds in getattr(outcome, "datasets", None) or []:
-            name = f"{_kind_prefix(ds)}-{safe_key(str(ds.SOPInstanceUID))}.dcm"
+            name = f"{listener_prefix(ds)}-{safe_key(str(ds.SOPInstanceUID))}.dcm"
             if name not in skip:
                 files.append(self.spool.write_result(job, name, _dataset_bytes(ds)))
         bundle = getattr(outcome, "fhir_bundle", None)
