@@ -12,7 +12,6 @@ of three states, with a reason:
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from cxr_ai.contract import InstanceStatus
 from cxr_ai.dicom.gate import GateDecision, GateReason, GateRules, check_applicability
 from cxr_ai.dicom.reader import Radiograph, Source, sanitized_for_outputs
 from cxr_ai.errors import ReadError
@@ -42,12 +42,6 @@ MSG_BLANK = (
     "{source}: the image is blank after windowing (every pixel has the same value); check the "
     "pixel data and the Rescale/VOI attributes at the sender."
 )
-
-
-class InstanceStatus(str, enum.Enum):
-    PROCESSED = "processed"
-    NOT_APPLICABLE = "not_applicable"
-    FAILED = "failed"
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import Any
 
 import pydicom
 
+from cxr_ai.contract import MSG_NOT_A_PIPELINE, PipelineFactory
 from cxr_ai.errors import ConfigError
 from cxr_ai.service.metrics import ServiceMetrics
 from cxr_ai.service.routing import Destination, RetryPolicy, Router, build_destination
@@ -53,7 +54,6 @@ MSG_BAD_PIPELINE = (
 )
 MSG_AE_TITLE = "[{section}] {key} {value!r} is not a valid AE title (1-16 characters, no backslash or control characters)"
 
-PipelineFactory = Callable[..., Any]
 
 #: Seconds of the shutdown grace kept for stopping routing and HTTP and closing the job store.
 STOP_TAIL_SECONDS = 1.5
@@ -150,6 +150,8 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
         dimse_timeout=_get(li, "listener", "dimse_timeout", float, "seconds > 0", check=pos),
         network_timeout=_get(li, "listener", "network_timeout", float, "seconds > 0", check=pos),
         pdu_timeout=_get(li, "listener", "pdu_timeout", float, "seconds > 0", check=pos),
+        fast_receive=_get({"fast_receive": li.get("fast_receive", True)}, "listener", "fast_receive", bool,
+                          "true or false"),
         ssl_context=ssl_ctx,
     )
     stale = _get(li, "listener", "stale_temp_minutes", float, "minutes > 0", check=pos)
@@ -218,6 +220,9 @@ def import_factory(spec: str) -> PipelineFactory:
         raise ConfigError(MSG_BAD_PIPELINE.format(spec=spec, detail=f"{type(exc).__name__}: {exc}")) from exc
     if not callable(obj):
         raise ConfigError(MSG_BAD_PIPELINE.format(spec=spec, detail="not callable"))
+    if isinstance(obj, type) and not callable(getattr(obj, "process_study", None)):
+        # A class is checked here, at start; a factory function's product when a worker builds it.
+        raise ConfigError(MSG_NOT_A_PIPELINE.format(what=f"[workers] pipeline = {spec!r}"))
     return obj
 
 
