@@ -84,9 +84,11 @@ class Pipeline:
 
     def __init__(self, *, config: Mapping[str, Any] | None = None, engine: Any | None = None,
                  explain: bool = True) -> None:
-        from cxr_ai.config import load_config
+        from cxr_ai.config import default_config
 
-        self.config = dict(config) if config is not None else load_config()
+        # Settings come in as arguments: without them, the embedded defaults (no file, no
+        # environment; cxr_ai.config.load_config at the edge reads those).
+        self.config = dict(config) if config is not None else default_config()
         self.rules = GateRules.from_config(self.config)
         if engine is None:
             from cxr_ai.models.engine import load_default_engine

@@ -22,6 +22,7 @@ NO_DRIVERS = ("cxr_ai.net", "cxr_ai.store", "cxr_ai.service", "cxr_ai.web", "cxr
 NEVER: dict[str, tuple[str, ...]] = {
     "cxr_ai.pipeline": NO_DRIVERS,
     "cxr_ai.outputs": NO_DRIVERS,
+    "cxr_ai.contract": NO_DRIVERS + ("cxr_ai.pipeline", "cxr_ai.models", "cxr_ai.outputs"),
     "cxr_ai.results": NO_DRIVERS + ("cxr_ai.dicom.gate", "cxr_ai.models", "cxr_ai.pipeline"),
     "cxr_ai.models": NO_DRIVERS + ("cxr_ai.pipeline",),
     "cxr_ai.imaging": NO_DRIVERS + ("cxr_ai.models", "cxr_ai.pipeline"),

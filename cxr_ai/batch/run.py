@@ -218,10 +218,10 @@ def run_batch(
     pipeline
         A ready :class:`cxr_ai.pipeline.Pipeline` (local runs); built from ``config`` if None.
     """
-    from cxr_ai.config import load_config
+    from cxr_ai.config import default_config
 
     t_start = time.perf_counter()
-    cfg = dict(config) if config is not None else load_config()
+    cfg = dict(config) if config is not None else default_config()
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = BatchSummary(total=len(worklist.items), ignored_files=len(worklist.ignored),
@@ -315,9 +315,9 @@ def run_batch(
 def plan(worklist: BatchInputs, *, out_dir: Path, config: Mapping[str, Any] | None = None,
          force: bool = False, model: Any = None) -> list[WorkItem]:
     """What a run would process (the dry run): the worklist minus what is already finished."""
-    from cxr_ai.config import load_config
+    from cxr_ai.config import default_config
 
-    cfg = dict(config) if config is not None else load_config()
+    cfg = dict(config) if config is not None else default_config()
     model = model or _model_info_of(cfg)
     db = Path(out_dir) / STATE_DB_NAME
     if force or not db.exists():
