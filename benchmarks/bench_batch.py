@@ -115,7 +115,7 @@ def _stage_costs(pipe: Any, items: list, tmp: Path) -> tuple[dict[str, float], n
     from cxr_ai.results import HEATMAP_PARTS
 
     eng = pipe.engine
-    keys = batch._finding_keys(pipe)
+    keys = batch.pipeline_finding_keys(pipe)
     torch.set_num_threads(1)
     try:
         # warm-up on one image: lazy imports, caches, the MONAI reference's copy of the network
@@ -217,7 +217,7 @@ def bench_model(name: str, bundle: Path, items: list, tmp: Path, *, threads: int
     cfg["batch"]["model_lanes"] = lanes
     pipe = Pipeline(config=cfg, explain=False)
     eng = pipe.engine
-    cores = batch._cores()
+    cores = batch.usable_cores()
     costs, x = _stage_costs(pipe, items, tmp)
     plan = batch.model_plan(pipe)
     forward = _forward_rate(eng, x, threads=eng.num_threads)
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         generate_studies(tmp / "ph", PhantomConfig(n_studies=args.n, seed=3, size=args.size, fraction_lateral=0.0,
                                                    fraction_non_chest=0.0, modalities=("DX",)))
         items = batch.scan_inputs([tmp / "ph"]).items
-        threads = args.threads or max(2, batch._cores())
+        threads = args.threads or max(2, batch.usable_cores())
         pools = tuple(p for p in args.pools.split(",") if p)
         modes = tuple(m for m in args.modes.split(",") if m)
         bundles = {"densenet121": lambda: _densenet_bundle(tmp), "demo": default_bundle_path}
@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     result = {
-        "images": len(items), "image_size": args.size, "stage_pool_size": threads, "cores": batch._cores(),
-        "goal_ratio": 0.8, "machine": f"{platform.machine()} {batch._cores()} cores", **machine_info(),
+        "images": len(items), "image_size": args.size, "stage_pool_size": threads, "cores": batch.usable_cores(),
+        "goal_ratio": 0.8, "machine": f"{platform.machine()} {batch.usable_cores()} cores", **machine_info(),
         "note": "ratio = batch img/s / the faster bare forward (one call with the engine's threads, or the "
                 "driver's lanes) on the same tensors; bound = cores / the CPU seconds per image of the stages "
                 "measured alone (an estimate of the most any driver gets here); cpu_s_per_image and cores_busy: "

@@ -90,7 +90,7 @@ def storescu(port: int, files: list[Path], called: str) -> float:
 
 def run_ours(files: list[Path], root: Path, handler_seconds: list[float]) -> float:
     from cxr_ai.config import load_config
-    from cxr_ai.net.metrics import ServiceMetrics
+    from cxr_ai.service.metrics import ServiceMetrics
     from cxr_ai.net.scp import ListenerSettings, StorageSCP
     from cxr_ai.store import JobStore, Spool
 

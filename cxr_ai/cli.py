@@ -137,11 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not write; exit 1 if the file differs from what the code generates")
     p.set_defaults(func=_cmd_conformance)
 
-    from cxr_ai.batch import add_batch_parser
+    from cxr_ai.batch.cli import add_batch_parser
     from cxr_ai.evaluation.cli import add_evaluate_parser
     from cxr_ai.monitoring.cli import add_monitoring_parsers
     from cxr_ai.ops_cli import add_ops_parsers
-    from cxr_ai.service_cli import add_service_parsers
+    from cxr_ai.service.cli import add_service_parsers
     from cxr_ai.web.users_cli import add_users_parser
     from cxr_ai.worklist_cli import add_worklist_parser
 

@@ -68,7 +68,7 @@ def _result_objects() -> list[Any]:
 
     from cxr_ai.config import default_config
     from cxr_ai.dicom.gate import GateDecision, GateReason
-    from cxr_ai.dicom.sr import outputs_for
+    from cxr_ai.outputs import outputs_for
     from cxr_ai.phantoms import make_phantom_dataset
     from cxr_ai.results import FindingResult, ImageResult, ModelInfo
 
@@ -100,7 +100,8 @@ def render(config: Mapping[str, Any] | None = None) -> str:
     from cxr_ai import __version__
     from cxr_ai.config import default_config
     from cxr_ai.dicom import codes
-    from cxr_ai.dicom.sr import HEATMAPS_FOR, PM_SERIES_NUMBER, SC_SERIES_NUMBER, SR_SERIES_NUMBER
+    from cxr_ai.dicom.common import PM_SERIES_NUMBER, SC_SERIES_NUMBER, SR_SERIES_NUMBER
+    from cxr_ai.outputs import HEATMAPS_FOR
     from cxr_ai.dicom.segmentation import SEG_SERIES_NUMBER
     from cxr_ai.net import query
     from cxr_ai.net.common import STORAGE_TRANSFER_SYNTAXES

@@ -97,7 +97,7 @@ from pydicom.sr.coding import Code
 
 from cxr_ai.dicom import codes
 from cxr_ai.dicom.reader import Radiograph, read_radiograph
-from cxr_ai.dicom.sr import report_uid, tracking_uid
+from cxr_ai.dicom.common import report_uid, tracking_uid
 from cxr_ai.errors import ConfigError
 from cxr_ai.results import FindingResult, ModelInfo, format_probability
 

@@ -12,7 +12,6 @@ of three states, with a reason:
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from cxr_ai.contract import InstanceStatus
 from cxr_ai.dicom.gate import GateDecision, GateReason, GateRules, check_applicability
 from cxr_ai.dicom.reader import Radiograph, Source, sanitized_for_outputs
 from cxr_ai.errors import ReadError
@@ -42,12 +42,6 @@ MSG_BLANK = (
     "{source}: the image is blank after windowing (every pixel has the same value); check the "
     "pixel data and the Rescale/VOI attributes at the sender."
 )
-
-
-class InstanceStatus(str, enum.Enum):
-    PROCESSED = "processed"
-    NOT_APPLICABLE = "not_applicable"
-    FAILED = "failed"
 
 
 @dataclass
@@ -90,9 +84,11 @@ class Pipeline:
 
     def __init__(self, *, config: Mapping[str, Any] | None = None, engine: Any | None = None,
                  explain: bool = True) -> None:
-        from cxr_ai.config import load_config
+        from cxr_ai.config import default_config
 
-        self.config = dict(config) if config is not None else load_config()
+        # Settings come in as arguments: without them, the embedded defaults (no file, no
+        # environment; cxr_ai.config.load_config at the edge reads those).
+        self.config = dict(config) if config is not None else default_config()
         self.rules = GateRules.from_config(self.config)
         if engine is None:
             from cxr_ai.models.engine import load_default_engine
@@ -237,7 +233,7 @@ class Pipeline:
         appended to ``outcome.datasets`` (SR first) and the FHIR bundle set, so that calling
         it with the result parts and then the heatmap parts gives what one call gives.
         """
-        from cxr_ai.dicom.sr import outputs_for
+        from cxr_ai.outputs import outputs_for
 
         t0 = time.perf_counter()
         rg = outcome.radiograph

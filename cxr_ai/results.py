@@ -7,11 +7,12 @@ evaluation) and every writer (SR, heatmaps, FHIR, tables) shares them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxr_ai.dicom.gate import GateDecision
+if TYPE_CHECKING:  # pragma: no cover - plain data: the gate's decision type is only named here
+    from cxr_ai.dicom.gate import GateDecision
 
 
 @dataclass(frozen=True)

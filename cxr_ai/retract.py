@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset
 from cxr_ai import __version__
 from cxr_ai.dicom import codes
 from cxr_ai.dicom.uids import rejection_note_uids
-from cxr_ai.net.routing import DeliveryError, Destination, DicomDestination, FhirDestination, StowDestination
+from cxr_ai.service.routing import DeliveryError, Destination, DicomDestination, FhirDestination, StowDestination
 from cxr_ai.store.jobs import JobStore, StudyRecord
 from cxr_ai.store.spool import Spool
 

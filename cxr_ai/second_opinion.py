@@ -43,6 +43,7 @@ from cxr_ai.dicom.heatmap import overlay_rgb
 from cxr_ai.dicom.reader import read_radiograph
 from cxr_ai.errors import ReadError
 from cxr_ai.imaging import display_array, preprocess
+from cxr_ai.outputs import listener_prefix
 from cxr_ai.pipeline import BROKEN_INPUT_REASONS, InstanceOutcome, InstanceStatus, Pipeline
 from cxr_ai.results import ImageResult
 
@@ -213,7 +214,7 @@ def _dicom(data: bytes, name: str, *, pipeline: Pipeline, settings: SecondOpinio
     stem = name.rsplit(".", 1)[0] or "upload"
     per_kind: dict[str, int] = {}
     for ds in outcome.datasets:
-        kind = _kind(ds)
+        kind = listener_prefix(ds)
         per_kind[kind] = per_kind.get(kind, 0) + 1
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
@@ -224,17 +225,6 @@ def _dicom(data: bytes, name: str, *, pipeline: Pipeline, settings: SecondOpinio
         answer.downloads[f"{stem}-fhir-bundle.json"] = json.dumps(outcome.fhir_bundle, indent=1).encode()
     answer.timings["total_s"] = time.perf_counter() - t0
     return answer
-
-
-def _kind(ds: Dataset) -> str:
-    sop = str(ds.get("SOPClassUID", ""))
-    if sop.startswith("1.2.840.10008.5.1.4.1.1.88."):
-        return "SR"
-    if sop.startswith("1.2.840.10008.5.1.4.1.1.30"):
-        return "PM"
-    if sop.startswith("1.2.840.10008.5.1.4.1.1.7"):
-        return "SC"
-    return str(ds.get("Modality", "OBJ"))
 
 
 def _fill_result(answer: SecondOpinion, outcome: InstanceOutcome, *, pipeline: Pipeline,

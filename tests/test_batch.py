@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from cxr_ai import batch
+from cxr_ai.batch.cli import batch_main
 from cxr_ai.config import default_config
 from cxr_ai.errors import ConfigError
 from cxr_ai.phantoms import PhantomConfig, generate_studies
@@ -165,7 +166,7 @@ def test_dicomdir_lists_the_same_instances(phantoms, tmp_path: Path) -> None:
 def test_dry_run_lists_and_writes_nothing(phantoms, site_toml: Path, tmp_path: Path, capsys) -> None:
     root, labels = phantoms
     out = tmp_path / "out"
-    assert batch.batch_main([str(root), "--out", str(out), "--config", str(site_toml), "--dry-run"]) == 0
+    assert batch_main([str(root), "--out", str(out), "--config", str(site_toml), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("would process") == len(labels)
     assert f"{len(labels)} of {len(labels)} instances would run" in printed
@@ -182,7 +183,7 @@ def test_bad_inputs_have_actionable_errors(tmp_path: Path) -> None:
     assert str(exc.value) == batch.MSG_CSV_COLUMNS.format(path=bad_csv, known=batch.STUDY_COLUMNS + batch.ACCESSION_COLUMNS)
     with pytest.raises(ConfigError, match="HOST:PORT:AET"):
         batch.parse_peer("localhost:ORTHANC")
-    assert batch.batch_main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "2", "--scheduler", "tcp://x:1"]) == 2
+    assert batch_main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "2", "--scheduler", "tcp://x:1"]) == 2
     short = tmp_path / "short.key"
     short.write_bytes(b"abc")
     with pytest.raises(ConfigError, match="shorter than 16 bytes"):

@@ -183,7 +183,7 @@ def test_model_plan() -> None:
         return SimpleNamespace(config={"models": {"num_threads": num_threads}, "batch": batch_cfg},
                                engine=SimpleNamespace(device=torch.device(device)))
 
-    cores = batch._cores()
+    cores = batch.usable_cores()
     # automatic on the CPU: one single-threaded lane per core
     assert batch.model_plan(fake(0)) == batch.ModelPlan(lanes=cores, torch_threads=1)
     # an explicit [models] num_threads: one lane, the engine's threads untouched

@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset
 from cxr_ai.config import load_config
 from cxr_ai.dicom import codes
 from cxr_ai.dicom.reader import read_radiograph
-from cxr_ai.dicom.sr import report_uid, tracking_uid
+from cxr_ai.dicom.common import report_uid, tracking_uid
 from cxr_ai.errors import ConfigError
 from cxr_ai.fhir import (
     DICOM_UID_SYSTEM,

@@ -2,7 +2,7 @@
 
 `cxr-ai serve` runs as its own process with the shipped demo model. Phantom studies with an
 injected acquisition shift for one group (race=Black, shift_strength 1.0: lower contrast and
-blur, see cxr_ai/phantoms.py) arrive by C-STORE; the ground truth arrives by `cxr-ai truth load`
+blur, see cxr_ai/phantoms/) arrive by C-STORE; the ground truth arrives by `cxr-ai truth load`
 from another process; the service notices the new truth and updates its monitor on its own;
 `/metrics` then carries a flagged gap for the shifted group and none for any other group.
 `cxr-ai monitor` prints the same gap.

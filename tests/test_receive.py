@@ -352,9 +352,30 @@ def synthetic_cr(rows: int = 512) -> pydicom.Dataset:
     return ds
 
 
+def fragment_groups(values: list, layout: str) -> list[list]:
+    """The PDUs (lists of PDV values) of one C-STORE laid out as ``layout`` says."""
+    cmd = [v for v in values if v[0] & 1]
+    data = [v for v in values if not v[0] & 1]
+    if layout == "one_pdu":                 # everything in one PDU
+        return [values]
+    if layout == "pairs":                   # two fragments per PDU
+        return [cmd] + [data[i:i + 2] for i in range(0, len(data), 2)]
+    if layout == "last_with_others":        # the last fragment shares its PDU with earlier ones
+        return [cmd] + [[v] for v in data[:-3]] + [data[-3:]]
+    return [cmd + data[:3]] + [[v] for v in data[3:]]  # the command and the first data fragments together
+
+
 @pytest.fixture
 def raw_scp(tmp_path: Path):
     with serving(tmp_path, max_pdu=0) as scp:      # no limit: the test chooses the PDU sizes
+        yield scp
+
+
+@pytest.fixture(params=["fast", "stock"])
+def raw_scp_each_path(request, tmp_path: Path):
+    """:func:`raw_scp` on the fast receive path and on pynetdicom's stock path
+    (``[listener] fast_receive = false``)."""
+    with serving(tmp_path, max_pdu=0, fast_receive=request.param == "fast") as scp:
         yield scp
 
 
@@ -366,14 +387,7 @@ def test_hand_fragmented_messages_are_stored_whole(raw_scp: StorageSCP, direct_w
     cmd = [v for v in values if v[0] & 1]
     data = [v for v in values if not v[0] & 1]
     assert len(cmd) == 1 and len(data) > 8 and data[-1][0] == 0x02 and all(v[0] == 0 for v in data[:-1])
-    if layout == "one_pdu":                 # everything in one PDU
-        groups = [values]
-    elif layout == "pairs":                 # two fragments per PDU
-        groups = [cmd] + [data[i:i + 2] for i in range(0, len(data), 2)]
-    elif layout == "last_with_others":      # the last fragment shares its PDU with earlier ones
-        groups = [cmd] + [[v] for v in data[:-3]] + [data[-3:]]
-    else:                                   # the command and the first data fragments together
-        groups = [cmd + data[:3]] + [[v] for v in data[3:]]
+    groups = fragment_groups(values, layout)
     sender.send(*groups)
     assert sender.response_status() == Status.SUCCESS
     sender.release()
@@ -400,7 +414,8 @@ def test_a_pdv_item_overrunning_its_pdu_aborts_the_association_and_the_listener_
     assert echo(peer) == 0
 
 
-def test_a_connection_lost_mid_data_set_stores_nothing_and_the_listener_goes_on(raw_scp: StorageSCP) -> None:
+def test_a_connection_lost_mid_data_set_stores_nothing_and_the_listener_goes_on(raw_scp_each_path: StorageSCP) -> None:
+    raw_scp = raw_scp_each_path
     ds = synthetic_cr()
     sender = RawSender(raw_scp.port)
     values = sender.fragments(ds, 16384)
@@ -647,3 +662,51 @@ def test_discarded_data_set_file_is_emptied_and_later_writes_go_nowhere(tmp_path
     assoc = types.SimpleNamespace(dul=types.SimpleNamespace(_cxr_connection=conn))
     assert receive.discarded_reason(assoc, f.name) == "test reason"
     assert receive.discarded_reason(assoc, f.name) is None
+
+
+# -- the same transfers over pynetdicom's stock path ([listener] fast_receive = false) ----------
+# The tests above check the fast path, its direct writes and its limits. These send the same
+# data over the same listener with each path, so both stay correct (the stock path is the
+# reference the fast one replaces, and the way back if a pynetdicom release breaks the seam).
+
+
+@pytest.fixture(params=["fast", "stock"])
+def each_path_scp(request, tmp_path: Path):
+    """The listener with 16 KiB PDUs on the fast receive path and on pynetdicom's stock path."""
+    with serving(tmp_path, max_pdu=16384, fast_receive=request.param == "fast") as scp:
+        yield scp, request.param
+
+
+def _dul_of_next_association(scp: StorageSCP) -> list:
+    seen: list = []
+    scp._server.bind(evt.EVT_ESTABLISHED, lambda e: seen.append(e.assoc.dul))
+    return seen
+
+
+@pytest.mark.parametrize("option,names", [
+    ("-xe", ("RG1_UNCR", "RG3_UNCR")),
+    ("-xw", ("RG1_J2KI",)),
+])
+def test_each_path_stores_data_sets_byte_identical_to_dcmtk_storescp(each_path_scp, tmp_path, data_store_dir: Path,
+                                                                     option: str, names) -> None:
+    scp, path = each_path_scp
+    seen = _dul_of_next_association(scp)
+    files = [data_store_dir / f"{n}.dcm" for n in names]
+    reference = dcmtk_received(tmp_path, option, files)
+    storescu(scp.port, "CXR_AI", option, files)
+    for f in files:
+        uid = uid_of(f)
+        assert data_set_bytes(stored(scp, uid)) == data_set_bytes(reference[uid]), (path, f.name)
+    [dul] = seen
+    assert (dul._read_pdu_data.__func__ is receive.read_pdus) is (path == "fast")
+
+
+@pytest.mark.parametrize("layout", ["one_pdu", "pairs", "last_with_others", "cmd_with_data"])
+def test_each_path_stores_hand_fragmented_messages_whole(raw_scp_each_path: StorageSCP, layout: str) -> None:
+    ds = synthetic_cr()
+    sender = RawSender(raw_scp_each_path.port)
+    sender.send(*fragment_groups(sender.fragments(ds, 16384), layout))
+    assert sender.response_status() == Status.SUCCESS
+    sender.release()
+    got = pydicom.dcmread(stored(raw_scp_each_path, ds.SOPInstanceUID))
+    assert got.PixelData == ds.PixelData and got.PatientID == "PHANTOM-RAW"

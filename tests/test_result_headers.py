@@ -23,7 +23,8 @@ from cxr_ai.dicom import codes
 from cxr_ai.dicom.gate import GateDecision, GateReason
 from cxr_ai.dicom.headers import PATIENT_STUDY_KEYWORDS, SERIES_KEYWORDS
 from cxr_ai.dicom.heatmap import sc_text_lines
-from cxr_ai.dicom.sr import MSG_HEATMAPS_FOR, outputs_for, read_sr_findings
+from cxr_ai.dicom.sr import read_sr_findings
+from cxr_ai.outputs import MSG_HEATMAPS_FOR, outputs_for
 from cxr_ai.errors import ConfigError
 from cxr_ai.fhir import build_bundle
 from cxr_ai.results import FindingResult, ImageResult, ModelInfo, format_probability

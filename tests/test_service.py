@@ -30,7 +30,7 @@ from pydicom.uid import generate_uid
 from cxr_ai.config import config_to_toml, load_config
 from cxr_ai.dicom.gate import check_applicability
 from cxr_ai.errors import ConfigError
-from cxr_ai.net.routing import MSG_MISSING_KEY, MSG_UNKNOWN_KIND
+from cxr_ai.service.routing import MSG_MISSING_KEY, MSG_UNKNOWN_KIND
 from cxr_ai.net.scp import ListenerSettings, StorageSCP
 from cxr_ai.net.scu import SCU_HANDLERS, Peer, send_files
 from cxr_ai.service import MSG_AE_TITLE, MSG_BAD_PIPELINE, Service, validate_config
@@ -276,7 +276,7 @@ def test_dead_letter_after_max_attempts_is_visible(tmp_path: Path, rg1_paths, ca
     finally:
         svc.stop(grace=2)
     # the CLI shows it and can queue it again
-    from cxr_ai.service_cli import jobs_main
+    from cxr_ai.service.cli import jobs_main
 
     toml = write_toml(tmp_path / "c.toml", {"store": {"root": str(tmp_path / "var")},
                                             "routing": {"destinations": cfg["routing"]["destinations"]}})
@@ -329,12 +329,12 @@ def test_config_validation_errors_are_clear(tmp_path: Path) -> None:
 
 
 def test_fhir_token_is_never_logged_or_shown(tmp_path: Path) -> None:
-    from cxr_ai.net.routing import build_destination
+    from cxr_ai.service.routing import build_destination
 
     dest = build_destination({"name": "ehr", "kind": "fhir", "url": "http://127.0.0.1:9/fhir", "token": "s3cr3t-token"},
                              calling_ae="CXR_AI", base_dir=tmp_path)
     assert "s3cr3t" not in repr(dest)
-    from cxr_ai.net.routing import DeliveryError
+    from cxr_ai.service.routing import DeliveryError
 
     p = tmp_path / "fhir-1.json"
     p.write_text("{}")
@@ -568,7 +568,7 @@ def test_serve_starts_with_no_config_at_all(tmp_path: Path, rg1_paths) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path, capsys) -> None:
-    from cxr_ai.service_cli import demo_main
+    from cxr_ai.service.cli import demo_main
 
     assert demo_main(["--n", "2", "--size", "512", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -654,7 +654,7 @@ def test_broken_pipeline_makes_health_fail_but_receiving_goes_on(tmp_path: Path,
 def test_service_subcommands_plug_into_the_cli_parser(tmp_path: Path, capsys) -> None:
     import argparse
 
-    from cxr_ai.service_cli import add_service_parsers
+    from cxr_ai.service.cli import add_service_parsers
 
     parser = argparse.ArgumentParser(prog="cxr-ai")
     parser.add_argument("-v", "--verbose", action="count", default=0)

@@ -50,7 +50,7 @@ class FixedFindingsPipeline:
         self.config = config
 
     def process_study(self, paths):
-        from cxr_ai.dicom.sr import outputs_for
+        from cxr_ai.outputs import outputs_for
         from cxr_ai.imaging import display_array
         from cxr_ai.pipeline import InstanceOutcome, InstanceStatus
         from cxr_ai.results import FindingResult, ImageResult, ModelInfo

@@ -22,20 +22,16 @@ from pydicom.dataset import Dataset
 from cxr_ai.config import default_config
 from cxr_ai.dicom import codes
 from cxr_ai.dicom.gate import check_applicability
-from cxr_ai.dicom.sr import (
+from cxr_ai.dicom.common import (
     LO_MAX,
-    MSG_NO_FINDINGS,
-    MSG_NO_MODEL,
-    MSG_NOT_3D_SR,
     MSG_SOURCE_MISSING,
     NOT_FOR_CLINICAL_USE,
-    build_sr,
-    outputs_for,
-    read_sr_findings,
     report_uid,
     series_description,
     tracking_uid,
 )
+from cxr_ai.dicom.sr import MSG_NO_FINDINGS, MSG_NOT_3D_SR, build_sr, read_sr_findings
+from cxr_ai.outputs import MSG_NO_MODEL, outputs_for
 from cxr_ai.phantoms import make_phantom_dataset
 from cxr_ai.results import FindingResult, ImageResult, ModelInfo
 
@@ -178,7 +174,7 @@ def test_rejected_image_gets_no_result_objects(data_store_dir, caplog):
         sop_instance_uid="1.2.3", study_instance_uid="1.2", decision=decision, model=DEMO,
         findings=_findings(),  # even if a caller filled findings, a rejection produces nothing
     )
-    with caplog.at_level(logging.DEBUG, logger="cxr_ai.dicom.sr"):
+    with caplog.at_level(logging.DEBUG, logger="cxr_ai.outputs"):
         assert outputs_for(result, pydicom.dcmread(tibia, stop_before_pixels=True)) is None
     assert decision.reason.value in caplog.text
     # The reason lives in the result record, for the listener and batch to report.

@@ -16,9 +16,9 @@ from cxr_ai.store import (
     NewDelivery,
     Spool,
     StudyState,
-    is_valid_uid,
     safe_key,
 )
+from cxr_ai.dicom.uids import is_valid_uid
 from cxr_ai.store import jobs as jobs_mod
 
 

@@ -22,7 +22,7 @@ from test_service_orthanc import PM, SC, SR_3D, FixedFindingsPipeline, _netns_or
 from cxr_ai.config import load_config
 from cxr_ai.net.scu import Peer, send_files
 from cxr_ai.service import Service
-from cxr_ai.service_cli import jobs_main
+from cxr_ai.service.cli import jobs_main
 from cxr_ai.store import StudyState
 
 

@@ -15,7 +15,7 @@ from cxr_ai.dicom.sr import build_sr
 from cxr_ai.dicom.uids import ResultIdentity, output_uid, patient_study_fingerprint
 from cxr_ai.phantoms import make_phantom_dataset
 from cxr_ai.results import FindingResult, ModelInfo
-from cxr_ai.store.spool import is_valid_uid
+from cxr_ai.dicom.uids import is_valid_uid
 
 MODEL = ModelInfo(name="cxr-ai-demo", version="0.1.0", device_uid="2.25.271828182845904523536028747135266249")
 MODEL_2 = ModelInfo(name="cxr-ai-demo", version="0.2.0", device_uid="2.25.314159265358979323846264338327950288")

@@ -44,72 +44,49 @@ DICOMweb), :mod:`~cxr_ai.batch.state` (output-folder names, pseudonym keys, the 
 :mod:`~cxr_ai.batch.table` (the results table), :mod:`~cxr_ai.batch.stages` (prepare, infer,
 finish one instance), :mod:`~cxr_ai.batch.pools` (stage pools, model plan, :func:`run_items`),
 :mod:`~cxr_ai.batch.run` (:func:`run_batch`, Dask), :mod:`~cxr_ai.batch.cli` (the command line).
-Everything is re-exported here: ``from cxr_ai.batch import run_batch`` and ``batch.X`` work.
+The public names are re-exported here (``from cxr_ai.batch import run_batch``); the command line
+lives in :mod:`~cxr_ai.batch.cli`.
 """
 
 from __future__ import annotations
 
-from cxr_ai.batch.cli import add_batch_parser, batch_main
 from cxr_ai.batch.inputs import (
     ACCESSION_COLUMNS,
-    MSG_BAD_DICOMDIR,
-    MSG_BAD_PEER,
     MSG_CSV_COLUMNS,
-    MSG_INPUT_MISSING,
-    MSG_NEED_PACS,
-    MSG_NO_INPUT,
     STUDY_COLUMNS,
+    BatchInputs,
     WorkItem,
-    Worklist,
     parse_peer,
     read_study_csv,
     retrieve_studies,
-    scan_dicomdir,
-    scan_folder,
     scan_inputs,
 )
 from cxr_ai.batch.pools import (
     MSG_BAD_POOL,
-    MSG_BAD_START_METHOD,
     MSG_POOL_FALLBACK,
-    MSG_WORKER_DIED,
-    MSG_WORKER_MODEL,
     POOL_KINDS,
-    START_METHODS,
     BatchWorkerError,
     ModelPlan,
-    batch_section,
     model_plan,
     pool_kind,
     run_items,
-)
-from cxr_ai.batch.pools import (
-    _cores as _cores,  # re-exported: tests and benchmarks use batch._cores
+    usable_cores,
 )
 from cxr_ai.batch.run import (
-    MSG_WORKERS_AND_SCHEDULER,
     BatchOptions,
     BatchSummary,
     partition_studies,
-    plan,
-    process_partition,
     run_batch,
 )
 from cxr_ai.batch.stages import (
-    Finished,
-    Prepared,
-    finish,
-    infer,
+    pipeline_finding_keys,
     prepare,
     write_outputs,
 )
-from cxr_ai.batch.stages import (
-    _finding_keys as _finding_keys,  # and batch._finding_keys
+from cxr_ai.batch.report import (
+    SKIPPED_INPUTS_NAME,
 )
-from cxr_ai.batch.report import SKIPPED_INPUTS_NAME, write_skipped_inputs
 from cxr_ai.batch.state import (
-    KEY_FILE_NAME,
-    MSG_KEY_FILE,
     RETRIEVED_DIR,
     STATE_DB_NAME,
     STUDIES_DIR,
@@ -119,23 +96,42 @@ from cxr_ai.batch.state import (
     patient_key,
 )
 from cxr_ai.batch.table import (
-    DEFAULT_FINDINGS,
-    TABLE_COLUMNS,
-    TAIL_COLUMNS,
     outcome_row,
-    write_table,
 )
 
 __all__ = [
-    "ACCESSION_COLUMNS", "DEFAULT_FINDINGS", "KEY_FILE_NAME", "MSG_BAD_DICOMDIR", "MSG_BAD_PEER",
-    "MSG_BAD_POOL", "MSG_BAD_START_METHOD", "MSG_CSV_COLUMNS", "MSG_INPUT_MISSING", "MSG_KEY_FILE",
-    "MSG_NEED_PACS", "MSG_NO_INPUT", "MSG_POOL_FALLBACK", "MSG_WORKERS_AND_SCHEDULER", "MSG_WORKER_DIED",
-    "MSG_WORKER_MODEL", "POOL_KINDS", "RETRIEVED_DIR", "SKIPPED_INPUTS_NAME", "START_METHODS", "STATE_DB_NAME", "STUDIES_DIR",
-    "STUDY_COLUMNS", "TABLE_COLUMNS", "TAIL_COLUMNS", "TMP_PREFIX",
-    "BatchOptions", "BatchState", "BatchSummary", "BatchWorkerError", "Finished", "ModelPlan", "Prepared",
-    "WorkItem", "Worklist",
-    "add_batch_parser", "batch_main", "batch_section", "finish", "infer", "load_or_create_key", "model_plan",
-    "outcome_row", "parse_peer", "partition_studies", "patient_key", "plan", "pool_kind", "prepare",
-    "process_partition", "read_study_csv", "retrieve_studies", "run_batch", "run_items", "scan_dicomdir",
-    "scan_folder", "scan_inputs", "write_outputs", "write_skipped_inputs", "write_table",
+    "ACCESSION_COLUMNS",
+    "BatchInputs",
+    "BatchOptions",
+    "BatchState",
+    "BatchSummary",
+    "BatchWorkerError",
+    "MSG_BAD_POOL",
+    "MSG_CSV_COLUMNS",
+    "MSG_POOL_FALLBACK",
+    "ModelPlan",
+    "POOL_KINDS",
+    "RETRIEVED_DIR",
+    "SKIPPED_INPUTS_NAME",
+    "STATE_DB_NAME",
+    "STUDIES_DIR",
+    "STUDY_COLUMNS",
+    "TMP_PREFIX",
+    "WorkItem",
+    "load_or_create_key",
+    "model_plan",
+    "outcome_row",
+    "parse_peer",
+    "partition_studies",
+    "patient_key",
+    "pipeline_finding_keys",
+    "pool_kind",
+    "prepare",
+    "read_study_csv",
+    "retrieve_studies",
+    "run_batch",
+    "run_items",
+    "scan_inputs",
+    "usable_cores",
+    "write_outputs",
 ]

@@ -12,13 +12,13 @@ from typing import Any
 from cxr_ai.batch.inputs import (
     MSG_NEED_PACS,
     MSG_NO_INPUT,
-    Worklist,
+    BatchInputs,
     parse_peer,
     read_study_csv,
     retrieve_studies,
     scan_inputs,
 )
-from cxr_ai.batch.pools import POOL_KINDS, _cores
+from cxr_ai.batch.pools import POOL_KINDS, usable_cores
 from cxr_ai.batch.run import (
     MSG_WORKERS_AND_SCHEDULER,
     BatchOptions,
@@ -89,7 +89,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     )
     if args.workers and args.scheduler:
         raise ConfigError(MSG_WORKERS_AND_SCHEDULER)
-    worklist = scan_inputs(args.inputs, threads=max(2, _cores())) if args.inputs else Worklist()
+    worklist = scan_inputs(args.inputs, threads=max(2, usable_cores())) if args.inputs else BatchInputs()
     wants_pacs = bool(args.studies or args.date_from or args.date_to or args.modality)
     if wants_pacs:
         pacs = parse_peer(args.pacs, calling_ae=args.calling_ae) if args.pacs else None

@@ -17,7 +17,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from cxr_ai.batch.state import RETRIEVED_DIR, TMP_PREFIX
-from cxr_ai.dicom.reader import is_valid_uid
+from cxr_ai.dicom.reader import is_usable_uid
 from cxr_ai.dicom.uids import patient_study_fingerprint
 from cxr_ai.errors import ConfigError
 
@@ -38,7 +38,7 @@ MSG_BAD_PEER = "{text!r} is not HOST:PORT:AET (e.g. 127.0.0.1:4242:ORTHANC)"
 
 
 # ============================================================================================
-# Worklist
+# BatchInputs
 # ============================================================================================
 
 
@@ -65,7 +65,10 @@ class WorkItem:
 
 
 @dataclass
-class Worklist:
+class BatchInputs:
+    """The instances one batch run reads (folders, DICOMDIRs, study lists), and what was left
+    out and why. Not the triage worklist (:class:`cxr_ai.worklist.Worklist`)."""
+
     items: list[WorkItem] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # files that are not DICOM
     #: files whose SOP Instance UID another file in the worklist already has for the same study
@@ -111,7 +114,7 @@ def _header_item(path: Path) -> WorkItem | None:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
         except Exception:  # noqa: BLE001 - not parseable: not DICOM
             return None
-        if not is_valid_uid(str(ds.get("SOPInstanceUID", "") or "")):
+        if not is_usable_uid(str(ds.get("SOPInstanceUID", "") or "")):
             return None
     except (EOFError, OSError):
         return None
@@ -120,7 +123,7 @@ def _header_item(path: Path) -> WorkItem | None:
     return _item(str(path), ds)
 
 
-def scan_folder(root: str | os.PathLike, *, threads: int = 4) -> Worklist:
+def scan_folder(root: str | os.PathLike, *, threads: int = 4) -> BatchInputs:
     """All DICOM files under ``root`` (recursive), headers read in parallel; DICOMDIRs skipped."""
     from cxr_ai.dicom.reader import iter_dicom_files
 
@@ -128,7 +131,7 @@ def scan_folder(root: str | os.PathLike, *, threads: int = 4) -> Worklist:
     if not root.exists():
         raise ConfigError(MSG_INPUT_MISSING.format(path=root))
     files = [p for p in iter_dicom_files(root) if not p.name.startswith(TMP_PREFIX)]
-    wl = Worklist()
+    wl = BatchInputs()
     with cf.ThreadPoolExecutor(max(1, threads)) as pool:
         for path, item in zip(files, pool.map(_header_item, files)):
             if item is None:
@@ -138,7 +141,7 @@ def scan_folder(root: str | os.PathLike, *, threads: int = 4) -> Worklist:
     return wl
 
 
-def scan_dicomdir(path: str | os.PathLike) -> Worklist:
+def scan_dicomdir(path: str | os.PathLike) -> BatchInputs:
     """The instances a DICOMDIR lists (their UIDs come from the directory records)."""
     from pydicom.fileset import FileSet
 
@@ -149,15 +152,15 @@ def scan_dicomdir(path: str | os.PathLike) -> Worklist:
         fs = FileSet(pydicom.dcmread(p))
     except (InvalidDicomError, ValueError, AttributeError, KeyError, OSError) as exc:
         raise ConfigError(MSG_BAD_DICOMDIR.format(path=p, detail=f"{type(exc).__name__}: {exc}")) from exc
-    wl = Worklist()
+    wl = BatchInputs()
     for inst in fs:
         wl.items.append(_item(str(inst.path), inst))
     return wl
 
 
-def scan_inputs(inputs: Sequence[str | os.PathLike], *, threads: int = 4) -> Worklist:
+def scan_inputs(inputs: Sequence[str | os.PathLike], *, threads: int = 4) -> BatchInputs:
     """Folders and DICOMDIR files (a folder holding a DICOMDIR is still scanned as a folder)."""
-    wl = Worklist()
+    wl = BatchInputs()
     for inp in inputs:
         p = Path(inp)
         part = scan_dicomdir(p) if p.is_file() and p.name.upper() == "DICOMDIR" else scan_folder(p, threads=threads)
@@ -243,7 +246,7 @@ def retrieve_studies(
     method: str = "get",
     move_port: int = 0,
     skip_sops: set[str] | None = None,
-) -> Worklist:
+) -> BatchInputs:
     """Resolve studies on a PACS (C-FIND / QIDO) and fetch them into ``<out>/retrieved``.
 
     Instances whose SOP Instance UID is in ``skip_sops`` (already finished) are not fetched
@@ -274,4 +277,4 @@ def retrieve_studies(
             logger.info("study %d of %d already done; not retrieving it", len(seen), len(uids))
             continue
         query_studies.fetch_study(uid, dest)
-    return scan_folder(dest) if dest.exists() else Worklist()
+    return scan_folder(dest) if dest.exists() else BatchInputs()

@@ -22,6 +22,7 @@ from typing import Any
 
 from cxr_ai.batch.inputs import WorkItem
 from cxr_ai.batch.stages import Finished, Prepared, _prepare_or_finish, finish, infer
+from cxr_ai.contract import StagedPipeline
 from cxr_ai.errors import ConfigError, CxrAiError
 
 logger = logging.getLogger("cxr_ai.batch")  # one logger for the package (sites and tests filter on it)
@@ -51,7 +52,7 @@ class BatchWorkerError(CxrAiError):
     """A worker process of the batch stage pool died (killed, out of memory, crashed decoder)."""
 
 
-def _finish_one(pipeline: Any, prepared: Prepared, args: Mapping[str, Any]) -> list[Finished]:
+def _finish_one(pipeline: StagedPipeline, prepared: Prepared, args: Mapping[str, Any]) -> list[Finished]:
     return [finish(pipeline, prepared, **args)]
 
 
@@ -62,7 +63,7 @@ class _ThreadStages:
     kind = "threads"
     maps_in_pool = False  # the model call maps the heatmaps to the source geometry
 
-    def __init__(self, pipeline: Any, size: int, *, out_dir: Path, pkey: bytes, write: bool) -> None:
+    def __init__(self, pipeline: StagedPipeline, size: int, *, out_dir: Path, pkey: bytes, write: bool) -> None:
         self.pipeline, self.size = pipeline, size
         self._args = {"out_dir": out_dir, "pkey": pkey, "write": write}
         self._decode = cf.ThreadPoolExecutor(size, thread_name_prefix="cxr-decode")
@@ -98,7 +99,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _proc_init(pipeline: Any, config_json: str, explain: bool, log_queue: Any, log_level: int) -> None:
+def _proc_init(pipeline: StagedPipeline, config_json: str, explain: bool, log_queue: Any, log_level: int) -> None:
     """Initializer of a worker process: one pipeline per process (inherited or loaded once);
     its log records go to the driver, which hands them to its own handlers."""
     _die_with_parent()
@@ -164,7 +165,7 @@ def _light_outcome(outcome: Any) -> Any:
                                timings=dict(outcome.timings), saliency=None)
 
 
-def _worker_config_json(pipeline: Any) -> str:
+def _worker_config_json(pipeline: StagedPipeline) -> str:
     """The configuration a spawned worker builds its pipeline from: the driver's, on the CPU
     with one thread (workers never run the model)."""
     cfg = json.loads(json.dumps(dict(pipeline.config), default=str))
@@ -212,7 +213,7 @@ class _ProcessStages:
 
     kind = "processes"
 
-    def __init__(self, pipeline: Any, size: int, *, out_dir: Path, pkey: bytes, write: bool,
+    def __init__(self, pipeline: StagedPipeline, size: int, *, out_dir: Path, pkey: bytes, write: bool,
                  start_method: str = "auto") -> None:
         import multiprocessing as mp
 
@@ -311,7 +312,7 @@ def pool_kind(value: str, *, write: bool) -> str:
     return value
 
 
-def _stage_pool(pipeline: Any, kind: str, size: int, *, out_dir: Path, pkey: bytes, write: bool,
+def _stage_pool(pipeline: StagedPipeline, kind: str, size: int, *, out_dir: Path, pkey: bytes, write: bool,
                 start_method: str) -> _ThreadStages | _ProcessStages:
     kind = pool_kind(kind, write=write)
     if kind == "processes":
@@ -328,8 +329,8 @@ def _stage_pool(pipeline: Any, kind: str, size: int, *, out_dir: Path, pkey: byt
     return _ThreadStages(pipeline, size, out_dir=out_dir, pkey=pkey, write=write)
 
 
-def _batch_settings(pipeline: Any) -> Mapping[str, Any]:
-    cfg = getattr(pipeline, "config", None)
+def _batch_settings(pipeline: StagedPipeline) -> Mapping[str, Any]:
+    cfg = pipeline.config
     return batch_section(cfg) if isinstance(cfg, Mapping) else {}
 
 
@@ -342,7 +343,7 @@ class ModelPlan:
     torch_threads: int | None
 
 
-def model_plan(pipeline: Any, *, config: Mapping[str, Any] | None = None) -> ModelPlan:
+def model_plan(pipeline: StagedPipeline, *, config: Mapping[str, Any] | None = None) -> ModelPlan:
     """The driver's model plan from ``[batch] model_lanes`` / ``torch_threads`` (0 = automatic)
     of ``config`` (default: the pipeline's).
 
@@ -356,19 +357,19 @@ def model_plan(pipeline: Any, *, config: Mapping[str, Any] | None = None) -> Mod
     settings = batch_section(config) if config is not None else _batch_settings(pipeline)
     lanes = int(settings.get("model_lanes", 0) or 0)
     threads = int(settings.get("torch_threads", 0) or 0)
-    engine = getattr(pipeline, "engine", None)
+    engine = pipeline.engine
     on_cpu = getattr(getattr(engine, "device", None), "type", "cpu") == "cpu"
-    models = (getattr(pipeline, "config", {}) or {}).get("models", {}) or {}
+    models = (pipeline.config or {}).get("models", {}) or {}
     automatic = on_cpu and int(models.get("num_threads", 0) or 0) <= 0
     if threads <= 0:
         threads = 1 if automatic else 0
     if lanes <= 0:
-        lanes = max(1, _cores() // max(1, threads)) if automatic else 1
+        lanes = max(1, usable_cores() // max(1, threads)) if automatic else 1
     return ModelPlan(lanes=lanes, torch_threads=threads if on_cpu and threads > 0 else None)
 
 
 def run_items(
-    pipeline: Any,
+    pipeline: StagedPipeline,
     items: Sequence[WorkItem],
     *,
     out_dir: Path,
@@ -433,7 +434,7 @@ def run_items(
     # Heatmaps are made only when result objects are, always from the driver's forward; they
     # are mapped to the source geometry in the worker processes when there are some (only the
     # small model-geometry maps cross), else in the driver's model call.
-    explain = bool(getattr(pipeline, "explain", False)) and write
+    explain = bool(pipeline.explain) and write
     heatmaps_in_pool = explain and stages.maps_in_pool
 
     def deliver(fin: Finished) -> None:
@@ -521,7 +522,7 @@ _WORKER_PIPELINES: dict[str, Any] = {}
 _WORKER_LOCK = threading.Lock()
 
 
-def _worker_pipeline(config_json: str, explain: bool) -> Any:
+def _worker_pipeline(config_json: str, explain: bool) -> StagedPipeline:
     """The pipeline of this process for this configuration, loaded once and kept."""
     key = hashlib.sha256(f"{config_json}|{explain}".encode()).hexdigest()
     with _WORKER_LOCK:
@@ -536,7 +537,7 @@ def batch_section(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return config.get("batch", {}) if isinstance(config.get("batch", {}), Mapping) else {}
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:

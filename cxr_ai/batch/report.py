@@ -26,7 +26,7 @@ COLUMNS = ("path", "why", "same_as")
 def write_skipped_inputs(out_dir: str | os.PathLike, *, ignored: Iterable[str],
                          duplicates: Iterable[Sequence[str]]) -> Path:
     """Write ``out_dir/skipped_inputs.csv`` atomically; ``duplicates`` holds (kept, skipped)
-    pairs as :class:`~cxr_ai.batch.inputs.Worklist` records them. Returns the path."""
+    pairs as :class:`~cxr_ai.batch.inputs.BatchInputs` records them. Returns the path."""
     out = Path(out_dir)
     path, tmp = out / SKIPPED_INPUTS_NAME, out / f"{TMP_PREFIX}{SKIPPED_INPUTS_NAME}"
     with open(tmp, "w", newline="", encoding="utf-8") as fh:

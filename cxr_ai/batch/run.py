@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr_ai.batch.inputs import WorkItem, Worklist
+from cxr_ai.batch.inputs import WorkItem, BatchInputs
 from cxr_ai.batch.report import write_skipped_inputs
 from cxr_ai.batch.pools import (
-    _cores,
+    usable_cores,
     _worker_pipeline,
     batch_section,
     model_plan,
     pool_kind,
     run_items,
 )
-from cxr_ai.batch.stages import Finished, _finding_keys
+from cxr_ai.batch.stages import Finished, pipeline_finding_keys
 from cxr_ai.batch.state import (
     STATE_DB_NAME,
     STUDIES_DIR,
@@ -34,6 +34,7 @@ from cxr_ai.batch.state import (
     load_or_create_key,
 )
 from cxr_ai.batch.table import DEFAULT_FINDINGS, write_table
+from cxr_ai.contract import StagedPipeline
 from cxr_ai.errors import ConfigError
 
 logger = logging.getLogger("cxr_ai.batch")  # one logger for the package (sites and tests filter on it)
@@ -198,11 +199,11 @@ def _clean_tmp(out_dir: Path) -> int:
 
 
 def run_batch(
-    worklist: Worklist,
+    worklist: BatchInputs,
     *,
     options: BatchOptions,
     config: Mapping[str, Any] | None = None,
-    pipeline: Any | None = None,
+    pipeline: StagedPipeline | None = None,
 ) -> BatchSummary:
     """Run the pipeline over ``worklist`` into ``options.out_dir`` (see :mod:`cxr_ai.batch`).
 
@@ -217,10 +218,10 @@ def run_batch(
     pipeline
         A ready :class:`cxr_ai.pipeline.Pipeline` (local runs); built from ``config`` if None.
     """
-    from cxr_ai.config import load_config
+    from cxr_ai.config import default_config
 
     t_start = time.perf_counter()
-    cfg = dict(config) if config is not None else load_config()
+    cfg = dict(config) if config is not None else default_config()
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = BatchSummary(total=len(worklist.items), ignored_files=len(worklist.ignored),
@@ -228,7 +229,7 @@ def run_batch(
                            duplicates=list(worklist.duplicates), uid_reused=list(worklist.uid_reused),
                            dry_run=options.dry_run)
     bcfg = batch_section(cfg)
-    threads = options.threads or int(bcfg.get("threads", 0) or 0) or max(2, _cores())
+    threads = options.threads or int(bcfg.get("threads", 0) or 0) or max(2, usable_cores())
     pool = str(options.pool or bcfg.get("pool", "auto") or "auto")
     pool_kind(pool, write=options.write_outputs)  # a typo fails here, before any work
     if options.write_outputs and not options.dry_run and not str(
@@ -248,7 +249,7 @@ def run_batch(
 
         pipeline = Pipeline(config=cfg, explain=options.explain)
     model = pipeline.model_info if pipeline is not None else _model_info_of(cfg)
-    finding_keys = _finding_keys(pipeline) if pipeline is not None else list(DEFAULT_FINDINGS)
+    finding_keys = pipeline_finding_keys(pipeline) if pipeline is not None else list(DEFAULT_FINDINGS)
 
     state = BatchState(out_dir / STATE_DB_NAME)
     try:
@@ -311,12 +312,12 @@ def run_batch(
     return summary
 
 
-def plan(worklist: Worklist, *, out_dir: Path, config: Mapping[str, Any] | None = None,
+def plan(worklist: BatchInputs, *, out_dir: Path, config: Mapping[str, Any] | None = None,
          force: bool = False, model: Any = None) -> list[WorkItem]:
     """What a run would process (the dry run): the worklist minus what is already finished."""
-    from cxr_ai.config import load_config
+    from cxr_ai.config import default_config
 
-    cfg = dict(config) if config is not None else load_config()
+    cfg = dict(config) if config is not None else default_config()
     model = model or _model_info_of(cfg)
     db = Path(out_dir) / STATE_DB_NAME
     if force or not db.exists():
@@ -375,7 +376,7 @@ def _run_dask(todo: Sequence[WorkItem], *, cfg: Mapping[str, Any], options: Batc
     cluster = None
     if options.workers:
         n = int(options.workers)
-        per_worker_threads = max(1, _cores() // n)
+        per_worker_threads = max(1, usable_cores() // n)
         cfg = {**cfg, "models": {**cfg.get("models", {}), "num_threads": per_worker_threads}}
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address=None, silence_logs=logging.WARNING)

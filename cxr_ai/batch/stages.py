@@ -15,6 +15,8 @@ from typing import Any
 from cxr_ai.batch.inputs import WorkItem
 from cxr_ai.batch.state import STUDIES_DIR, TMP_PREFIX
 from cxr_ai.batch.table import DEFAULT_FINDINGS, outcome_row
+from cxr_ai.contract import StagedPipeline
+from cxr_ai.outputs import batch_kind_name
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Prepared:
     ticket: int = -1
 
 
-def prepare(pipeline: Any, item: WorkItem, *, keep_pixels: bool | None = None) -> Prepared:
+def prepare(pipeline: StagedPipeline, item: WorkItem, *, keep_pixels: bool | None = None) -> Prepared:
     """Read, gate and preprocess one instance (runs in the stage pool): the pipeline's stage 1.
 
     Unless ``keep_pixels`` (default: the pipeline makes heatmaps), the decoded pixels are
@@ -44,14 +46,14 @@ def prepare(pipeline: Any, item: WorkItem, *, keep_pixels: bool | None = None) -
     # an unreadable file keeps the UIDs the worklist scan found for it (if any)
     outcome.sop_instance_uid = outcome.sop_instance_uid or item.sop_uid
     outcome.study_instance_uid = outcome.study_instance_uid or item.study_uid
-    keep = bool(getattr(pipeline, "explain", True)) if keep_pixels is None else keep_pixels
+    keep = bool(pipeline.explain) if keep_pixels is None else keep_pixels
     rg = outcome.radiograph
     if pre is not None and rg is not None and not keep:
         rg._pixels = None
     return Prepared(item, outcome, pre)
 
 
-def infer(pipeline: Any, batch: Sequence[Prepared], *, explain: bool | None = None,
+def infer(pipeline: StagedPipeline, batch: Sequence[Prepared], *, explain: bool | None = None,
           source_maps: bool = True) -> None:
     """Run the model on the accepted instances of ``batch`` (one engine call): stage 2.
 
@@ -67,17 +69,6 @@ def infer(pipeline: Any, batch: Sequence[Prepared], *, explain: bool | None = No
         pipeline.infer(pairs, explain=explain, **kwargs)
     for p in batch:
         p.pre = None  # free the tensor
-
-
-def _kind(ds: Any) -> str:
-    uid = str(getattr(ds, "SOPClassUID", ""))
-    if uid.startswith("1.2.840.10008.5.1.4.1.1.88."):
-        return "sr"
-    if uid == "1.2.840.10008.5.1.4.1.1.30":
-        return "pm"
-    if uid.startswith("1.2.840.10008.5.1.4.1.1.7"):
-        return "sc"
-    return "obj"
 
 
 def write_outputs(outcome: Any, out_dir: Path, *, variant: str = "") -> list[str]:
@@ -96,7 +87,7 @@ def write_outputs(outcome: Any, out_dir: Path, *, variant: str = "") -> list[str
     staged: list[tuple[Path, Path]] = []
     counts: Counter[str] = Counter()
     for ds in outcome.datasets:
-        kind = _kind(ds)
+        kind = batch_kind_name(ds)
         counts[kind] += 1
         final = study_dir / f"{sop}_{kind}{counts[kind]}.dcm"
         tmp = study_dir / f"{TMP_PREFIX}{final.name}"
@@ -124,7 +115,7 @@ class Finished:
     outputs: list[str]
 
 
-def finish(pipeline: Any, prepared: Prepared, *, out_dir: Path, pkey: bytes, write: bool = True) -> Finished:
+def finish(pipeline: StagedPipeline, prepared: Prepared, *, out_dir: Path, pkey: bytes, write: bool = True) -> Finished:
     """Build the result objects of an instance (after :func:`infer`), write them, make its row.
 
     ``write=False`` is the results-table-only mode: no SR / SC / PM / FHIR object is built.
@@ -137,18 +128,18 @@ def finish(pipeline: Any, prepared: Prepared, *, out_dir: Path, pkey: bytes, wri
             pipeline.build_outputs(outcome, parts=())  # status and message only, no object
     outputs = write_outputs(outcome, out_dir, variant=prepared.item.variant) if write else []
     row = outcome_row(outcome, model=pipeline.model_info, key=pkey,
-                      finding_keys=_finding_keys(pipeline), n_outputs=len(outputs))
+                      finding_keys=pipeline_finding_keys(pipeline), n_outputs=len(outputs))
     outcome.radiograph = None  # free the pixels
     outcome.datasets = []
     return Finished(prepared.item.key, row, outputs)
 
 
-def _finding_keys(pipeline: Any) -> list[str]:
+def pipeline_finding_keys(pipeline: StagedPipeline) -> list[str]:
     keys = list(getattr(pipeline.engine, "finding_keys", []) or [])
     return keys + [k for k in DEFAULT_FINDINGS if k not in keys]
 
 
-def _prepare_or_finish(pipeline: Any, item: WorkItem, ticket: int, *, out_dir: Path, pkey: bytes,
+def _prepare_or_finish(pipeline: StagedPipeline, item: WorkItem, ticket: int, *, out_dir: Path, pkey: bytes,
                        write: bool) -> Prepared | Finished:
     """Stage 1; an instance the model will not see (not applicable, failed) is finished at once."""
     prepared = prepare(pipeline, item, keep_pixels=bool(pipeline.explain) and write)

@@ -53,7 +53,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from cxr_ai.dicom import codes, headers
-from cxr_ai.dicom.sr import (
+from cxr_ai.dicom.common import (
     LO_MAX,
     NOT_FOR_CLINICAL_USE,
     PM_SERIES_NUMBER,

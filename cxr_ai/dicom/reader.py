@@ -243,7 +243,7 @@ def read_radiograph(source: Source, *, decode: bool = False) -> Radiograph:
         value = _text(ds, keyword)
         if not value:
             raise ReadError("missing_uid", MSG_MISSING_UID.format(source=label, keyword=keyword))
-        if not is_valid_uid(value):
+        if not is_usable_uid(value):
             raise ReadError("invalid_uid", MSG_INVALID_UID.format(source=label, keyword=keyword, value=value[:80]))
 
     warnings: list[str] = []
@@ -296,8 +296,12 @@ def read_radiograph(source: Source, *, decode: bool = False) -> Radiograph:
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-def is_valid_uid(value: str) -> bool:
-    """True when ``value`` is a syntactically valid UID (safe to use in a file name)."""
+def is_usable_uid(value: str) -> bool:
+    """True when ``value`` is digits and dots, at most 64 characters: safe to use in a file name.
+
+    Looser than :func:`cxr_ai.dicom.uids.is_valid_uid` on purpose: a leading zero in a
+    component (which some modalities write) does not stop an image from being read.
+    """
     return len(value) <= 64 and bool(_UID_RE.match(value))
 
 

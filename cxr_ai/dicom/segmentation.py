@@ -26,7 +26,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from cxr_ai.dicom import codes, headers
-from cxr_ai.dicom.sr import check_source, sanitize_lo, series_description, software_versions
+from cxr_ai.dicom.common import check_source, sanitize_lo, series_description, software_versions
 from cxr_ai.dicom.uids import identity_of
 from cxr_ai.results import FindingResult, ModelInfo
 

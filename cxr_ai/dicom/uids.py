@@ -26,6 +26,7 @@ keep their UIDs at the PACS; a re-send after the upgrade makes new objects besid
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -38,6 +39,17 @@ _UID_NAMESPACE = uuid.UUID("56ece789-553c-4592-ad45-54d5046d9651")
 _SEP = "\x1f"
 #: Version of the derivation; part of every name so a future change cannot reuse a UID.
 _SCHEME = "result-identity-2"
+
+#: A DICOM UID (PS3.5 §9.1): numeric components separated by dots, no leading zeros, at least
+#: two components, at most 64 characters. Stricter than pydicom's ``UID.is_valid``, which
+#: accepts a one-component UID and trailing padding: this one is also safe as a file name.
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+def is_valid_uid(value: object) -> bool:
+    """True when ``value`` is a syntactically valid DICOM UID (PS3.5 §9.1)."""
+    return isinstance(value, str) and len(value) <= 64 and UID_RE.match(value) is not None
+
 
 
 def output_uid(*parts: str) -> str:

@@ -432,10 +432,10 @@ class InferenceEngine:
 
 
 def _models_section(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    if config is None:
-        from cxr_ai.config import load_config
+    if config is None:  # the embedded defaults; the edge (CLI, service) loads files and env
+        from cxr_ai.config import default_config
 
-        config = load_config()
+        config = default_config()
     if "models" in config and isinstance(config["models"], Mapping):
         return config["models"]
     return config

@@ -56,7 +56,10 @@ The hooks rely on pynetdicom 3's upper-layer contract (``_read_pdu_data`` puts o
 ``context_id`` and ``_data_set_file``; the association's ``_reactor_checkpoint``, the DIMSE
 ``msg_queue``); :func:`fast_path_supported` checks for them and the handler keeps
 pynetdicom's own path when one is missing. ``tests/test_receive.py`` runs the
-direct path against dcmtk's ``storescu`` and pynetdicom's own SCU, fragment by fragment.
+direct path against dcmtk's ``storescu`` and pynetdicom's own SCU, fragment by fragment, and
+the same transfers over pynetdicom's stock path (``[listener] fast_receive = false``). The
+whole seam, and what to run before raising the pynetdicom pin, is listed in
+``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -919,10 +922,15 @@ def remove_unfinished_transfers(assoc) -> int:
     return removed
 
 
-def install_on_server(server, *, limits: ReceiveLimits | None = None) -> None:
+def install_on_server(server, *, limits: ReceiveLimits | None = None, fast: bool = True) -> None:
     """Use this module's connection handler and context copies on a pynetdicom server, with
-    ``limits`` on what each connection may do, and the per-address limit at accept."""
+    ``limits`` on what each connection may do, and the per-address limit at accept.
+
+    ``fast=False`` (``[listener] fast_receive = false``) keeps pynetdicom's stock PDU path on
+    every association; the per-address limit, the TLS handshake in the connection's thread and
+    the clean-up of unfinished transfers stay."""
     limits = limits or ReceiveLimits()
+    server._cxr_fast = fast
     server.contexts = CheaplyCopiedContexts(server.contexts)
     server._cxr_limits = limits
     limiter = PeerLimiter(limits.max_per_address, limits.refused)
@@ -983,7 +991,8 @@ class FastReceiveRequestHandler(RequestHandler):
         assoc = super()._create_association()
         dul = assoc.dul
         host = _peer_host(self.client_address)
-        if dul.socket is not None and getattr(dul, "_target", None) is not None and fast_path_supported():
+        if (getattr(self.server, "_cxr_fast", True) and dul.socket is not None
+                and getattr(dul, "_target", None) is not None and fast_path_supported()):
             install(assoc, getattr(self.server, "_cxr_limits", None), host)
             answer.install(assoc)
         limiter = getattr(self.server, "_cxr_peers", None)

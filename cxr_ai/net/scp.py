@@ -44,10 +44,11 @@ from cxr_ai.net.common import (
     Status,
     handle_conn_open_nodelay,
 )
-from cxr_ai.net.metrics import ServiceMetrics
+from cxr_ai.service.metrics import ServiceMetrics
 from cxr_ai.net.receive import ReceiveLimits, discarded_reason, install_on_server
 from cxr_ai.store.jobs import JobStore
-from cxr_ai.store.spool import Spool, is_valid_uid, safe_key
+from cxr_ai.dicom.uids import is_valid_uid
+from cxr_ai.store.spool import Spool, safe_key
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +273,8 @@ class ListenerSettings:
     dimse_timeout: float = 60.0
     network_timeout: float = 30.0
     pdu_timeout: float = 10.0
+    #: The fast receive path (:mod:`cxr_ai.net.receive`); False: pynetdicom's stock path.
+    fast_receive: bool = True
     shutdown_seconds: float = 2.0
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
@@ -355,13 +358,14 @@ class StorageSCP:
         if self.metrics is not None:
             counter = self.metrics.listener_refusals
             limits = dataclasses.replace(limits, on_refusal=lambda reason: counter.labels(reason).inc())
-        install_on_server(self._server, limits=limits)
+        install_on_server(self._server, limits=limits, fast=bool(s.fast_receive))
         if limits.max_per_address >= int(s.max_associations):
             logger.warning("[listener] max_associations_per_address (%d) is not below max_associations (%d): one "
                            "address can take every association", limits.max_per_address, s.max_associations)
         logger.info("DICOM listener %s on %s:%d (TLS %s, max PDU %d, %d associations, %d per address, PDU timeout "
-                    "%g s, idle timeout %g s)", s.ae_title, s.host, self.port, "on" if s.ssl_context else "off",
-                    s.max_pdu, s.max_associations, limits.max_per_address, s.pdu_timeout, s.network_timeout)
+                    "%g s, idle timeout %g s, %s receive path)", s.ae_title, s.host, self.port, "on" if s.ssl_context else "off",
+                    s.max_pdu, s.max_associations, limits.max_per_address, s.pdu_timeout, s.network_timeout,
+                    "fast" if s.fast_receive else "stock")
 
     @property
     def port(self) -> int:
@@ -453,7 +457,7 @@ class StorageSCP:
         t0 = time.perf_counter()
         status = Status.CANNOT_UNDERSTAND
         try:
-            status = self._store(event)
+            status = self._accept_instance(event)
         except Exception:  # broad on purpose: the network boundary must not crash the association
             logger.exception("unexpected error storing an instance; answered 0x%04X", Status.OUT_OF_RESOURCES)
             status = Status.OUT_OF_RESOURCES
@@ -469,7 +473,7 @@ class StorageSCP:
                     self.metrics.stage_seconds.labels("receive").observe(time.perf_counter() - t0)
         return status
 
-    def _store(self, event) -> int:
+    def _accept_instance(self, event) -> int:
         req = event.request
         calling = event.assoc.requestor.ae_title
         try:

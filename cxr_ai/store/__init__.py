@@ -12,9 +12,9 @@ from cxr_ai.store.jobs import (
     StudyRecord,
     StudyState,
 )
-from cxr_ai.store.spool import Spool, is_valid_uid, safe_key
+from cxr_ai.store.spool import Spool, safe_key
 
 __all__ = [
     "ClaimedStudy", "Delivery", "DeliveryState", "InstanceRecord", "InstanceResult", "InstanceState",
-    "JobStore", "NewDelivery", "Spool", "StudyRecord", "StudyState", "is_valid_uid", "safe_key",
+    "JobStore", "NewDelivery", "Spool", "StudyRecord", "StudyState", "safe_key",
 ]

@@ -53,6 +53,8 @@ from cxr_ai.web.data import (
 )
 from cxr_ai.web.feedback import FeedbackStore
 from cxr_ai.web.images import ImageCache, display_size, heatmap_png, pm_finding, radiograph_png
+from cxr_ai.web.ops_page import routes as ops_routes
+from cxr_ai.web.second_opinion_page import routes as second_opinion_routes
 from cxr_ai.web.settings import WebSettings, session_secret
 from cxr_ai.worklist import Worklist
 
@@ -571,9 +573,7 @@ def create_app(ctx: WebContext, *, extra_routes: Sequence[BaseRoute] = ()) -> St
         Route("/study/{job_id}/feedback", study_feedback, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    from cxr_ai.web import ops_page, second_opinion_page
-
-    routes += second_opinion_page.routes() + ops_page.routes()
+    routes += second_opinion_routes() + ops_routes()
     routes += list(extra_routes)
     if not s.enabled:  # [web] enabled = false: the service endpoints only
         routes = service_routes

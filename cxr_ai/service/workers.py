@@ -10,7 +10,6 @@ triage worklist. Wired together by :class:`cxr_ai.service.Service`.
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 import json
 import logging
@@ -25,8 +24,9 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-from cxr_ai.net.metrics import ServiceMetrics
-from cxr_ai.net.routing import Router
+from cxr_ai.contract import OutcomeLike, PipelineFactory, PipelineLike, check_pipeline, status_of
+from cxr_ai.service.metrics import ServiceMetrics
+from cxr_ai.service.routing import Router
 from cxr_ai.store.jobs import (
     ClaimedStudy,
     InstanceResult,
@@ -36,37 +36,34 @@ from cxr_ai.store.jobs import (
     ReasonCode,
     StudyState,
 )
+from cxr_ai.outputs import OutputKind, kind_of, listener_prefix
 from cxr_ai.store.spool import Spool, safe_key
 
 if TYPE_CHECKING:
-    from cxr_ai.service import PipelineFactory, ServiceSettings
+    from cxr_ai.service.wiring import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
 
-def _status_of(outcome: Any) -> InstanceState:
-    value = getattr(outcome.status, "value", outcome.status)
-    return {"processed": InstanceState.PROCESSED, "not_applicable": InstanceState.NOT_APPLICABLE}.get(
-        str(value), InstanceState.FAILED)
+def _state_of(outcome: OutcomeLike) -> InstanceState:
+    """The job store's state of an outcome: the same strings as :class:`InstanceStatus`."""
+    return InstanceState(status_of(outcome).value)
 
 
-def _result_summary(outcome: Any) -> dict[str, Any] | None:
-    result = getattr(outcome, "result", None)
+def _result_summary(outcome: OutcomeLike) -> dict[str, Any] | None:
+    result = outcome.result
     if result is None:
         return None
     summary: dict[str, Any] = {}
-    findings = getattr(result, "findings", None)
-    if findings:
-        summary["findings"] = [f.to_dict() for f in findings]
-    model = getattr(result, "model", None)
+    if result.findings:
+        summary["findings"] = [f.to_dict() for f in result.findings]
+    model = result.model
     if model is not None:
-        summary["model"] = getattr(model, "label", str(model))
-        summary["not_for_clinical_use"] = bool(getattr(model, "not_for_clinical_use", True))
-        if getattr(model, "intended_use", ""):
+        summary["model"] = model.label
+        summary["not_for_clinical_use"] = bool(model.not_for_clinical_use)
+        if model.intended_use:
             summary["intended_use"] = str(model.intended_use)
-    decision = getattr(result, "decision", None)
-    if decision is not None and hasattr(decision, "to_dict"):
-        summary["decision"] = decision.to_dict()
+    summary["decision"] = result.decision.to_dict()
     return summary or None
 
 
@@ -82,22 +79,6 @@ def _dataset_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
-
-
-_PREFIX_BY_SOP_CLASS = (
-    ("1.2.840.10008.5.1.4.1.1.88.", "SR"),   # Structured Report Storage classes
-    ("1.2.840.10008.5.1.4.1.1.30", "PM"),    # Parametric Map Storage
-    ("1.2.840.10008.5.1.4.1.1.7", "SC"),     # Secondary Capture Image Storage classes
-)
-
-
-def _kind_prefix(ds: Dataset) -> str:
-    """File name prefix of a result object: SR, SC, PM, else its modality."""
-    sop_class = str(ds.get("SOPClassUID", ""))
-    for prefix, name in _PREFIX_BY_SOP_CLASS:
-        if sop_class.startswith(prefix):
-            return name
-    return "".join(c for c in str(ds.get("Modality", "") or "OBJ") if c.isalnum())[:8] or "OBJ"
 
 
 class ResultRecorder:
@@ -124,7 +105,7 @@ class ResultRecorder:
         self.demographics_keep_seconds = None if keep < 0 else keep * 3600.0
         self.errors = 0
 
-    def record(self, outcomes: Sequence[Any], received_at: float | None, *, job_id: str = "",
+    def record(self, outcomes: Sequence[OutcomeLike], received_at: float | None, *, job_id: str = "",
                study_uid: str = "") -> None:
         """Log the predictions and put the study on the worklist (a study without findings
         goes on it too, with the reason it is not applicable)."""
@@ -136,7 +117,8 @@ class ResultRecorder:
         demographics: dict[str, Any] = {}
         reasons: list[str] = []
         for o in outcomes:
-            rg, result = getattr(o, "radiograph", None), getattr(o, "result", None)
+            # The radiograph is optional in the contract: a site's pipeline may not keep it.
+            rg, result = getattr(o, "radiograph", None), o.result
             if rg is not None and not demographics:
                 acquired = acquisition_time(rg.dataset.get("StudyDate", ""), rg.study_time)
                 demographics = {"name": str(rg.dataset.get("PatientName", "") or ""), "id": rg.patient_id,
@@ -144,7 +126,7 @@ class ResultRecorder:
                 accession = accession or rg.accession_number
                 study_uid = study_uid or rg.study_instance_uid
             if result is None or not result.findings:
-                why = str(getattr(o, "reason", "") or "")
+                why = str(o.reason or "")
                 if why and why not in reasons:
                     reasons.append(why)
             if rg is None or result is None:
@@ -160,7 +142,7 @@ class ResultRecorder:
                 study_uid = study_uid or rg.study_instance_uid
                 accession = accession or rg.accession_number
                 findings.extend(result.findings)
-                sr = next((ds for ds in getattr(o, "datasets", []) if str(ds.get("Modality", "")) == "SR"), None)
+                sr = next((ds for ds in o.datasets or [] if kind_of(ds) is OutputKind.SR), None)
                 report_uid = report_uid or (str(sr.SOPInstanceUID) if sr is not None else "")
         if not study_uid:
             return
@@ -193,7 +175,8 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._inflight: dict[int, list[str]] = {}
         self._lock = threading.Lock()
-        self._pipelines: dict[int, Any] = {}
+        self._pipelines: dict[int, PipelineLike] = {}
+        self._early: dict[int, bool] = {}  # id(pipeline) -> whether it takes on_results
         self.errors: list[str] = []
         self.recorder = ResultRecorder(config, settings)
 
@@ -222,13 +205,15 @@ class WorkerPool:
             logger.warning("shutdown: %d studies still processing after %.0f s; re-queued", len(left), grace)
             self.store.requeue(left)
 
-    def _pipeline(self) -> Any:
+    def _pipeline(self) -> PipelineLike:
         ident = threading.get_ident()
         if ident not in self._pipelines:
-            self._pipelines[ident] = self.factory(config=self.config)
+            pipeline = self.factory(config=self.config)
+            self._early[id(pipeline)] = check_pipeline(pipeline, what=f"[workers] pipeline ({type(pipeline).__module__}:{type(pipeline).__qualname__})")
+            self._pipelines[ident] = pipeline
         return self._pipelines[ident]
 
-    def _build_pipeline(self) -> Any | None:
+    def _build_pipeline(self) -> PipelineLike | None:
         """Build this worker's pipeline, retrying with backoff until it works or we stop.
 
         While it fails, the error is on ``/healthz`` and studies stay queued (nothing is lost);
@@ -293,7 +278,7 @@ class WorkerPool:
                 with self._lock:
                     self._inflight.pop(threading.get_ident(), None)
 
-    def process(self, pipeline: Any, claims: Sequence[ClaimedStudy]) -> None:
+    def process(self, pipeline: PipelineLike, claims: Sequence[ClaimedStudy]) -> None:
         """Run the pipeline over the claimed studies (one batch) and record the outcomes.
 
         A pipeline that takes ``on_results`` (the default one) hands over each image's SR and
@@ -307,14 +292,14 @@ class WorkerPool:
         paths = [Path(i.path) for c in claims for i in c.instances]
         early: dict[str, set[str]] = {}  # job id -> result file names already queued
 
-        def on_results(outcomes: Sequence[Any]) -> None:
+        def on_results(outcomes: Sequence[OutcomeLike]) -> None:
             self._queue_first_results(claims, outcomes, early)
 
         t0 = time.perf_counter()
         try:
             if not paths:
                 outcomes = []
-            elif _takes_on_results(pipeline):
+            elif self._early.get(id(pipeline), False):
                 outcomes = list(pipeline.process_study(paths, on_results=on_results))
             else:
                 outcomes = list(pipeline.process_study(paths))
@@ -340,14 +325,14 @@ class WorkerPool:
             self._finish_study(c, pairs, skip=early.get(c.study.job_id, set()))
         self.router.wake()
 
-    def _result_files(self, job: str, inst_key: str, outcome: Any, skip: set[str]) -> list[Path]:
+    def _result_files(self, job: str, inst_key: str, outcome: OutcomeLike, skip: set[str]) -> list[Path]:
         """Write an outcome's result objects into the job's result folder (names not in ``skip``)."""
         files: list[Path] = []
-        for ds in getattr(outcome, "datasets", None) or []:
-            name = f"{_kind_prefix(ds)}-{safe_key(str(ds.SOPInstanceUID))}.dcm"
+        for ds in outcome.datasets or []:
+            name = f"{listener_prefix(ds)}-{safe_key(str(ds.SOPInstanceUID))}.dcm"
             if name not in skip:
                 files.append(self.spool.write_result(job, name, _dataset_bytes(ds)))
-        bundle = getattr(outcome, "fhir_bundle", None)
+        bundle = outcome.fhir_bundle
         name = f"fhir-{inst_key}.json"
         if bundle and name not in skip:
             files.append(self.spool.write_result(job, name, json.dumps(bundle, indent=1).encode("utf-8")))
@@ -361,7 +346,7 @@ class WorkerPool:
                 deliveries.append(NewDelivery(name, items))
         return deliveries
 
-    def _queue_first_results(self, claims: Sequence[ClaimedStudy], outcomes: Sequence[Any],
+    def _queue_first_results(self, claims: Sequence[ClaimedStudy], outcomes: Sequence[OutcomeLike],
                              early: dict[str, set[str]]) -> None:
         """Write and queue the SR / FHIR objects built so far; the study stays processing.
 
@@ -382,7 +367,7 @@ class WorkerPool:
         except Exception:  # broad on purpose: e.g. spool full; everything goes out with the rest
             logger.exception("first results could not be queued early; they go with the study's other results")
 
-    def _finish_study(self, claim: ClaimedStudy, pairs: list[tuple[Any, Any]], *, skip: set[str] = frozenset()) -> None:
+    def _finish_study(self, claim: ClaimedStudy, pairs: list[tuple[Any, OutcomeLike | None]], *, skip: set[str] = frozenset()) -> None:
         job = claim.study.job_id
         files: list[Path] = []
         results: list[InstanceResult] = []
@@ -392,9 +377,9 @@ class WorkerPool:
                 results.append(InstanceResult(inst.sop_key, InstanceState.FAILED, "pipeline returned no outcome"))
                 counts["failed"] = counts.get("failed", 0) + 1
                 continue
-            state = _status_of(outcome)
+            state = _state_of(outcome)
             counts[state.value] = counts.get(state.value, 0) + 1
-            reason = str(getattr(outcome, "reason", "") or "")
+            reason = str(outcome.reason or "")
             files.extend(self._result_files(job, inst.sop_key, outcome, skip))
             results.append(InstanceResult(inst.sop_key, state, reason[:500], _result_summary(outcome)))
         if files or skip:
@@ -418,11 +403,12 @@ class WorkerPool:
                     len(files) + len(skip), len(skip), len(deliveries), state.value, code)
 
 
-def _pair(claims: Sequence[ClaimedStudy], outcomes: Sequence[Any]) -> list[tuple[ClaimedStudy, list[tuple[Any, Any]]]]:
+def _pair(claims: Sequence[ClaimedStudy], outcomes: Sequence[OutcomeLike]
+          ) -> list[tuple[ClaimedStudy, list[tuple[Any, OutcomeLike | None]]]]:
     """Each claimed study with its (instance, outcome) pairs: by position, else by SOP Instance UID."""
     n = sum(len(c.instances) for c in claims)
     by_index = outcomes if len(outcomes) == n else None
-    by_uid = {str(getattr(o, "sop_instance_uid", "")): o for o in outcomes}
+    by_uid = {str(o.sop_instance_uid or ""): o for o in outcomes}
     k = 0
     paired = []
     for c in claims:
@@ -433,10 +419,3 @@ def _pair(claims: Sequence[ClaimedStudy], outcomes: Sequence[Any]) -> list[tuple
         paired.append((c, pairs))
     return paired
 
-
-def _takes_on_results(pipeline: Any) -> bool:
-    """Whether ``pipeline.process_study`` accepts ``on_results`` (custom pipelines may not)."""
-    try:
-        return "on_results" in inspect.signature(pipeline.process_study).parameters
-    except (TypeError, ValueError):
-        return False

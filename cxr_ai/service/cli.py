@@ -16,7 +16,7 @@ from typing import Any
 from cxr_ai.config import load_config
 from cxr_ai.errors import ConfigError
 from cxr_ai.results import format_probability
-from cxr_ai.service import JsonLogFormatter, Service, configure_logging, run_service, validate_config
+from cxr_ai.service.wiring import JsonLogFormatter, Service, configure_logging, run_service, validate_config
 from cxr_ai.store.jobs import DeliveryState, InstanceState, JobStore, StudyState
 from cxr_ai.store.listing import study_listing
 

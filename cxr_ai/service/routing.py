@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import pydicom
 
 from cxr_ai.errors import ConfigError
-from cxr_ai.net.metrics import ServiceMetrics
+from cxr_ai.service.metrics import ServiceMetrics
 from cxr_ai.net.scu import Peer, SendError, send_files
 from cxr_ai.net.tls import client_context
 from cxr_ai.store.jobs import DeliveryState, JobStore

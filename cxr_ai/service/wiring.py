@@ -1,6 +1,6 @@
 """``cxr-ai serve``: the listener service (SCP + job store + workers + routing + HTTP).
 
-Wiring only; the parts live in :mod:`cxr_ai.net`, :mod:`cxr_ai.store` and :mod:`cxr_ai.workers`::
+Wiring only; the parts live in :mod:`cxr_ai.net`, :mod:`cxr_ai.store` and :mod:`cxr_ai.service.workers`::
 
     PACS --C-STORE--> StorageSCP --spool+job store--> WorkerPool --pipeline--> results/ + outbox
                                                                                     |
@@ -30,9 +30,10 @@ from typing import Any
 
 import pydicom
 
+from cxr_ai.contract import MSG_NOT_A_PIPELINE, PipelineFactory
 from cxr_ai.errors import ConfigError
-from cxr_ai.net.metrics import ServiceMetrics
-from cxr_ai.net.routing import Destination, RetryPolicy, Router, build_destination
+from cxr_ai.service.metrics import ServiceMetrics
+from cxr_ai.service.routing import Destination, RetryPolicy, Router, build_destination
 from cxr_ai.net.scp import ListenerSettings, StorageSCP
 from cxr_ai.net.tls import server_context
 from cxr_ai.store.jobs import (
@@ -42,7 +43,7 @@ from cxr_ai.store.jobs import (
 )
 from cxr_ai.store.listing import recent_problems
 from cxr_ai.store.spool import Spool, safe_key
-from cxr_ai.workers import WorkerPool
+from cxr_ai.service.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ MSG_BAD_PIPELINE = (
 )
 MSG_AE_TITLE = "[{section}] {key} {value!r} is not a valid AE title (1-16 characters, no backslash or control characters)"
 
-PipelineFactory = Callable[..., Any]
 
 #: Seconds of the shutdown grace kept for stopping routing and HTTP and closing the job store.
 STOP_TAIL_SECONDS = 1.5
@@ -150,6 +150,8 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
         dimse_timeout=_get(li, "listener", "dimse_timeout", float, "seconds > 0", check=pos),
         network_timeout=_get(li, "listener", "network_timeout", float, "seconds > 0", check=pos),
         pdu_timeout=_get(li, "listener", "pdu_timeout", float, "seconds > 0", check=pos),
+        fast_receive=_get({"fast_receive": li.get("fast_receive", True)}, "listener", "fast_receive", bool,
+                          "true or false"),
         ssl_context=ssl_ctx,
     )
     stale = _get(li, "listener", "stale_temp_minutes", float, "minutes > 0", check=pos)
@@ -218,6 +220,9 @@ def import_factory(spec: str) -> PipelineFactory:
         raise ConfigError(MSG_BAD_PIPELINE.format(spec=spec, detail=f"{type(exc).__name__}: {exc}")) from exc
     if not callable(obj):
         raise ConfigError(MSG_BAD_PIPELINE.format(spec=spec, detail="not callable"))
+    if isinstance(obj, type) and not callable(getattr(obj, "process_study", None)):
+        # A class is checked here, at start; a factory function's product when a worker builds it.
+        raise ConfigError(MSG_NOT_A_PIPELINE.format(what=f"[workers] pipeline = {spec!r}"))
     return obj
 
 
@@ -535,9 +540,3 @@ def run_service(config: Mapping[str, Any], *, pipeline_factory: PipelineFactory 
         # MONAI) took seconds of the shutdown grace, for memory the system reclaims anyway.
         gc.freeze()
     return 0
-
-
-if __name__ == "__main__":  # `python -m cxr_ai.service`, as the systemd unit and tests run it
-    from cxr_ai.service_cli import serve_main
-
-    sys.exit(serve_main())
