@@ -54,6 +54,7 @@ from cxr_ai.web.data import (
 from cxr_ai.web.feedback import FeedbackStore
 from cxr_ai.web.images import ImageCache, display_size, heatmap_png, pm_finding, radiograph_png
 from cxr_ai.web.ops_page import routes as ops_routes
+from cxr_ai.web.second_opinion_page import MSG_UPLOAD_TOO_LARGE, MULTIPART_OVERHEAD, UPLOAD_PATHS
 from cxr_ai.web.second_opinion_page import routes as second_opinion_routes
 from cxr_ai.web.settings import WebSettings, session_secret
 from cxr_ai.worklist import Worklist
@@ -580,9 +581,9 @@ def create_app(ctx: WebContext, *, extra_routes: Sequence[BaseRoute] = ()) -> St
     middleware = [
         Middleware(SecurityHeaders, https=s.https),
         Middleware(BodyLimit, limit=s.max_body_bytes, paths={
-            p: (s.max_upload_bytes + second_opinion_page.MULTIPART_OVERHEAD,
-                second_opinion_page.MSG_UPLOAD_TOO_LARGE.format(mb=s.max_upload_bytes / 2**20))
-            for p in second_opinion_page.UPLOAD_PATHS}),
+            p: (s.max_upload_bytes + MULTIPART_OVERHEAD,
+                MSG_UPLOAD_TOO_LARGE.format(mb=s.max_upload_bytes / 2**20))
+            for p in UPLOAD_PATHS}),
         Middleware(SessionMiddleware, secret_key=session_secret(s.secret_file), session_cookie="cxr_ai_session",
                    max_age=None, same_site="strict", https_only=s.https),
     ]
