@@ -131,7 +131,9 @@ def test_a_dead_worker_is_reported_and_the_run_resumes(config, pipeline, tmp_pat
     assert files == sorted(out / f for r in after for f in r["outputs"])
 
 
-def _run_in_daemon(pipeline, items, out_dir, queue) -> None:  # noqa: F811
+def _run_in_daemon(config, items, out_dir, queue) -> None:
+    from cxr_ai.pipeline import Pipeline
+
     messages: list[str] = []
 
     class Keep(logging.Handler):
@@ -141,20 +143,24 @@ def _run_in_daemon(pipeline, items, out_dir, queue) -> None:  # noqa: F811
     log = logging.getLogger("cxr_ai.batch")
     log.addHandler(Keep())
     log.setLevel(logging.INFO)
+    pipeline = Pipeline(config=config, explain=True)
     fins = batch.run_items(pipeline, items, out_dir=out_dir, pkey=b"k" * 32, threads=2, pool="processes")
     queue.put((messages, [f.row["status"] for f in fins]))
 
 
-@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork")
-def test_a_daemonic_process_falls_back_to_threads(phantoms, pipeline, tmp_path: Path) -> None:  # noqa: F811
+def test_a_daemonic_process_falls_back_to_threads(phantoms, config, tmp_path: Path) -> None:  # noqa: F811
+    """A daemonic process (a Dask worker, a service's child) may not start processes: the batch
+    runs its stages in threads there. The daemon is spawned, not forked: a child forked from
+    this test process inherits PyTorch's thread-pool state from the tests before it, which
+    PyTorch does not support (its threads then fail with "Invalid thread pool")."""
     root, labels = phantoms
     items = batch.scan_inputs([root]).items
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_run_in_daemon, args=(pipeline, items, tmp_path / "out", queue), daemon=True)
+    proc = ctx.Process(target=_run_in_daemon, args=(config, items, tmp_path / "out", queue), daemon=True)
     proc.start()
     try:
-        messages, statuses = queue.get(timeout=120)
+        messages, statuses = queue.get(timeout=300)
     finally:
         proc.join(timeout=30)
     assert proc.exitcode == 0

@@ -368,6 +368,19 @@ def model_plan(pipeline: StagedPipeline, *, config: Mapping[str, Any] | None = N
     return ModelPlan(lanes=lanes, torch_threads=threads if on_cpu and threads > 0 else None)
 
 
+def _settle_torch_threads() -> None:
+    """Let PyTorch rebuild its thread pool once, in this thread, before stage threads start.
+
+    In a process forked from one that had set PyTorch's thread count, the first torch call of
+    each new thread re-applies that count and rebuilds the pool inherited through the fork; two
+    stage threads doing it at once can race ("Invalid thread pool"). One call here, before any
+    thread exists, does the rebuild alone.
+    """
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+
+
 def run_items(
     pipeline: StagedPipeline,
     items: Sequence[WorkItem],
@@ -427,6 +440,7 @@ def run_items(
     waiting = 0  # instances in stage 3
     inferring: deque[tuple[cf.Future, list[Prepared]]] = deque()  # model calls, in batch order
 
+    _settle_torch_threads()  # before any stage or model thread exists
     stages = _stage_pool(pipeline, kind, size, out_dir=out_dir, pkey=pkey, write=write, start_method=method)
     logger.info("batch: %d instances, model batches of %d in %d lane(s)%s, stages in %d %s", len(items), bs,
                 plan.lanes, f" of {plan.torch_threads} thread(s)" if plan.torch_threads else "", size, stages.kind)
