@@ -156,7 +156,9 @@ def test_radiologist_worklist_study_feedback_in_chromium(service, browser, phant
     d.find_element("id", "name").send_keys(USER)
     d.find_element("id", "password").send_keys("wrong password!")
     d.find_element("id", "signin").click()
-    assert "wrong" in d.find_element("css selector", "[role=alert]").text
+    alert = wait_for(lambda: d.find_elements("css selector", "[role=alert]"),  # the answer page loads
+                     what="the sign-in refusal")[0]
+    assert "wrong" in alert.text
     d.find_element("id", "name").clear()
     d.find_element("id", "name").send_keys(USER)
     d.find_element("id", "password").send_keys(PASSWORD)
