@@ -42,44 +42,44 @@ class RecordedPipeline(FixedFindingsPipeline):
 def _retract(tmp_path: Path, rg1: Path, dciodvfy) -> None:
     fhir = start_fhir_server()
     orthanc = start_orthanc(tmp_path / "orthanc", cxr_ai_port=None, senders={"cxr-ai": "CXR_AI"})
-    root = tmp_path / "var"
-    site = tmp_path / "site.toml"
-    site.write_text(
-        f'[listener]\nport = 0\nallowed_calling_aes = ["TESTSCU"]\nmin_free_mb = 0.0\n'
-        f'[store]\nroot = "{root}"\nquiet_seconds = 0.2\n[http]\nport = 0\n'
-        f'[fhir]\ndefault_patient_identifier_system = "urn:oid:2.16.840.1.113883.19.5"\n'
-        f'[outputs]\nheatmaps_for = "all"\n'
-        f'[routing]\nbackoff_initial_seconds = 0.5\ndestinations = [\n'
-        f' {{name = "pacs", kind = "dicom", host = "127.0.0.1", port = {orthanc.dicom_port}, ae_title = "ORTHANC"}},\n'
-        f' {{name = "ehr", kind = "fhir", url = "{fhir.base_url}"}},\n]\n', encoding="utf-8")
-    cfg = load_config(site, env={})
-    svc = Service(cfg, pipeline_factory=RecordedPipeline, base_dir=tmp_path)
-    src = pydicom.dcmread(rg1, stop_before_pixels=True)
-    try:
-        svc.start()
-        assert send_files([rg1], Peer(host="127.0.0.1", port=svc.dicom_port, ae_title="CXR_AI",
-                                      calling_ae="TESTSCU")) == [0]
-        assert svc.wait_idle(timeout=240, expected_instances=1)
-        [study] = svc.store.studies()
-        assert study.state in (StudyState.RESULTS_SENT, StudyState.DONE), svc.store.deliveries()
-        with Worklist(root / "worklist.sqlite3") as wl:
-            assert [s.study_uid for s in wl.ranked()] == [str(src.StudyInstanceUID)]
-        observations = fhir.get("Observation")["entry"]
-        assert observations and all(e["resource"]["status"] == "preliminary" for e in observations)
+    try:  # every server this test started is stopped, whatever fails
+        root = tmp_path / "var"
+        site = tmp_path / "site.toml"
+        site.write_text(
+            f'[listener]\nport = 0\nallowed_calling_aes = ["TESTSCU"]\nmin_free_mb = 0.0\n'
+            f'[store]\nroot = "{root}"\nquiet_seconds = 0.2\n[http]\nport = 0\n'
+            f'[fhir]\ndefault_patient_identifier_system = "urn:oid:2.16.840.1.113883.19.5"\n'
+            f'[outputs]\nheatmaps_for = "all"\n'
+            f'[routing]\nbackoff_initial_seconds = 0.5\ndestinations = [\n'
+            f' {{name = "pacs", kind = "dicom", host = "127.0.0.1", port = {orthanc.dicom_port}, ae_title = "ORTHANC"}},\n'
+            f' {{name = "ehr", kind = "fhir", url = "{fhir.base_url}"}},\n]\n', encoding="utf-8")
+        cfg = load_config(site, env={})
+        svc = Service(cfg, pipeline_factory=RecordedPipeline, base_dir=tmp_path)
+        src = pydicom.dcmread(rg1, stop_before_pixels=True)
+        try:
+            svc.start()
+            assert send_files([rg1], Peer(host="127.0.0.1", port=svc.dicom_port, ae_title="CXR_AI",
+                                          calling_ae="TESTSCU")) == [0]
+            assert svc.wait_idle(timeout=240, expected_instances=1)
+            [study] = svc.store.studies()
+            assert study.state in (StudyState.RESULTS_SENT, StudyState.DONE), svc.store.deliveries()
+            with Worklist(root / "worklist.sqlite3") as wl:
+                assert [s.study_uid for s in wl.ranked()] == [str(src.StudyInstanceUID)]
+            observations = fhir.get("Observation")["entry"]
+            assert observations and all(e["resource"]["status"] == "preliminary" for e in observations)
 
-        # withdraw it, by accession number, while the service runs
-        out = io.StringIO()
-        with redirect_stdout(out):
-            rc = cli_main(["retract", "--accession", str(src.AccessionNumber), "--reason", "wrong patient (test)",
-                           "--config", str(site)])
-        assert rc == 0, out.getvalue()
-        summary = json.loads(out.getvalue().strip().splitlines()[-1])
-        assert summary["job_id"] == study.job_id and summary["rejected_objects"] == 5
-        assert summary["pacs"] == {"pacs": "sent"} and summary["fhir"] == {"ehr": "3 marked entered-in-error"}
-        assert summary["worklist_removed"] is True
-    finally:
-        svc.stop(grace=5)
-    try:
+            # withdraw it, by accession number, while the service runs
+            out = io.StringIO()
+            with redirect_stdout(out):
+                rc = cli_main(["retract", "--accession", str(src.AccessionNumber), "--reason", "wrong patient (test)",
+                               "--config", str(site)])
+            assert rc == 0, out.getvalue()
+            summary = json.loads(out.getvalue().strip().splitlines()[-1])
+            assert summary["job_id"] == study.job_id and summary["rejected_objects"] == 5
+            assert summary["pacs"] == {"pacs": "sent"} and summary["fhir"] == {"ehr": "3 marked entered-in-error"}
+            assert summary["worklist_removed"] is True
+        finally:
+            svc.stop(grace=5)
         # the PACS holds the rejection note in the study, referencing every result object
         [orthanc_study] = orthanc.post("/tools/lookup", str(src.StudyInstanceUID))
         by_class: dict[str, list[str]] = {}
