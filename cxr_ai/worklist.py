@@ -312,12 +312,15 @@ class Worklist:
         n, t = self._db.execute("SELECT COUNT(*), COALESCE(MAX(updated_at), 0) FROM studies").fetchone()
         return int(n), float(t)
 
-    def by_job(self, job_id: str) -> RankedStudy | None:
-        """One study by its job id (ranked among all studies, read ones included), or None."""
+    def by_job(self, job_id: str, *, now: float | dt.datetime | None = None) -> RankedStudy | None:
+        """One study by its job id (read and not-applicable ones too), or None.
+
+        Only that row is read; its ``rank`` is 0 (ranking needs every study: :meth:`ranked`).
+        """
         if not job_id:
             return None
-        return next((r for r in self.ranked(include_read=True, include_not_applicable=True) if r.job_id == job_id),
-                    None)
+        entries = self._entries(["job_id=?"], (job_id,), now=now)
+        return entries[0][1] if entries else None
 
     def ranked(self, *, now: float | dt.datetime | None = None, include_read: bool = False,
                include_not_applicable: bool = False) -> list[RankedStudy]:
@@ -326,19 +329,30 @@ class Worklist:
         Studies the models could not read (no findings; ``reason`` says why) are listed only
         with ``include_not_applicable`` (the pages show them, the exports do not).
         """
+        where = [] if include_read else ["read_at IS NULL"]
+        if not include_not_applicable:
+            where.append("findings_json != '{}'")
+        entries = self._entries(where, (), now=now)
+        entries.sort(key=lambda e: e[0])
+        out = []
+        for i, (_, r) in enumerate(entries, start=1):
+            r.rank = i
+            out.append(r)
+        return out
+
+    def _entries(self, where: list[str], args: tuple[Any, ...], *,
+                 now: float | dt.datetime | None) -> list[tuple[tuple[Any, ...], RankedStudy]]:
+        """(sort key, unranked study) of the rows matching ``where`` (SQL conditions, ANDed)."""
         t_now = _ts(now)
         cap_s = self.policy.ageing_cap_minutes * 60.0
         sql = ("SELECT study_uid, received_at, accession, patient_key, findings_json, reports_json, job_id,"
                " acquired_at, reason, read_at, updated_at, demographics_json FROM studies")
-        where = [] if include_read else ["read_at IS NULL"]
-        if not include_not_applicable:
-            where.append("findings_json != '{}'")
         if where:
             sql += " WHERE " + " AND ".join(where)
         entries = []
         acquired_first = self.policy.wait_from == "acquired"
         parsed = self._parsed
-        for uid, received0, acc, pkey, fj, rj, job, acq, why, read_at, upd, demo in self._db.execute(sql):
+        for uid, received0, acc, pkey, fj, rj, job, acq, why, read_at, upd, demo in self._db.execute(sql, args):
             hit = parsed.get(uid)
             if hit is None or hit[0] != upd:  # parse each row's JSON once per change of the row
                 hit = (upd, json.loads(fj), json.loads(rj), json.loads(demo) if demo else {})
@@ -361,12 +375,7 @@ class Worklist:
                                              received0, acc, pkey, findings, list(reports), job_id=job,
                                              acquired_at=acq, reason=why, read_at=read_at, updated_at=upd,
                                              demographics=demographics, arrival_at=received)))
-        entries.sort(key=lambda e: e[0])
-        out = []
-        for i, (_, r) in enumerate(entries, start=1):
-            r.rank = i
-            out.append(r)
-        return out
+        return entries
 
     # --- exports ------------------------------------------------------------------------------
 

@@ -209,7 +209,7 @@ _KIND_NAMES = {"SR": "Structured Report (SR)", "SC": "Heatmap capture (SC)", "PM
 
 
 def study_view(*, job_id: str, store: JobStore, worklist: Worklist, results_dir: Path) -> StudyView | None:
-    study = next((s for s in store.studies() if s.job_id == job_id), None)
+    study = next(iter(store.find_studies(job_id=job_id)), None)
     if study is None:
         return None
     ranked = worklist.by_job(job_id)
