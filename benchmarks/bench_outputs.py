@@ -9,7 +9,8 @@ writers are timed in interleaved rounds (median and minimum reported), so load f
 processes on a shared machine affects both alike.
 
 Per image (two findings, each with a heatmap in the source geometry, 1955 x 1841):
-build_sr, 2 x build_heatmap_sc (display image precomputed, as the pipeline has it),
+build_sr, 2 x build_heatmap_sc (over the capture's background made once per image from the
+display image, which the pipeline computes for the model anyway),
 build_parametric_maps (2 maps), build_bundle; plus serialisation (``save_as`` / JSON) into
 memory, since the objects are sent, not kept. The Parametric Map is also timed with RLE
 Lossless, with its size.
@@ -36,7 +37,7 @@ import pydicom
 import torch
 from pydicom.uid import RLELossless
 
-from cxr_ai.dicom.heatmap import build_heatmap_sc, build_parametric_maps
+from cxr_ai.dicom.heatmap import build_heatmap_sc, build_parametric_maps, sc_display
 from cxr_ai.dicom.reader import read_radiograph
 from cxr_ai.dicom.sr import build_sr
 from cxr_ai.errors import CxrAiError
@@ -140,8 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         build_sr(ds, model, findings).save_as(io.BytesIO(), enforce_file_format=True)
 
     def scs() -> None:
+        small = sc_display(display, max_side=1024)  # once per image, as the pipeline's stage 1 makes it
         for f in findings:
-            build_heatmap_sc(ds, f, model, display_image=display).save_as(io.BytesIO(), enforce_file_format=True)
+            build_heatmap_sc(ds, f, model, display_image=small).save_as(io.BytesIO(), enforce_file_format=True)
 
     def pms() -> None:
         for pm in build_parametric_maps(ds, findings, model):

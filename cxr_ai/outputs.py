@@ -133,7 +133,7 @@ def outputs_for(
     result: ImageResult,
     source_ds: Dataset,
     *,
-    display_image: np.ndarray | None = None,
+    display_image: np.ndarray | heatmap.ScDisplay | None = None,
     config: dict[str, Any] | None = None,
     instance_number: int = 1,
     include: Collection[str] = OUTPUT_PARTS,
@@ -152,8 +152,9 @@ def outputs_for(
     source_ds
         The dataset the model read.
     display_image
-        :func:`cxr_ai.imaging.display_array` of the source (computed from the source pixels
-        when omitted and an SC is due).
+        :func:`cxr_ai.imaging.display_array` of the source, or its
+        :func:`cxr_ai.dicom.heatmap.sc_display` (computed from the source pixels when omitted
+        and an SC is due).
     config
         A loaded configuration (:func:`cxr_ai.config.load_config`); defaults when omitted.
     instance_number
@@ -201,6 +202,9 @@ def outputs_for(
             from cxr_ai.imaging import display_array
 
             display_image, _ = display_array(source_ds, source_ds.pixel_array)
+        if not isinstance(display_image, heatmap.ScDisplay) and np.shape(display_image) == (
+                int(source_ds.Rows), int(source_ds.Columns)):  # resized once for every finding
+            display_image = heatmap.sc_display(display_image, max_side=int(out_cfg["sc_max_side"]))
         outputs.heatmap_scs = [
             heatmap.build_heatmap_sc(
                 source_ds, f, model,

@@ -26,7 +26,7 @@ from cxr_ai.contract import InstanceStatus
 from cxr_ai.dicom.gate import GateDecision, GateReason, GateRules, check_applicability
 from cxr_ai.dicom.reader import Radiograph, Source, sanitized_for_outputs
 from cxr_ai.errors import ReadError
-from cxr_ai.imaging import Preprocessed, display_array, preprocess
+from cxr_ai.imaging import PixelPipelineSpec, Preprocessed, display_array, letterbox
 from cxr_ai.results import HEATMAP_PARTS, OUTPUT_PARTS, RESULT_PARTS, ImageResult
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ class InstanceOutcome:
     #: The model's maps of this image in model-input geometry, (F, S, S) float32 in [0, 1],
     #: kept by :meth:`Pipeline.infer` with ``source_maps=False`` until :meth:`Pipeline.add_heatmaps`.
     saliency: np.ndarray | None = field(default=None, repr=False)
+    #: The source as displayed at the heatmap capture's size (:class:`cxr_ai.dicom.heatmap.ScDisplay`),
+    #: made by :meth:`Pipeline.prepare` when heatmaps are due, from the display image it computes
+    #: for the model anyway; :meth:`Pipeline.build_outputs` blends the heatmaps over it.
+    sc_display: Any = field(default=None, repr=False)
 
     @property
     def processed(self) -> bool:
@@ -164,9 +168,12 @@ class Pipeline:
             return outcome, None
         assert rg is not None
         try:
-            pre = preprocess(rg, self.engine.bundle.pipeline)
+            spec = self.engine.bundle.pipeline
+            display, used = display_array(rg.dataset, rg.pixels(), spec)
+            pre = letterbox(display, spec, used_file_window=used)
             if not np.ptp(pre.image) > 0:
                 raise ReadError("blank_image", MSG_BLANK.format(source=label))
+            outcome.sc_display = self._sc_display(display, spec)
         except ReadError as exc:
             failed = GateDecision(False, GateReason(exc.reason), str(exc), decision.warnings)
             outcome.status, outcome.reason, outcome.message = InstanceStatus.FAILED, exc.reason, str(exc)
@@ -174,6 +181,20 @@ class Pipeline:
             return outcome, None
         outcome.timings["read_preprocess_s"] = time.perf_counter() - t0
         return outcome, pre
+
+    def _sc_display(self, display: np.ndarray, spec: PixelPipelineSpec) -> Any:
+        """The heatmap captures' background from stage 1's display image, when heatmap SCs are
+        due and the model's pixel pipeline displays as the captures do (the default display
+        steps); else None, and :meth:`build_outputs` computes it."""
+        out_cfg = self.config["outputs"]
+        default = PixelPipelineSpec()
+        if not (self.explain and out_cfg["heatmap_sc"]) or (
+                spec.norm_percentiles, spec.fallback_window_percentiles) != (
+                default.norm_percentiles, default.fallback_window_percentiles):
+            return None
+        from cxr_ai.dicom.heatmap import sc_display
+
+        return sc_display(display, max_side=int(out_cfg["sc_max_side"]))
 
     def infer(self, prepared: Sequence[tuple[InstanceOutcome, Preprocessed | None]], *,
               explain: bool | None = None, source_maps: bool = True) -> None:
@@ -242,8 +263,9 @@ class Pipeline:
         if notes:
             logger.info("source attributes blanked for the result objects: %s", "; ".join(notes))
         try:
-            display = None
-            if any(f.heatmap is not None for f in outcome.result.findings) and set(parts) & set(HEATMAP_PARTS):
+            display = outcome.sc_display
+            if (display is None and any(f.heatmap is not None for f in outcome.result.findings)
+                    and set(parts) & set(HEATMAP_PARTS)):
                 display, _ = display_array(rg.dataset, rg.pixels())  # already decoded: no re-decode
             objects = outputs_for(outcome.result, source, display_image=display, config=self.config,
                                   include=parts)
@@ -256,6 +278,8 @@ class Pipeline:
             logger.warning("result objects failed: %s", type(exc).__name__)
             return
         outcome.timings["outputs_s"] = outcome.timings.get("outputs_s", 0.0) + time.perf_counter() - t0
+        if set(parts) & set(HEATMAP_PARTS):
+            outcome.sc_display = None  # the captures are made
         outcome.status, outcome.reason = InstanceStatus.PROCESSED, ""
         outcome.message = f"{outcome.source}: processed"
         if objects is not None:

@@ -25,6 +25,7 @@ from cxr_ai.dicom.heatmap import (
     MSG_DISPLAY_SHAPE,
     MSG_HEATMAP_SHAPE,
     MSG_NO_HEATMAP,
+    MSG_SC_DISPLAY_SIDE,
     NOMINAL_SPACING_MM,
     PM_SCALE,
     build_heatmap_sc,
@@ -32,6 +33,7 @@ from cxr_ai.dicom.heatmap import (
     build_parametric_maps,
     map_geometry,
     overlay_rgb,
+    sc_display,
     sc_text_lines,
 )
 from cxr_ai.dicom.sr import build_sr
@@ -314,6 +316,44 @@ def test_sc_pixels_are_the_overlay_of_the_resized_images_for_each_finding(images
             small = (256, 256)
             want = overlay_rgb(_resize(display_now, small), _resize(heat, small))
             np.testing.assert_array_equal(sc.pixel_array[:256], want)
+
+
+def test_sc_over_a_display_made_once_equals_the_sc_over_the_display_image(images):
+    """The pipeline makes the capture's background once per image in stage 1 (sc_display); the
+    SC must be pixel for pixel the one made from the full display image, and a background made
+    for another size or another image is refused with a message saying what to do."""
+    ds, _, display = images["RG1_UNCR"]
+    rows, cols = display.shape
+    heats = [_blob(rows, cols), _blob(rows, cols, centre=(0.3, 0.3), width=(0.1, 0.1))]
+    small = sc_display(display, max_side=512)
+    assert small.source_shape == (rows, cols) and max(small.gray.size) == 512
+    for heat in heats:
+        finding = _finding(ds, heat=heat)
+        want = build_heatmap_sc(ds, finding, DEMO, display_image=display, max_side=512)
+        got = build_heatmap_sc(ds, finding, DEMO, display_image=small, max_side=512)
+        np.testing.assert_array_equal(got.pixel_array, want.pixel_array)
+    with pytest.raises(ValueError) as info:
+        build_heatmap_sc(ds, _finding(ds), DEMO, display_image=small, max_side=1024)
+    assert str(info.value) == MSG_SC_DISPLAY_SIDE.format(made=512, wanted=1024)
+    other, _, other_display = images["phantom_DX_M1"]
+    with pytest.raises(ValueError) as info:
+        build_heatmap_sc(ds, _finding(ds), DEMO, display_image=sc_display(other_display, max_side=512), max_side=512)
+    assert str(info.value) == MSG_DISPLAY_SHAPE.format(
+        shape=other_display.shape, sop=ds.SOPInstanceUID, rows=rows, cols=cols)
+
+
+def test_a_map_out_of_range_is_clipped_after_maps_in_range_were_written(images):
+    """The range check of a map is remembered (the SC and the PM of a finding read the same
+    map); another map, out of range, must still be clipped."""
+    ds, _, display = images["phantom_DX_M1"]
+    heat = _blob(int(ds.Rows), int(ds.Columns))
+    build_heatmap_sc(ds, _finding(ds, heat=heat), DEMO, display_image=display)
+    build_parametric_map(ds, _finding(ds, heat=heat), DEMO)
+    wild = heat * 3.0 - 1.0
+    wild[:8, :8] = np.nan
+    pm = build_parametric_map(ds, _finding(ds, heat=wild), DEMO)
+    want = np.round(np.clip(np.nan_to_num(wild, nan=0.0), 0.0, 1.0) * PM_SCALE).astype(np.uint16)
+    np.testing.assert_array_equal(pm.pixel_array, want)
 
 
 def test_heat_clipping_matches_nan_to_num_then_clip():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -81,6 +82,26 @@ def test_results_first_then_heatmaps_gives_the_same_objects(pipeline: Pipeline, 
                 assert fa.probability == fb.probability
                 assert (fa.heatmap == fb.heatmap).all()
     assert [str(ds.Modality) for ds in phased[0].datasets] == ["SR", "OT", "OT", "OT", "OT"]
+
+
+def test_heatmap_captures_over_the_stage_one_display_equal_those_from_the_source(
+        pipeline: Pipeline, rg1_paths: dict[str, Path]) -> None:
+    """Stage 1 keeps the capture's background (made from the display image it computes for the
+    model); the heatmap SCs over it are pixel for pixel those made from the source's pixels."""
+    from cxr_ai.dicom.heatmap import ScDisplay
+    from cxr_ai.outputs import outputs_for
+
+    outcome, pre = pipeline.prepare(rg1_paths["RG1_UNCR"])
+    assert isinstance(outcome.sc_display, ScDisplay)
+    pipeline.infer([(outcome, pre)])
+    pipeline.build_outputs(outcome)
+    assert outcome.sc_display is None  # dropped once the captures are made
+    got = [ds for ds in outcome.datasets if ds.Modality == "OT" and "PixelData" in ds and ds.SamplesPerPixel == 3]
+    source = pydicom.dcmread(rg1_paths["RG1_UNCR"])
+    want = outputs_for(outcome.result, source, config=pipeline.config, include=("heatmap_sc",)).heatmap_scs
+    assert len(got) == len(want) >= 1
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.pixel_array, b.pixel_array)
 
 
 def test_lossless_encodings_give_identical_probabilities(pipeline: Pipeline, rg1_paths: dict[str, Path]) -> None:

@@ -162,7 +162,7 @@ def _light_outcome(outcome: Any) -> Any:
     rg = outcome.radiograph
     light_rg = dataclasses.replace(rg, dataset=Dataset(), _pixels=None) if rg is not None else None
     return dataclasses.replace(outcome, radiograph=light_rg, datasets=[], fhir_bundle=None,
-                               timings=dict(outcome.timings), saliency=None)
+                               timings=dict(outcome.timings), saliency=None, sc_display=None)
 
 
 def _worker_config_json(pipeline: StagedPipeline) -> str:

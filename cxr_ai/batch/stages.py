@@ -129,7 +129,7 @@ def finish(pipeline: StagedPipeline, prepared: Prepared, *, out_dir: Path, pkey:
     outputs = write_outputs(outcome, out_dir, variant=prepared.item.variant) if write else []
     row = outcome_row(outcome, model=pipeline.model_info, key=pkey,
                       finding_keys=pipeline_finding_keys(pipeline), n_outputs=len(outputs))
-    outcome.radiograph = None  # free the pixels
+    outcome.radiograph = outcome.sc_display = None  # free the pixels
     outcome.datasets = []
     return Finished(prepared.item.key, row, outputs)
 

@@ -84,6 +84,10 @@ MSG_DISPLAY_SHAPE = (
     "display_image has shape {shape}, but the source image {sop} is {rows} x {cols}; pass "
     "cxr_ai.imaging.display_array(source_ds, pixels) of this source"
 )
+MSG_SC_DISPLAY_SIDE = (
+    "the ScDisplay was made for captures of at most {made} pixels, but this capture is limited to "
+    "{wanted}; make it with sc_display(display, max_side={wanted})"
+)
 MSG_COLORMAP = "unknown colormap {name!r}; use a matplotlib colormap name such as 'inferno' or 'viridis'"
 MSG_OPTIONS = "{name} must be in {bounds}, got {value!r}"
 
@@ -105,7 +109,23 @@ def _heat(source_ds: Dataset, finding: FindingResult) -> np.ndarray:
                 key=finding.key, shape=heat.shape, sop=source_ds.SOPInstanceUID, rows=rows, cols=cols
             )
         )
-    return _clip01(heat)
+    return heat if _known_in_range(heat) else _clipped(heat)
+
+
+_IN_RANGE = threading.local()
+
+
+def _known_in_range(heat: np.ndarray) -> bool:
+    """Whether ``heat`` is a map already seen in [0, 1] by this thread (the SC, the Parametric
+    Map and the Segmentation of one finding read the same map; it is checked once). Keyed on
+    the array object, which callers do not modify."""
+    refs = getattr(_IN_RANGE, "refs", ())
+    if any(ref() is heat for ref in refs):
+        return True
+    if not (0.0 <= float(heat.min()) and float(heat.max()) <= 1.0):  # NaN fails both
+        return False
+    _IN_RANGE.refs = tuple(ref for ref in refs if ref() is not None)[-7:] + (weakref.ref(heat),)
+    return True
 
 
 def _clip01(heat: np.ndarray) -> np.ndarray:
@@ -116,6 +136,10 @@ def _clip01(heat: np.ndarray) -> np.ndarray:
     """
     if 0.0 <= float(heat.min()) and float(heat.max()) <= 1.0:
         return heat
+    return _clipped(heat)
+
+
+def _clipped(heat: np.ndarray) -> np.ndarray:
     out = np.fmax(heat, np.float32(0.0))  # NaN -> 0 (fmax ignores NaN), -inf -> 0
     np.fmin(out, np.float32(1.0), out=out)  # +inf -> 1
     return out
@@ -219,19 +243,37 @@ def _gray_rgb(display_image: np.ndarray) -> Image.Image:
     return Image.fromarray(_to_u8(np.asarray(display_image, dtype=np.float32))).convert("RGB")
 
 
-_SMALL_DISPLAY = threading.local()
+def sc_size(source_shape: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``(rows, columns)`` of a capture of a ``source_shape`` image: the long side at most
+    ``max_side``, never upsampled."""
+    rows, cols = source_shape
+    scale = min(1.0, max_side / max(rows, cols))
+    return max(1, round(rows * scale)), max(1, round(cols * scale))
 
 
-def _small_display(display: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """``display`` resized to ``size`` and quantised to 8-bit grey RGB: the same for every
-    finding of an image, so made once per image (a one-entry cache per thread, keyed on the
-    array object, which callers do not modify)."""
-    slot = getattr(_SMALL_DISPLAY, "slot", None)
-    if slot is not None and slot[0]() is display and slot[1] == size:
-        return slot[2]
-    gray = _gray_rgb(_resize(display, size))
-    _SMALL_DISPLAY.slot = (weakref.ref(display), size, gray)
-    return gray
+@dataclass(frozen=True)
+class ScDisplay:
+    """The radiograph as displayed, at the capture's size, as 8-bit grey RGB: what every
+    heatmap SC of one image is blended over (:func:`sc_display`).
+
+    Made once per image. The pipeline makes it in stage 1 from the display image it computes
+    for the model anyway, so the result stage neither keeps a full-resolution float copy nor
+    computes the display again.
+    """
+
+    source_shape: tuple[int, int]
+    max_side: int
+    gray: Image.Image  # mode "RGB", sc_size(source_shape, max_side)
+
+
+def sc_display(display_image: np.ndarray, *, max_side: int = 1024) -> ScDisplay:
+    """:class:`ScDisplay` of ``display_image`` (:func:`cxr_ai.imaging.display_array`:
+    rows x columns, 0-1): area-average resize to :func:`sc_size`, then 8-bit quantisation."""
+    if max_side < 64:
+        raise ValueError(MSG_OPTIONS.format(name="max_side", bounds=">= 64", value=max_side))
+    display = np.asarray(display_image, dtype=np.float32)
+    shape = (int(display.shape[0]), int(display.shape[1]))
+    return ScDisplay(source_shape=shape, max_side=max_side, gray=_gray_rgb(_resize(display, sc_size(shape, max_side))))
 
 
 def overlay_rgb(
@@ -283,12 +325,28 @@ def sc_text_lines(finding: FindingResult, model: ModelInfo) -> list[str]:
     return [line.encode("ascii", "replace").decode("ascii") for line in lines]
 
 
+def _display_for(display_image: np.ndarray | ScDisplay, source_ds: Dataset, *, max_side: int) -> ScDisplay:
+    """``display_image`` as the :class:`ScDisplay` of this source and ``max_side``."""
+    if isinstance(display_image, ScDisplay):
+        if display_image.max_side != max_side:
+            raise ValueError(MSG_SC_DISPLAY_SIDE.format(made=display_image.max_side, wanted=max_side))
+        shape = display_image.source_shape
+    else:
+        shape = np.shape(display_image)
+    rows, cols = int(source_ds.Rows), int(source_ds.Columns)
+    if tuple(shape) != (rows, cols):
+        raise ValueError(MSG_DISPLAY_SHAPE.format(shape=tuple(shape), sop=source_ds.SOPInstanceUID, rows=rows, cols=cols))
+    if isinstance(display_image, ScDisplay):
+        return display_image
+    return sc_display(display_image, max_side=max_side)
+
+
 def build_heatmap_sc(
     source_ds: Dataset,
     finding: FindingResult,
     model: ModelInfo,
     *,
-    display_image: np.ndarray,
+    display_image: np.ndarray | ScDisplay,
     max_side: int = 1024,
     colormap: str = "inferno",
     max_alpha: float = 0.6,
@@ -309,7 +367,8 @@ def build_heatmap_sc(
     model
         The bundle that produced it (burned-in text, header).
     display_image
-        :func:`cxr_ai.imaging.display_array` of the source: rows x columns, 0-1, bone bright.
+        :func:`cxr_ai.imaging.display_array` of the source (rows x columns, 0-1, bone bright),
+        or its :func:`sc_display` made with the same ``max_side`` (once per image).
     max_side
         Upper bound of the capture's long side (the image is never upsampled).
     colormap, max_alpha, min_heat
@@ -325,23 +384,15 @@ def build_heatmap_sc(
         raise ValueError(MSG_OPTIONS.format(name="max_side", bounds=">= 64", value=max_side))
     rows, cols = int(source_ds.Rows), int(source_ds.Columns)
     heat = _heat(source_ds, finding)
-    display = np.asarray(display_image, dtype=np.float32)
-    if display.shape != (rows, cols):
-        raise ValueError(
-            MSG_DISPLAY_SHAPE.format(shape=display.shape, sop=source_ds.SOPInstanceUID, rows=rows, cols=cols)
-        )
-    scale = min(1.0, max_side / max(rows, cols))
-    size = (max(1, round(rows * scale)), max(1, round(cols * scale)))
     if not 0.0 <= max_alpha <= 1.0:
         raise ValueError(MSG_OPTIONS.format(name="max_alpha", bounds="[0, 1]", value=max_alpha))
     if not 0.0 <= min_heat < 1.0:
         raise ValueError(MSG_OPTIONS.format(name="min_heat", bounds="[0, 1)", value=min_heat))
+    small = _display_for(display_image, source_ds, max_side=max_side)
+    size = sc_size((rows, cols), max_side)
     # what overlay_rgb(_resize(display, size), _resize(heat, size)) gives, with the display
-    # resized and quantised once per image rather than once per finding
-    image = _blend(
-        _small_display(display, size), _resize(heat, size),
-        colormap=colormap, max_alpha=max_alpha, min_heat=min_heat,
-    )
+    # resized and quantised once per image (ScDisplay) rather than once per finding
+    image = _blend(small.gray, _resize(heat, size), colormap=colormap, max_alpha=max_alpha, min_heat=min_heat)
     pixels = np.concatenate([image, _banner(size[1], sc_text_lines(finding, model))], axis=0)
 
     orientation = _patient_orientation(source_ds)
