@@ -356,6 +356,24 @@ def test_a_map_out_of_range_is_clipped_after_maps_in_range_were_written(images):
     np.testing.assert_array_equal(pm.pixel_array, want)
 
 
+@pytest.mark.parametrize(("shape", "size"), [((2048, 2048), (1024, 1024)), ((3000, 2400), (1000, 800)),
+                                            ((1955, 1841), (1024, 964))])
+def test_resize_is_the_box_average_whole_factor_or_not(shape, size):
+    """A whole reduction factor takes Pillow's reduce(), any other its BOX resize: both are
+    the area average (to float rounding)."""
+    from cxr_ai.dicom.heatmap import _resize
+
+    img = np.random.default_rng(5).random(shape, dtype=np.float32)
+    want = np.asarray(Image.fromarray(img).resize((size[1], size[0]), resample=Image.Resampling.BOX))
+    got = _resize(img, size)
+    assert got.shape == size and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    fy, fx = shape[0] // size[0], shape[1] // size[1]
+    if shape == (size[0] * fy, size[1] * fx):  # the mean of each block, computed independently
+        blocks = img.reshape(size[0], fy, size[1], fx).mean(axis=(1, 3), dtype=np.float64)
+        np.testing.assert_allclose(got, blocks, rtol=0, atol=1e-6)
+
+
 def test_heat_clipping_matches_nan_to_num_then_clip():
     from cxr_ai.dicom.heatmap import _clip01
 

@@ -187,6 +187,10 @@ def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if img.shape == size:
         return img.astype(np.float32, copy=False)
     pil = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32))  # mode "F"
+    fy, ry = divmod(img.shape[0], size[0])
+    fx, rx = divmod(img.shape[1], size[1])
+    if ry == rx == 0:  # a whole factor (2048 -> 1024): the same box average, about 2.5x faster
+        return np.asarray(pil.reduce((fx, fy)), dtype=np.float32)
     return np.asarray(pil.resize((size[1], size[0]), resample=Image.Resampling.BOX), dtype=np.float32)
 
 
