@@ -667,3 +667,30 @@ def test_service_subcommands_plug_into_the_cli_parser(tmp_path: Path, capsys) ->
     assert args.log_json and args.func.__name__ == "_cmd_serve"
     args = parser.parse_args(["demo", "--n", "2"])
     assert args.n == 2 and args.func.__name__ == "_cmd_demo"
+
+
+def test_results_go_out_before_the_secondary_records_are_written(tmp_path: Path, rg1_paths) -> None:
+    """The prediction log and the worklist are written after a study's results are queued:
+    delivery must not wait for them. The router polls only every 30 s here, so the results
+    reach the folder while the records are being written only if the worker wakes it first."""
+    cfg = base_config(tmp_path, [{"name": "files", "kind": "folder", "path": "out"}],
+                      routing={"poll_seconds": 30.0})
+    svc = Service(cfg, pipeline_factory=StubPipeline, base_dir=tmp_path)
+    seen: list[bool] = []
+    record = svc.workers.recorder.record
+
+    def slow_record(*args, **kwargs):
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline and not list((tmp_path / "out").rglob("*.dcm")):
+            time.sleep(0.05)
+        seen.append(bool(list((tmp_path / "out").rglob("*.dcm"))))
+        return record(*args, **kwargs)
+
+    svc.workers.recorder.record = slow_record
+    svc.start()
+    try:
+        assert send(svc.dicom_port, [rg1_paths["RG1_UNCR"]]) == [0]
+        wait_for(lambda: seen, timeout=60, what="the records to be written")
+        assert seen == [True], "the results waited for the prediction log and the worklist"
+    finally:
+        svc.stop(grace=2)

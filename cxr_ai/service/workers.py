@@ -389,6 +389,8 @@ class WorkerPool:
             files.append(self.spool.write_result(job, "summary.json", json.dumps(summary, indent=1).encode()))
         deliveries = self._deliveries(files)
         state = self.store.complete_processing(claim.study.study_key, results=results, deliveries=deliveries)
+        if deliveries:
+            self.router.wake()  # the results go out while the secondary records are written
         self.recorder.record([o for _, o in pairs if o is not None], received_at=claim.study.created_at,
                              job_id=job, study_uid=claim.study.study_uid)
         for outcome_name, n in counts.items():
