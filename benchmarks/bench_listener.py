@@ -321,6 +321,7 @@ def bench_latency(trials: int, work: Path, *, bundle: str | None, quiet_values: 
     import data_store
 
     src = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+    objects = pipeline.process_instance(src).datasets  # what each study sends back (SR, SCs, PMs)
     cxr_port = free_port()
     orthanc = start_orthanc(work / "orthanc", cxr_ai_port=cxr_port, senders={"modality": "TESTSCU"})
     runs = []
@@ -339,9 +340,9 @@ def bench_latency(trials: int, work: Path, *, bundle: str | None, quiet_values: 
                 cfg["http"].update(port=0)
                 cfg["routing"]["destinations"] = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1",
                                                    "port": orthanc.dicom_port, "ae_title": "ORTHANC"}]
-                n_findings = len(getattr(pipeline.engine, "finding_keys", []))
-                per_finding = int(bool(cfg["outputs"]["heatmap_sc"])) + int(bool(cfg["outputs"]["parametric_map"]))
-                expected = 2 + n_findings * per_finding if cfg["models"].get("explain", True) else 0
+                # the source + every result object the pipeline makes of it (heatmaps for the
+                # findings the model calls present, [outputs] heatmaps_for)
+                expected = 1 + len(objects) if cfg["models"].get("explain", True) else 0
                 lat, stages = _latency_run(lambda cfg=cfg: Service(cfg, pipeline_factory=lambda config=None: pipeline,
                                                            base_dir=work), orthanc, src, trials, work, tag,
                                            expected_in_orthanc=expected)
