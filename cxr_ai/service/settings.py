@@ -90,7 +90,7 @@ class ListenerSection(_Section):
     tls_key: str = Field("", description="a key file path")
     tls_ca: str = Field("", description="a CA file path ('' = none)")
     tls_require_client_cert: Flag = False
-    ae_title: AeTitle
+    ae_title: AeTitle = Field(description="an AE title (1-16 characters)")
     host: Host
     port: Port
     require_called_ae: Flag
