@@ -18,10 +18,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from cxr_ai.errors import ConfigError
 from cxr_ai.net.scp import ListenerSettings
@@ -156,18 +156,20 @@ SECTIONS: dict[str, type[_Section]] = {"listener": ListenerSection, "store": Sto
                                        "workers": WorkersSection, "routing": RoutingSection, "http": HttpSection}
 
 
-def _section(config: Mapping[str, Any], name: str) -> Any:
+S = TypeVar("S", bound=_Section)
+
+
+def _section(config: Mapping[str, Any], name: str, model: type[S]) -> S:
     values = config.get(name)
     if not isinstance(values, Mapping):
         raise ConfigError(MSG_NO_SECTION.format(section=name))
-    model = SECTIONS[name]
     try:
         return model.model_validate(dict(values))
     except ValidationError as exc:
         raise _config_error(exc.errors()[0], section=name, model=model, values=values) from None
 
 
-def _config_error(error: Any, *, section: str, model: type[_Section], values: Mapping[str, Any]) -> ConfigError:
+def _config_error(error: ErrorDetails, *, section: str, model: type[_Section], values: Mapping[str, Any]) -> ConfigError:
     """The message of the first key that failed: what it must be, and the value it has."""
     key = str(error["loc"][0])
     info = model.model_fields[key]
@@ -219,7 +221,11 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
     ``token_env`` (:attr:`cxr_ai.config.Settings.secrets`); a name missing from it is an error.
     """
     base = Path(base_dir or os.getcwd()).resolve()
-    li, st, wk, rt, ht = (_section(config, name) for name in SECTIONS)
+    li = _section(config, "listener", ListenerSection)
+    st = _section(config, "store", StoreSection)
+    wk = _section(config, "workers", WorkersSection)
+    rt = _section(config, "routing", RoutingSection)
+    ht = _section(config, "http", HttpSection)
     ssl_ctx = None
     if li.tls:
         ssl_ctx = server_context(cert_file=li.tls_cert, key_file=li.tls_key, ca_file=li.tls_ca or None,
