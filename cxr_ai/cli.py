@@ -61,11 +61,11 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """Read each file and print the applicability decision as JSON lines."""
-    from cxr_ai.config import load_config
+    from cxr_ai.config import load_settings
     from cxr_ai.dicom.gate import GateRules, check_applicability
     from cxr_ai.dicom.reader import iter_dicom_files
 
-    rules = GateRules.from_config(load_config(args.config))
+    rules = GateRules.from_config(load_settings(args.config).config)
     n_accepted = n_total = 0
     for root in args.paths:
         for path in iter_dicom_files(root):

@@ -3,6 +3,12 @@
 Environment overrides use ``CXR_AI__<SECTION>__<KEY>`` (values parsed as TOML literals when
 they parse, else kept as strings), so containers and systemd units can change one key without
 shipping a file.
+
+This module and the command-line entry points are the edge: :func:`load_settings` reads the
+file and the environment once, into a :class:`Settings`, and everything below receives its
+parts as arguments. Nothing below the edge reads the environment or a configuration file
+(``tests/test_architecture.py`` checks it); without a configuration a part uses the embedded
+defaults (:func:`default_config`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,61 @@ from cxr_ai.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "CXR_AI__"
+#: Keys whose value names an environment variable holding a secret (a bearer token).
+SECRET_KEY_SUFFIX = "token_env"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a command knows from outside the process, read once at the edge.
+
+    ``config`` is the merged configuration (defaults, site file, environment); each access
+    gives a fresh copy, so no part can change what another reads. ``secrets`` holds the values
+    of the environment variables that ``*token_env`` keys name (only those that are set; the
+    part that needs one says which is missing). ``base_dir`` is the folder relative paths are
+    relative to.
+    """
+
+    base_dir: Path
+    source: Path | None = None  # the site file; None: defaults and environment only
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    merged: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return copy.deepcopy(dict(self.merged))
+
+
+def load_settings(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None,
+                  base_dir: str | os.PathLike | None = None) -> Settings:
+    """The one place a command reads its configuration file and the environment.
+
+    ``env`` defaults to the process environment; ``base_dir`` to the working directory.
+    Raises :class:`ConfigError` as :func:`load_config` does.
+    """
+    env = os.environ if env is None else env
+    config = load_config(path, env=env)
+    secrets = {name: env[name] for name in secret_names(config) if env.get(name)}
+    return Settings(base_dir=Path(base_dir or os.getcwd()).resolve(),
+                    source=Path(path) if path is not None else None, secrets=secrets, merged=config)
+
+
+def secret_names(config: Mapping[str, Any]) -> list[str]:
+    """The environment variable names that ``*token_env`` keys anywhere in ``config`` give."""
+
+    def walk(value: Any) -> Iterator[str]:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if str(key).endswith(SECRET_KEY_SUFFIX) and isinstance(item, str):
+                    if item:
+                        yield item
+                else:
+                    yield from walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from walk(item)
+
+    return sorted(set(walk(config)))
 
 
 def default_config() -> dict[str, Any]:

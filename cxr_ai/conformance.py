@@ -93,7 +93,8 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 def render(config: Mapping[str, Any] | None = None) -> str:
     """The conformance statement as Markdown (deterministic for a given code base and
-    library versions)."""
+    library versions). Without ``config`` it describes the product as shipped: the embedded
+    defaults (``cxr_ai/defaults.toml``), never a site file or the environment."""
     import pynetdicom
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 

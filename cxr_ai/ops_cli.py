@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_ai.config import load_config
+from cxr_ai.config import load_settings
 from cxr_ai.errors import ConfigError
 from cxr_ai.service import ServiceSettings, validate_config
 from cxr_ai.store.backup import StatePaths, backup, restore
@@ -39,8 +39,9 @@ def state_paths(config: Mapping[str, Any], settings: ServiceSettings) -> StatePa
 
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], ServiceSettings]:
-    config = load_config(args.config)
-    return config, validate_config(config)
+    loaded = load_settings(args.config)
+    config = loaded.config
+    return config, validate_config(config, base_dir=loaded.base_dir, secrets=loaded.secrets)
 
 
 def _cmd_backup(args: argparse.Namespace) -> int:

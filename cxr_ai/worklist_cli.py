@@ -34,9 +34,9 @@ def _fill_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_worklist(args: argparse.Namespace) -> int:
-    from cxr_ai.config import load_config
+    from cxr_ai.config import load_settings
 
-    cfg = load_config(args.config)
+    cfg = load_settings(args.config).config
     path = args.db or str(cfg.get("worklist", {}).get("path", "") or "")
     if not path:
         raise ConfigError(MSG_NO_DB)

@@ -155,6 +155,55 @@ def test_the_checker_sees_function_level_imports_and_skips_type_checking(tmp_pat
     assert _imported("cxr_ai.b", pkg / "b.py", known) == set()
 
 
+#: The edge: the modules that read the environment and the configuration file (through
+#: cxr_ai.config.load_settings) and pass settings down as arguments. Any ``__main__`` too.
+EDGE = frozenset({"cxr_ai.config", "cxr_ai.cli", "cxr_ai.ops_cli", "cxr_ai.worklist_cli", "cxr_ai.service.cli",
+                  "cxr_ai.batch.cli", "cxr_ai.monitoring.cli", "cxr_ai.evaluation.cli", "cxr_ai.web.users_cli"})
+#: What reads the environment (``os.<name>`` or ``from os import <name>``).
+ENV_READERS = frozenset({"environ", "environb", "getenv", "getenvb"})
+#: What loads the configuration file and the environment.
+CONFIG_LOADERS = frozenset({"load_config", "load_settings", "read_toml"})
+
+
+def _reads_outside(path: Path) -> list[str]:
+    """Where a module reads the environment or loads the configuration: ``line: what``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr in ENV_READERS and (
+                isinstance(node.value, ast.Name) and node.value.id == "os"):
+            found.append(f"{node.lineno}: os.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            found += [f"{node.lineno}: from os import {a.name}" for a in node.names if a.name in ENV_READERS]
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            if name in CONFIG_LOADERS:
+                found.append(f"{node.lineno}: {name}()")
+    return found
+
+
+def _edge(module: str) -> bool:
+    return module in EDGE or module.endswith(".__main__")
+
+
+def test_only_the_edge_reads_the_environment_or_loads_the_configuration() -> None:
+    """Settings are resolved once, at the edge (cxr_ai.config.load_settings, called by the
+    CLIs); below it they come in as arguments, never from os.environ or a file."""
+    broken = sorted(f"{module}:{where}" for module, path in _modules().items() if not _edge(module)
+                    for where in _reads_outside(path))
+    assert not broken, "read outside the edge (pass it down from the CLI instead):\n" + "\n".join(broken)
+
+
+def test_the_edge_checker_sees_every_way_of_reading(tmp_path: Path) -> None:
+    code = ("import os\nfrom os import getenv as g\nfrom cxr_ai import config\n"
+            "def f():\n    return os.environ.get('A'), os.getenv('B'), config.load_config(None)\n"
+            "def h():\n    return load_settings('x.toml'), os.path.join('a', 'b'), os.environment_free\n")
+    (tmp_path / "m.py").write_text(code)
+    assert sorted(_reads_outside(tmp_path / "m.py")) == [
+        "2: from os import getenv", "5: load_config()", "5: os.environ", "5: os.getenv", "7: load_settings()"]
+    assert _edge("cxr_ai.service.cli") and _edge("cxr_ai.batch.__main__") and not _edge("cxr_ai.service.wiring")
+
+
 @pytest.mark.parametrize("module", ["cxr_ai.monitoring.log"])
 def test_logging_a_prediction_loads_no_evaluation_stack(module: str) -> None:
     """Logging one prediction must not pull in matplotlib, fairlearn or scipy."""

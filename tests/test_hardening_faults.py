@@ -82,14 +82,14 @@ def _rg1_copy(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_fhir_down_then_500_then_timeout_then_recovers(tmp_path: Path, tiny_bundle_dir: Path, rg1_paths,
-                                                       monkeypatch) -> None:
-    monkeypatch.setenv("CXR_AI_HARDENING_FHIR_TOKEN", TOKEN)
+def test_fhir_down_then_500_then_timeout_then_recovers(tmp_path: Path, tiny_bundle_dir: Path,
+                                                       rg1_paths) -> None:
     port = free_port()
     cfg = pipeline_config(tmp_path, tiny_bundle_dir, [
         {"name": "ehr", "kind": "fhir", "url": f"http://127.0.0.1:{port}/fhir", "timeout": 1.0,
          "token_env": "CXR_AI_HARDENING_FHIR_TOKEN"}])
-    svc = Service(cfg, pipeline_factory=real_pipeline_factory, base_dir=tmp_path).start()
+    svc = Service(cfg, secrets={"CXR_AI_HARDENING_FHIR_TOKEN": TOKEN}, pipeline_factory=real_pipeline_factory,
+                  base_dir=tmp_path).start()
     server = None
     errors: list[str] = []
     try:

@@ -42,12 +42,11 @@ def test_hostile_uids_never_leave_the_spool(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_full_run_logs_and_endpoints_carry_no_phi_or_secrets(tmp_path: Path, tiny_bundle_dir: Path, caplog,
-                                                             monkeypatch) -> None:
+def test_full_run_logs_and_endpoints_carry_no_phi_or_secrets(tmp_path: Path, tiny_bundle_dir: Path,
+                                                             caplog) -> None:
     from cxr_ai import batch
 
     caplog.set_level(logging.INFO)
-    monkeypatch.setenv("CXR_AI_HARDENING_SEC_TOKEN", TOKEN)
     files = []
     for i, (name, pid) in enumerate(zip(NAMES, IDS)):
         ds = make_phantom_dataset(size=256, random_state=i)
@@ -60,7 +59,8 @@ def test_full_run_logs_and_endpoints_carry_no_phi_or_secrets(tmp_path: Path, tin
         # a FHIR server that is down: its errors are logged; the token must not be
         {"name": "ehr", "kind": "fhir", "url": "http://127.0.0.1:9/fhir", "timeout": 1.0,
          "token_env": "CXR_AI_HARDENING_SEC_TOKEN"}], routing={"max_attempts": 2})
-    svc = Service(cfg, pipeline_factory=real_pipeline_factory, base_dir=tmp_path).start()
+    svc = Service(cfg, secrets={"CXR_AI_HARDENING_SEC_TOKEN": TOKEN}, pipeline_factory=real_pipeline_factory,
+                  base_dir=tmp_path).start()
     try:
         assert send(svc.dicom_port, files) == [0, 0]
         assert svc.wait_idle(timeout=120, expected_instances=2)

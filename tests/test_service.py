@@ -27,7 +27,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from cxr_ai.config import config_to_toml, load_config
+from cxr_ai.config import config_to_toml, load_config, load_settings
 from cxr_ai.dicom.gate import check_applicability
 from cxr_ai.errors import ConfigError
 from cxr_ai.service.routing import MSG_MISSING_KEY, MSG_UNKNOWN_KIND
@@ -537,10 +537,9 @@ def test_sigterm_requeues_running_study(tmp_path: Path, rg1_paths) -> None:
             proc.wait(timeout=30)
 
 
-def test_deploy_example_config_is_valid(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("CXR_AI_FHIR_TOKEN", "t")
-    cfg = load_config(REPO / "deploy" / "cxr-ai.example.toml", env={})
-    s = validate_config(cfg, base_dir=tmp_path)
+def test_deploy_example_config_is_valid(tmp_path: Path) -> None:
+    loaded = load_settings(REPO / "deploy" / "cxr-ai.example.toml", env={"CXR_AI_FHIR_TOKEN": "t"})
+    s = validate_config(loaded.config, base_dir=tmp_path, secrets=loaded.secrets)
     assert {d.kind for d in s.destinations} == {"dicom", "fhir", "folder"}
     assert s.listener.allowed_calling_aes == ["ORTHANC"]
     orthanc = json.loads((REPO / "deploy" / "orthanc" / "orthanc.json").read_text())

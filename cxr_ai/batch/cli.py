@@ -77,9 +77,9 @@ def _fill_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from cxr_ai.config import load_config
+    from cxr_ai.config import load_settings
 
-    cfg = load_config(args.config)
+    cfg = load_settings(args.config).config
     out_dir = Path(args.out)
     options = BatchOptions(
         out_dir=out_dir, force=args.force, dry_run=args.dry_run, explain=not args.no_explain,

@@ -214,7 +214,8 @@ def run_batch(
     options
         Output folder, resume/force, pools, Dask, progress.
     config
-        Loaded configuration; defaults when None.
+        Loaded configuration (the CLI's :func:`cxr_ai.config.load_settings`); when None, the
+        embedded defaults (``cxr_ai/defaults.toml``), never a site file or the environment.
     pipeline
         A ready :class:`cxr_ai.pipeline.Pipeline` (local runs); built from ``config`` if None.
     """

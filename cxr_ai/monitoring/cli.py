@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ def _truth_store(config: dict[str, Any]) -> Any:
 
 
 def _cmd_truth_load(args: argparse.Namespace) -> int:
-    from cxr_ai.config import load_config
+    from cxr_ai.config import load_settings
     from cxr_ai.monitoring.log import resolve_pseudonym_key
     from cxr_ai.monitoring.truth import truth_from_csv, truth_from_fhir
 
@@ -61,7 +60,7 @@ def _cmd_truth_load(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(MSG_NO_FILE.format(path=path), file=sys.stderr)
         return 2
-    config = load_config(args.config)
+    config = load_settings(args.config).config
     mon = config.get("monitoring", {})
     key = resolve_pseudonym_key(config)
     cutoff = float(mon.get("lvef_cutoff", 40.0))
@@ -87,17 +86,18 @@ def _cmd_truth_load(args: argparse.Namespace) -> int:
 
 
 def _cmd_truth_poll(args: argparse.Namespace) -> int:
-    from cxr_ai.config import load_config
+    from cxr_ai.config import load_settings
     from cxr_ai.monitoring.log import resolve_pseudonym_key
     from cxr_ai.monitoring.runner import FhirTruthPoller
 
-    config = load_config(args.config)
+    settings = load_settings(args.config)
+    config = settings.config
     mon = config.get("monitoring", {})
     url = args.url or mon.get("fhir_truth_url")
     if not url:
         print(MSG_NO_URL, file=sys.stderr)
         return 2
-    token = os.environ.get(str(mon["fhir_truth_token_env"]), "") if mon.get("fhir_truth_token_env") else ""
+    token = settings.secrets.get(str(mon["fhir_truth_token_env"]), "") if mon.get("fhir_truth_token_env") else ""
     poller = FhirTruthPoller(url=url, store=_truth_store(config), key=resolve_pseudonym_key(config), token=token,
                              lvef_cutoff=float(mon.get("lvef_cutoff", 40.0)))
     import requests
@@ -134,10 +134,10 @@ def format_alerts(record: dict[str, Any]) -> list[str]:
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
-    from cxr_ai.config import load_config
+    from cxr_ai.config import load_settings
     from cxr_ai.monitoring.performance import PerformanceMonitor
 
-    config = load_config(args.config)
+    config = load_settings(args.config).config
     record = PerformanceMonitor.from_config(config).update()
     if args.json:
         print(json.dumps(record, indent=1))

@@ -1,8 +1,10 @@
 """The listener as a place: settings and wiring, workers, delivery and routing, metrics, CLI.
 
-- :mod:`~cxr_ai.service.wiring`: :class:`ServiceSettings` (the ``[listener]``, ``[store]``,
-  ``[workers]`` ... sections validated once), :class:`Service` (SCP + spool + job store +
-  workers + router + HTTP side wired together), :func:`run_service`.
+- :mod:`~cxr_ai.service.settings`: one pydantic model per section (``[listener]``,
+  ``[store]``, ``[workers]``, ``[routing]``, ``[http]``) and :func:`validate_config`, which
+  checks them once into a :class:`ServiceSettings`.
+- :mod:`~cxr_ai.service.wiring`: :class:`Service` (SCP + spool + job store + workers + router +
+  HTTP side wired together), :func:`run_service`.
 - :mod:`~cxr_ai.service.workers`: the worker pool that turns spooled studies into results by
   calling the pipeline (:mod:`cxr_ai.pipeline`).
 - :mod:`~cxr_ai.service.routing`: destinations (DICOM, STOW-RS, FHIR, folder) and the outbox

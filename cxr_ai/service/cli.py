@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_ai.config import load_config
+from cxr_ai.config import load_settings
 from cxr_ai.errors import ConfigError
 from cxr_ai.results import format_probability
 from cxr_ai.service.wiring import JsonLogFormatter, Service, configure_logging, run_service, validate_config
@@ -87,7 +87,7 @@ def _service_logging(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     _service_logging(args)
     try:
-        config = load_config(args.config)
+        settings = load_settings(args.config)
     except ConfigError as exc:
         logger.error("%s", exc)
         return 2
@@ -100,7 +100,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             os.replace(tmp, args.ready_file)
 
     try:
-        return run_service(config, ready=ready)
+        # A TMPDIR the environment sets is kept; otherwise temporary files go to the spool.
+        return run_service(settings.config, secrets=settings.secrets, base_dir=settings.base_dir, ready=ready,
+                           own_tempdir=not os.environ.get("TMPDIR"))
     except ConfigError as exc:
         logger.error("%s", exc)
         return 2
@@ -129,7 +131,8 @@ def _since(value: str) -> float:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    settings = validate_config(load_config(args.config))
+    loaded = load_settings(args.config)
+    settings = validate_config(loaded.config, base_dir=loaded.base_dir, secrets=loaded.secrets)
     store = JobStore(settings.db_path)
     try:
         if args.retry_dead:
@@ -214,14 +217,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     studies_dir = out / "phantoms"
     generate_studies(studies_dir, PhantomConfig(n_studies=args.n, seed=args.seed, size=args.size))
     files = sorted(studies_dir.rglob("*.dcm"))
-    config = load_config()
+    loaded = load_settings()
+    config = loaded.config
     config["listener"].update(port=0, allowed_calling_aes=["CXR_AI_DEMO"])
     config["store"].update(root=str(out / "var"), quiet_seconds=0.2)
     config["http"].update(port=args.http_port if getattr(args, "serve", False) else 0)
     config["routing"]["destinations"] = [{"name": "folder", "kind": "folder", "path": str(out / "results")}]
     # Phantom studies carry historical study dates: their wait starts when they are received.
     config["worklist"]["wait_from"] = "received"
-    service = Service(config, base_dir=out)
+    service = Service(config, secrets=loaded.secrets, base_dir=out)
     service.start()
     try:
         print(f"cxr-ai listening as {service.settings.listener.ae_title} on 127.0.0.1:{service.dicom_port}; "

@@ -186,9 +186,9 @@ def _no_token(exc: BaseException, token: str) -> str:
     return text.replace(token, "***") if token else text
 
 
-def _token(spec: Mapping[str, Any], name: str) -> str:
+def _token(spec: Mapping[str, Any], name: str, secrets: Mapping[str, str]) -> str:
     if spec.get("token_env"):
-        value = os.environ.get(str(spec["token_env"]), "")
+        value = secrets.get(str(spec["token_env"]), "")
         if not value:
             raise ConfigError(f"[[routing.destinations]] {name!r}: environment variable "
                               f"{spec['token_env']} (token_env) is not set")
@@ -196,8 +196,14 @@ def _token(spec: Mapping[str, Any], name: str) -> str:
     return str(spec.get("token", ""))
 
 
-def build_destination(spec: Mapping[str, Any], *, calling_ae: str, base_dir: Path) -> Destination:
-    """Build one destination from its configuration table (validated here, with clear errors)."""
+def build_destination(spec: Mapping[str, Any], *, calling_ae: str, base_dir: Path,
+                      secrets: Mapping[str, str] | None = None) -> Destination:
+    """Build one destination from its configuration table (validated here, with clear errors).
+
+    ``secrets`` maps environment variable names to their values, read at the edge
+    (:func:`cxr_ai.config.load_settings`); a ``token_env`` it does not hold is an error.
+    """
+    secrets = secrets or {}
     name = str(spec.get("name", "")).strip()
     if not name or not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"[[routing.destinations]] entry {dict(spec)!r} needs a 'name' of letters, digits, '-' or '_'")
@@ -224,10 +230,10 @@ def build_destination(spec: Mapping[str, Any], *, calling_ae: str, base_dir: Pat
                                            max_pdu=int(spec.get("max_pdu", 131072)), ssl_context=ctx,
                                            timeout=float(spec.get("timeout", 60.0))))
     if kind == "stow":
-        return StowDestination(name, str(need("url")), token=_token(spec, name),
+        return StowDestination(name, str(need("url")), token=_token(spec, name, secrets),
                                timeout=float(spec.get("timeout", 60.0)))
     if kind == "fhir":
-        return FhirDestination(name, str(need("url")), token=_token(spec, name),
+        return FhirDestination(name, str(need("url")), token=_token(spec, name, secrets),
                                timeout=float(spec.get("timeout", 30.0)))
     path = Path(str(need("path")))
     return FolderDestination(name, path if path.is_absolute() else (base_dir / path))

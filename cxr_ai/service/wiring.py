@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,14 @@ import pydicom
 from cxr_ai.contract import MSG_NOT_A_PIPELINE, PipelineFactory
 from cxr_ai.errors import ConfigError
 from cxr_ai.service.metrics import ServiceMetrics
-from cxr_ai.service.routing import Destination, RetryPolicy, Router, build_destination
-from cxr_ai.net.scp import ListenerSettings, StorageSCP
-from cxr_ai.net.tls import server_context
+from cxr_ai.service.routing import Router
+from cxr_ai.service.settings import (  # the settings' names are also this module's (cxr_ai.service)
+    MSG_AE_TITLE as MSG_AE_TITLE,
+    MSG_SECTION_TYPE as MSG_SECTION_TYPE,
+    ServiceSettings as ServiceSettings,
+    validate_config,
+)
+from cxr_ai.net.scp import StorageSCP
 from cxr_ai.store.jobs import (
     DeliveryState,
     JobStore,
@@ -47,166 +51,16 @@ from cxr_ai.service.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
-MSG_SECTION_TYPE = "[{section}] {key} must be {what}, got {value!r}"
 MSG_BAD_PIPELINE = (
     "[workers] pipeline = {spec!r} cannot be imported ({detail}); give 'package.module:Name' of a "
     "class or function that accepts config= and returns an object with process_study(paths)"
 )
-MSG_AE_TITLE = "[{section}] {key} {value!r} is not a valid AE title (1-16 characters, no backslash or control characters)"
 
 
 #: Seconds of the shutdown grace kept for stopping routing and HTTP and closing the job store.
 STOP_TAIL_SECONDS = 1.5
 #: Seconds between two sweeps of stale temporary files while the service runs.
 SWEEP_SECONDS = 60.0
-
-
-# -- configuration ----------------------------------------------------------------------------
-@dataclass
-class ServiceSettings:
-    """The service's configuration sections, validated."""
-
-    listener: ListenerSettings
-    spool_dir: Path
-    db_path: Path
-    store_root: Path
-    quiet_seconds: float
-    max_open_seconds: float
-    keep_seconds: float | None  # None keeps spool files forever
-    sqlite_synchronous: str
-    workers: int
-    max_batch_studies: int
-    worker_poll_seconds: float
-    pipeline_retry_seconds: float
-    idle_start: bool
-    max_attempts: int
-    pipeline: str
-    shutdown_grace_seconds: float
-    routing_policy: RetryPolicy
-    routing_poll_seconds: float
-    destinations: list[Destination] = field(repr=False, default_factory=list)
-    http_enabled: bool = True
-    http_host: str = "127.0.0.1"
-    http_port: int = 8780
-    stale_temp_seconds: float = 3600.0
-
-
-def _get(section: Mapping[str, Any], name: str, key: str, kind: type, what: str, *, check=None) -> Any:
-    value = section.get(key)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(MSG_SECTION_TYPE.format(section=name, key=key, what=what, value=value))
-    if check is not None and not check(value):
-        raise ConfigError(MSG_SECTION_TYPE.format(section=name, key=key, what=what, value=value))
-    return value
-
-
-def _ae_title(value: Any, section: str, key: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value.strip()) <= 16 or "\\" in value or any(ord(c) < 32 for c in value):
-        raise ConfigError(MSG_AE_TITLE.format(section=section, key=key, value=value))
-    return value.strip()
-
-
-def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None) -> ServiceSettings:
-    """Check the ``[listener] [store] [workers] [routing] [http]`` sections; clear errors.
-
-    Relative paths are resolved against ``base_dir`` (default: the working directory).
-    """
-    base = Path(base_dir or os.getcwd()).resolve()
-    for name in ("listener", "store", "workers", "routing", "http"):
-        if not isinstance(config.get(name), Mapping):
-            raise ConfigError(f"configuration has no [{name}] section")
-    li, st, wk, rt, ht = (config[n] for n in ("listener", "store", "workers", "routing", "http"))
-    port_ok = lambda v: 0 <= v < 65536
-    pos = lambda v: v > 0
-    nonneg = lambda v: v >= 0
-    allowed = li.get("allowed_calling_aes")
-    if not isinstance(allowed, list) or not allowed:
-        raise ConfigError(MSG_SECTION_TYPE.format(section="listener", key="allowed_calling_aes",
-                                                  what="a non-empty list of AE titles (or [\"*\"] for any)", value=allowed))
-    allowed = [a if a == "*" else _ae_title(a, "listener", "allowed_calling_aes") for a in allowed]
-    ssl_ctx = None
-    if _get(li, "listener", "tls", bool, "true or false"):
-        ssl_ctx = server_context(cert_file=li.get("tls_cert"), key_file=li.get("tls_key"),
-                                 ca_file=li.get("tls_ca") or None,
-                                 require_client_cert=bool(li.get("tls_require_client_cert")))
-    ae_title = _ae_title(li.get("ae_title"), "listener", "ae_title")
-    listener = ListenerSettings(
-        ae_title=ae_title,
-        host=_get(li, "listener", "host", str, "a host name or address"),
-        port=_get(li, "listener", "port", int, "a TCP port (0-65535; 0 picks a free one)", check=port_ok),
-        allowed_calling_aes=allowed,
-        require_called_ae=_get(li, "listener", "require_called_ae", bool, "true or false"),
-        max_pdu=_get(li, "listener", "max_pdu", int, "0 (unlimited) or a PDU size >= 4096",
-                     check=lambda v: v == 0 or v >= 4096),
-        max_associations=_get(li, "listener", "max_associations", int, "a positive integer", check=pos),
-        min_free_bytes=int(_get(li, "listener", "min_free_mb", float, "a number of MiB >= 0", check=nonneg) * 2**20),
-        max_associations_per_address=_get(li, "listener", "max_associations_per_address", int,
-                                          "a positive integer (at most max_associations)", check=pos),
-        max_inflated_bytes=int(_get(li, "listener", "max_inflated_mb", float, "a number of MiB > 0", check=pos)
-                               * 2**20),
-        acse_timeout=_get(li, "listener", "acse_timeout", float, "seconds > 0", check=pos),
-        dimse_timeout=_get(li, "listener", "dimse_timeout", float, "seconds > 0", check=pos),
-        network_timeout=_get(li, "listener", "network_timeout", float, "seconds > 0", check=pos),
-        pdu_timeout=_get(li, "listener", "pdu_timeout", float, "seconds > 0", check=pos),
-        fast_receive=_get({"fast_receive": li.get("fast_receive", True)}, "listener", "fast_receive", bool,
-                          "true or false"),
-        ssl_context=ssl_ctx,
-    )
-    stale = _get(li, "listener", "stale_temp_minutes", float, "minutes > 0", check=pos)
-    root = Path(_get(st, "store", "root", str, "a folder path", check=bool))
-    root = root if root.is_absolute() else base / root
-    spool_dir = Path(st.get("spool_dir") or root / "spool")
-    db_path = Path(st.get("db") or root / "jobs.sqlite3")
-    store_root = root
-    keep_hours = _get(st, "store", "keep_hours", float, "hours >= 0, or -1 to keep files forever",
-                      check=lambda v: v >= 0 or v == -1)
-    policy = RetryPolicy(
-        max_attempts=_get(rt, "routing", "max_attempts", int, "a positive integer", check=pos),
-        backoff_initial=_get(rt, "routing", "backoff_initial_seconds", float, "seconds > 0", check=pos),
-        backoff_max=_get(rt, "routing", "backoff_max_seconds", float, "seconds > 0", check=pos),
-    )
-    specs = rt.get("destinations")
-    if not isinstance(specs, list):
-        raise ConfigError(MSG_SECTION_TYPE.format(section="routing", key="destinations",
-                                                  what="a list of destination tables", value=specs))
-    destinations = [build_destination(s, calling_ae=ae_title, base_dir=base) for s in specs]
-    names = [d.name for d in destinations]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"[routing] destinations have duplicate names: {names}")
-    fhir_destinations = [d.name for d in destinations if d.kind == "fhir"]
-    if fhir_destinations:  # a patient the FHIR server cannot match is worse than no delivery
-        from cxr_ai.fhir import FhirOptions, require_patient_system
-
-        require_patient_system(FhirOptions.from_config(config), destination=fhir_destinations[0])
-    pipeline = _get(wk, "workers", "pipeline", str, "'package.module:Name'", check=lambda v: ":" in v)
-    return ServiceSettings(
-        listener=listener,
-        spool_dir=spool_dir if spool_dir.is_absolute() else base / spool_dir,
-        db_path=db_path if db_path.is_absolute() else base / db_path,
-        store_root=store_root,
-        quiet_seconds=_get(st, "store", "quiet_seconds", float, "seconds >= 0", check=nonneg),
-        max_open_seconds=_get(st, "store", "max_open_seconds", float, "seconds > 0", check=pos),
-        keep_seconds=None if keep_hours == -1 else keep_hours * 3600.0,
-        sqlite_synchronous=_get(st, "store", "sqlite_synchronous", str, "'full' or 'normal'",
-                                check=lambda v: v.lower() in ("full", "normal")).lower(),
-        workers=_get(wk, "workers", "count", int, "a positive integer", check=pos),
-        max_batch_studies=_get(wk, "workers", "max_batch_studies", int, "a positive integer", check=pos),
-        worker_poll_seconds=_get(wk, "workers", "poll_seconds", float, "seconds > 0", check=pos),
-        pipeline_retry_seconds=_get(wk, "workers", "pipeline_retry_seconds", float, "seconds > 0", check=pos),
-        idle_start=_get(wk, "workers", "idle_start", bool, "true or false"),
-        max_attempts=_get(wk, "workers", "max_attempts", int, "a positive integer", check=pos),
-        pipeline=pipeline,
-        shutdown_grace_seconds=_get(wk, "workers", "shutdown_grace_seconds", float, "seconds >= 0", check=nonneg),
-        routing_policy=policy,
-        routing_poll_seconds=_get(rt, "routing", "poll_seconds", float, "seconds > 0", check=pos),
-        destinations=destinations,
-        http_enabled=_get(ht, "http", "enabled", bool, "true or false"),
-        http_host=_get(ht, "http", "host", str, "a host name or address"),
-        http_port=_get(ht, "http", "port", int, "a TCP port (0-65535; 0 picks a free one)", check=port_ok),
-        stale_temp_seconds=stale * 60.0,
-    )
 
 
 def import_factory(spec: str) -> PipelineFactory:
@@ -233,19 +87,28 @@ class Service:
     Parameters
     ----------
     config
-        A full configuration (:func:`cxr_ai.config.load_config`).
+        A full configuration (:attr:`cxr_ai.config.Settings.config`, or a plain mapping).
+    secrets
+        Values of the environment variables the configuration names in ``token_env`` and
+        ``fhir_truth_token_env`` (:attr:`cxr_ai.config.Settings.secrets`); nothing here reads
+        the environment. A named variable missing from it is a :class:`ConfigError`.
     pipeline_factory
         Callable ``factory(config=...)`` returning an object with ``process_study(paths)``;
         default: the ``[workers] pipeline`` import path (``cxr_ai.pipeline:Pipeline``).
     base_dir
         Folder that relative paths in the configuration are relative to.
+    own_tempdir
+        Point the process's :mod:`tempfile` at the spool on start (only when this process is
+        the service, and the environment names no ``TMPDIR``: :func:`run_service`).
     """
 
-    def __init__(self, config: Mapping[str, Any], *, pipeline_factory: PipelineFactory | None = None,
-                 base_dir: str | os.PathLike | None = None, own_tempdir: bool = False) -> None:
+    def __init__(self, config: Mapping[str, Any], *, secrets: Mapping[str, str] | None = None,
+                 pipeline_factory: PipelineFactory | None = None, base_dir: str | os.PathLike | None = None,
+                 own_tempdir: bool = False) -> None:
         self.config = config
         self.own_tempdir = own_tempdir
-        self.settings = validate_config(config, base_dir=base_dir)
+        self.secrets: Mapping[str, str] = dict(secrets or {})
+        self.settings = validate_config(config, base_dir=base_dir, secrets=self.secrets)
         s = self.settings
         self.factory = pipeline_factory or import_factory(s.pipeline)
         self.spool = Spool(s.spool_dir)
@@ -281,7 +144,7 @@ class Service:
         cfg.setdefault("store", {})["root"] = str(self.settings.store_root)  # as the prediction log
         token = ""
         if mon.get("fhir_truth_token_env"):
-            token = os.environ.get(str(mon["fhir_truth_token_env"]), "")
+            token = self.secrets.get(str(mon["fhir_truth_token_env"]), "")
             if not token:
                 raise ConfigError(f"[monitoring] fhir_truth_token_env names {mon['fhir_truth_token_env']}, "
                                   "which is not set")
@@ -309,7 +172,7 @@ class Service:
         return f"{self._http.scheme}://{self.settings.http_host}:{self.http_port}/"
 
     def start(self) -> Service:
-        if self.own_tempdir and not os.environ.get("TMPDIR"):
+        if self.own_tempdir:
             # Process-wide, so only when this process is the service (serve_main): pynetdicom
             # streams each data set to a temp file; on the spool's file system the commit is a
             # rename, not a copy.
@@ -507,13 +370,16 @@ def _exit_after(seconds: float) -> None:
     timer.start()
 
 
-def run_service(config: Mapping[str, Any], *, pipeline_factory: PipelineFactory | None = None,
-                base_dir: str | os.PathLike | None = None, ready: Callable[[Service], None] | None = None) -> int:
+def run_service(config: Mapping[str, Any], *, secrets: Mapping[str, str] | None = None,
+                pipeline_factory: PipelineFactory | None = None, base_dir: str | os.PathLike | None = None,
+                ready: Callable[[Service], None] | None = None, own_tempdir: bool = True) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit code.
 
-    This owns the process: it installs signal handlers and points ``tempfile`` at the spool.
+    This owns the process: it installs signal handlers and, with ``own_tempdir`` (the CLI passes
+    False when the environment sets ``TMPDIR``), points ``tempfile`` at the spool.
     """
-    service = Service(config, pipeline_factory=pipeline_factory, base_dir=base_dir, own_tempdir=True)
+    service = Service(config, secrets=secrets, pipeline_factory=pipeline_factory, base_dir=base_dir,
+                      own_tempdir=own_tempdir)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

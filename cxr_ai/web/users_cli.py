@@ -47,12 +47,13 @@ def _fill(p: argparse.ArgumentParser) -> None:
 def _users_file(args: argparse.Namespace) -> Path:
     if args.users_file:
         return Path(args.users_file)
-    from cxr_ai.config import load_config
+    from cxr_ai.config import load_settings
     from cxr_ai.service import validate_config
     from cxr_ai.web.settings import WebSettings
 
-    cfg = load_config(args.config)
-    settings = validate_config(cfg)
+    loaded = load_settings(args.config)
+    cfg = loaded.config
+    settings = validate_config(cfg, base_dir=loaded.base_dir, secrets=loaded.secrets)
     return WebSettings.from_config(cfg, store_root=settings.store_root, host=settings.http_host).users_file
 
 
