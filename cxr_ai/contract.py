@@ -47,14 +47,24 @@ class OutcomeLike(Protocol):
     """What the drivers read of one instance's outcome (:class:`cxr_ai.pipeline.InstanceOutcome`).
 
     ``outputs`` holds the instance's result objects typed by kind (empty when there are none);
-    the drivers name and route them with :mod:`cxr_ai.outputs`.
+    the drivers name and route them with :mod:`cxr_ai.outputs`. The drivers only read these
+    (read-only members, so a plain attribute of a narrower type satisfies them).
     """
 
-    sop_instance_uid: str
-    status: InstanceStatus | str
-    reason: str
-    result: ImageResult | None
-    outputs: ImageOutputs
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+    @property
+    def status(self) -> InstanceStatus | str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def result(self) -> ImageResult | None: ...
+
+    @property
+    def outputs(self) -> ImageOutputs: ...
 
 
 #: ``on_results``: called (at most once per :meth:`PipelineLike.process_study` call) with the
@@ -96,9 +106,11 @@ class EngineLike(Protocol):
 class StagedPipeline(Protocol):
     """What the batch stages call: the pipeline's stages, so that decoding overlaps inference."""
 
-    config: Mapping[str, Any]
     engine: EngineLike
     explain: bool
+
+    @property
+    def config(self) -> Mapping[str, Any]: ...
 
     @property
     def model_info(self) -> ModelInfo: ...

@@ -15,20 +15,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from cxr_ai.contract import InstanceStatus, ResultsCallback
+from cxr_ai.contract import EngineLike, InstanceStatus, ResultsCallback
 from cxr_ai.dicom.gate import GateDecision, GateReason, GateRules, check_applicability
 from cxr_ai.dicom.reader import Radiograph, Source, sanitized_for_outputs
 from cxr_ai.errors import ReadError
 from cxr_ai.imaging import Preprocessed, display_array, preprocess
 from cxr_ai.outputs import ImageOutputs, outputs_for
-from cxr_ai.results import HEATMAP_PARTS, OUTPUT_PARTS, RESULT_PARTS, ImageResult
+from cxr_ai.results import HEATMAP_PARTS, OUTPUT_PARTS, RESULT_PARTS, ImageResult, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +86,13 @@ class Pipeline:
     config
         A loaded configuration (:func:`cxr_ai.config.load_config`); embedded defaults if None.
     engine
-        An :class:`cxr_ai.models.engine.InferenceEngine`; by default the ``[models]`` bundle
+        An :class:`cxr_ai.models.engine.InferenceEngine` (:class:`cxr_ai.contract.EngineLike`); by default the ``[models]`` bundle
         (the bundled demo model unless configured), loaded once here.
     explain
         Compute Grad-CAM heatmaps (needed for the heatmap SC and the Parametric Map).
     """
 
-    def __init__(self, *, config: Mapping[str, Any] | None = None, engine: Any | None = None,
+    def __init__(self, *, config: Mapping[str, Any] | None = None, engine: EngineLike | None = None,
                  explain: bool = True) -> None:
         from cxr_ai.config import default_config
 
@@ -104,11 +104,11 @@ class Pipeline:
             from cxr_ai.models.engine import load_default_engine
 
             engine = load_default_engine(self.config)
-        self.engine = engine
+        self.engine: EngineLike = engine
         self.explain = explain
 
     @property
-    def model_info(self):  # noqa: ANN201 - ModelInfo
+    def model_info(self) -> ModelInfo:
         return self.engine.model_info
 
     def process_instance(self, source: Source) -> InstanceOutcome:

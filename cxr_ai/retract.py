@@ -89,7 +89,7 @@ def result_objects(spool: Spool, job_id: str) -> list[Dataset]:
     folder = spool.results / job_id
     if not folder.is_dir():
         raise FileNotFoundError(MSG_NO_RESULTS.format(job=job_id, folder=folder))
-    out = []
+    out: list[Dataset] = []
     for path in sorted(folder.glob("*.dcm")):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         if stored_kind(ds) in RETRACTED_KINDS:

@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -320,7 +320,7 @@ class WorkerPool:
             self._finish_study(c, pairs, skip=early.get(c.study.job_id, set()))
         self.router.wake()
 
-    def _result_files(self, job: str, inst_key: str, outcome: OutcomeLike, skip: set[str]) -> list[Path]:
+    def _result_files(self, job: str, inst_key: str, outcome: OutcomeLike, skip: Collection[str]) -> list[Path]:
         """Write an outcome's result objects into the job's result folder (names not in ``skip``),
         in the order they are sent: SR first, then the heatmap objects, then the FHIR bundle."""
         files: list[Path] = []
@@ -363,7 +363,7 @@ class WorkerPool:
         except Exception:  # broad on purpose: e.g. spool full; everything goes out with the rest
             logger.exception("first results could not be queued early; they go with the study's other results")
 
-    def _finish_study(self, claim: ClaimedStudy, pairs: list[tuple[Any, OutcomeLike | None]], *, skip: set[str] = frozenset()) -> None:
+    def _finish_study(self, claim: ClaimedStudy, pairs: list[tuple[Any, OutcomeLike | None]], *, skip: Collection[str] = frozenset()) -> None:
         job = claim.study.job_id
         files: list[Path] = []
         results: list[InstanceResult] = []

@@ -235,7 +235,7 @@ def study_view(*, job_id: str, store: JobStore, worklist: Worklist, results_dir:
                   for d in store.deliveries(study_key=study.study_key)]
     from cxr_ai.outputs import OutputKind, listener_kind  # the result folder's names
 
-    has_maps = any(listener_kind(r["name"]) is OutputKind.PM for r in results)
+    has_maps = any(listener_kind(str(r["name"])) is OutputKind.PM for r in results)
     heatmaps = sorted({f["key"] for f in findings}) if has_maps else []
     return StudyView(job_id=job_id, study_uid=study.study_uid, state=study.state.value, reason=study.reason,
                      ranked=ranked, instances=instances, findings=findings, model=model,
