@@ -74,7 +74,7 @@ class _NoPipeline:
     def __init__(self, *, config=None) -> None:  # noqa: ANN001
         pass
 
-    def process_study(self, paths):  # noqa: ANN001, ANN201
+    def process_study(self, paths, *, on_results=None):  # noqa: ANN001, ANN201
         return []
 
 

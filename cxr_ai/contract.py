@@ -14,21 +14,24 @@ place a driver reads an outcome's status.
 from __future__ import annotations
 
 import enum
-import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pydicom.dataset import Dataset
+    import numpy as np
 
     from cxr_ai.dicom.reader import Source
     from cxr_ai.imaging import Preprocessed
+    from cxr_ai.models.bundle import Bundle
+    from cxr_ai.models.engine import ModelOutput
+    from cxr_ai.outputs import ImageOutputs
+    from cxr_ai.pipeline import InstanceOutcome
     from cxr_ai.results import ImageResult, ModelInfo
 
 MSG_NOT_A_PIPELINE = (
-    "{what} does not implement cxr_ai.contract.PipelineLike: it has no process_study(sources) "
-    "method; give [workers] pipeline the factory of a class with process_study(sources) -> "
-    "outcomes (see docs/architecture.md)"
+    "{what} does not implement cxr_ai.contract.PipelineLike: it has no process_study(sources, *, "
+    "on_results=None) method; give [workers] pipeline the factory of a class with "
+    "process_study(sources, *, on_results=None) -> outcomes (see docs/architecture.md)"
 )
 
 
@@ -41,50 +44,85 @@ class InstanceStatus(str, enum.Enum):
 
 
 class OutcomeLike(Protocol):
-    """What the drivers read of one instance's outcome (:class:`cxr_ai.pipeline.InstanceOutcome`)."""
+    """What the drivers read of one instance's outcome (:class:`cxr_ai.pipeline.InstanceOutcome`).
 
-    sop_instance_uid: str
-    status: InstanceStatus | str
-    reason: str
-    result: ImageResult | None
-    datasets: list[Dataset]
-    fhir_bundle: dict[str, Any] | None
+    ``outputs`` holds the instance's result objects typed by kind (empty when there are none);
+    the drivers name and route them with :mod:`cxr_ai.outputs`. The drivers only read these
+    (read-only members, so a plain attribute of a narrower type satisfies them).
+    """
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+    @property
+    def status(self) -> InstanceStatus | str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def result(self) -> ImageResult | None: ...
+
+    @property
+    def outputs(self) -> ImageOutputs: ...
 
 
-#: Called with the outcomes whose first result objects (SR, FHIR) are built, before the
-#: heatmap objects are: the listener sends them at once.
-ResultsCallback = Callable[[list[Any]], None]
+#: ``on_results``: called (at most once per :meth:`PipelineLike.process_study` call) with the
+#: outcomes whose first result objects (SR, FHIR bundle) are built, before the heatmap objects
+#: are: the listener writes and sends them at once. Whatever ``outputs`` gain afterwards is
+#: written with the rest of the study.
+ResultsCallback = Callable[[Sequence[OutcomeLike]], None]
 
 
 @runtime_checkable
 class PipelineLike(Protocol):
     """What the listener's workers call: one study's instances in, one outcome per instance out.
 
-    A pipeline that can hand over its first results early also takes ``on_results``
-    (a keyword argument, :data:`ResultsCallback`), as :class:`cxr_ai.pipeline.Pipeline` does.
+    ``on_results`` is part of the contract: the workers always pass it. A pipeline that builds
+    everything at once may ignore it (every object then goes out with the study) or call it
+    once with its final outcomes; :class:`cxr_ai.pipeline.Pipeline` calls it once the SRs and
+    FHIR bundles are built, before the heatmaps are computed.
     """
 
-    def process_study(self, sources: Sequence[Source]) -> Sequence[OutcomeLike]: ...
+    def process_study(self, sources: Sequence[Source], *,
+                      on_results: ResultsCallback | None = None) -> Sequence[OutcomeLike]: ...
+
+
+class EngineLike(Protocol):
+    """What the pipeline and the batch read of the inference engine
+    (:class:`cxr_ai.models.engine.InferenceEngine`, or a site's engine of the same shape)."""
+
+    bundle: Bundle
+    model_info: ModelInfo
+    finding_keys: list[str]
+    batch_size: int
+
+    def predict_preprocessed(self, items: Sequence[Preprocessed], *, explain: bool = True,
+                             source_maps: bool = True) -> list[ModelOutput]: ...
+
+    def heatmaps_preprocessed(self, items: Sequence[Preprocessed]) -> list[list[np.ndarray]]: ...
 
 
 class StagedPipeline(Protocol):
     """What the batch stages call: the pipeline's stages, so that decoding overlaps inference."""
 
-    config: Mapping[str, Any]
-    engine: Any  # cxr_ai.models.engine.InferenceEngine (or a site's engine of the same shape)
+    engine: EngineLike
     explain: bool
+
+    @property
+    def config(self) -> Mapping[str, Any]: ...
 
     @property
     def model_info(self) -> ModelInfo: ...
 
-    def prepare(self, source: Source) -> tuple[Any, Preprocessed | None]: ...
+    def prepare(self, source: Source) -> tuple[InstanceOutcome, Preprocessed | None]: ...
 
-    def infer(self, prepared: Sequence[tuple[Any, Preprocessed | None]], *,
+    def infer(self, prepared: Sequence[tuple[InstanceOutcome, Preprocessed | None]], *,
               explain: bool | None = None, source_maps: bool = True) -> None: ...
 
-    def add_heatmaps(self, inferred: Sequence[tuple[Any, Preprocessed]]) -> None: ...
+    def add_heatmaps(self, inferred: Sequence[tuple[InstanceOutcome, Preprocessed]]) -> None: ...
 
-    def build_outputs(self, outcome: Any, *, parts: Collection[str] = ...) -> None: ...
+    def build_outputs(self, outcome: InstanceOutcome, *, parts: Collection[str] = ...) -> None: ...
 
 
 #: Builds a pipeline from the loaded configuration: ``factory(config=...)``.
@@ -100,15 +138,13 @@ def status_of(outcome: OutcomeLike) -> InstanceStatus:
         return InstanceStatus.FAILED
 
 
-def check_pipeline(pipeline: object, *, what: str = "the pipeline") -> bool:
-    """Check ``pipeline`` against :class:`PipelineLike`; return whether it takes ``on_results``.
+def check_pipeline(pipeline: object, *, what: str = "the pipeline") -> PipelineLike:
+    """Check ``pipeline`` against :class:`PipelineLike` and return it, typed.
 
     Raises ``TypeError`` (with :data:`MSG_NOT_A_PIPELINE`) when it has no callable
-    ``process_study``.
+    ``process_study``. That it takes ``on_results`` is what the protocol declares (a type
+    checker verifies it); it is not read from the signature at run time.
     """
     if not isinstance(pipeline, PipelineLike) or not callable(pipeline.process_study):
         raise TypeError(MSG_NOT_A_PIPELINE.format(what=what))
-    try:
-        return "on_results" in inspect.signature(pipeline.process_study).parameters
-    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
-        return False
+    return pipeline

@@ -4,9 +4,29 @@
 with the writers in :mod:`cxr_ai.dicom` and :mod:`cxr_ai.fhir`, and returns ``None`` for an
 image the applicability gate rejected: the reason stays in the result record
 (``ImageResult.decision``), which the listener and batch report. :class:`ImageOutputs` holds
-them, typed by kind, and :func:`kind_of` names the kind of a DICOM result object, so the drivers
-(the listener's workers, the batch stages) name files and route objects without looking at
-SOP Class UIDs themselves.
+them, typed by kind, from the pipeline to the drivers (``InstanceOutcome.outputs``), and this
+module owns how each kind is named on disk, so that the drivers (the listener's workers, the
+batch stages, the second opinion) never look at SOP Class UIDs themselves:
+
+=====================  ===============================  ==========================  ==========================
+kind                   listener result folder           batch output tree           second-opinion download
+=====================  ===============================  ==========================  ==========================
+SR                     ``SR-<sop>.dcm``                 ``<src>_sr<n>.dcm``         ``<stem>-SR-<n>.dcm``
+heatmap SC             ``SC-<sop>.dcm``                 ``<src>_sc<n>.dcm``         ``<stem>-SC-<n>.dcm``
+Parametric Map         ``PM-<sop>.dcm``                 ``<src>_pm<n>.dcm``         ``<stem>-PM-<n>.dcm``
+Segmentation           ``SEG-<sop>.dcm``                ``<src>_obj<n>.dcm``        ``<stem>-SEG-<n>.dcm``
+FHIR bundle            ``fhir-<src>.json``              ``<src>_fhir.json``         ``<stem>-fhir-bundle.json``
+=====================  ===============================  ==========================  ==========================
+
+(``<sop>``: the object's SOP Instance UID, ``<src>``: the source instance's key, ``<n>``: the
+object's number within its kind, from 1.) :meth:`ImageOutputs.save` writes
+``<SOPInstanceUID>.dcm`` and :data:`FHIR_BUNDLE_FILE`.
+
+Routing: the objects are sent in the order of :meth:`ImageOutputs.objects` (SR first); the
+SR and the FHIR bundle (:data:`cxr_ai.results.RESULT_PARTS`) are built, written and queued
+first, the heatmap objects after. In the listener's result folder, every ``.dcm`` file goes
+to the DICOM and STOW-RS destinations and every ``fhir-*.json`` file to the FHIR destinations
+(:mod:`cxr_ai.service.routing`).
 """
 
 from __future__ import annotations
@@ -14,6 +34,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +43,12 @@ from typing import TYPE_CHECKING, Any
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ParametricMapStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 
 from cxr_ai import fhir
 from cxr_ai.dicom import heatmap
@@ -36,56 +63,88 @@ logger = logging.getLogger(__name__)
 
 
 class OutputKind(enum.Enum):
-    """The kind of one DICOM result object."""
+    """The kind of one DICOM result object (see :class:`ImageOutputs`)."""
 
     SR = "sr"
     SC = "sc"
     PM = "pm"
     SEG = "seg"
-    OTHER = "obj"
+
+    @property
+    def sop_class_uid(self) -> str:
+        """The SOP Class this kind is written as."""
+        return _SOP_CLASS[self]
 
 
-_KIND_BY_SOP_CLASS: tuple[tuple[str, OutputKind], ...] = (
-    ("1.2.840.10008.5.1.4.1.1.88.", OutputKind.SR),   # Structured Report Storage classes
-    ("1.2.840.10008.5.1.4.1.1.30", OutputKind.PM),    # Parametric Map Storage
-    ("1.2.840.10008.5.1.4.1.1.66.4", OutputKind.SEG),  # Segmentation Storage
-    ("1.2.840.10008.5.1.4.1.1.7", OutputKind.SC),     # Secondary Capture Image Storage classes
-)
+_SOP_CLASS: dict[OutputKind, str] = {
+    OutputKind.SR: Comprehensive3DSRStorage,
+    OutputKind.SC: SecondaryCaptureImageStorage,
+    OutputKind.PM: ParametricMapStorage,
+    OutputKind.SEG: SegmentationStorage,
+}
 
 
-def kind_of(ds: Dataset) -> OutputKind:
-    """The kind of a DICOM result object, from its SOP Class UID."""
-    sop_class = str(getattr(ds, "SOPClassUID", "") or "")
-    for prefix, kind in _KIND_BY_SOP_CLASS:
-        if sop_class.startswith(prefix):
-            return kind
-    return OutputKind.OTHER
+def stored_kind(ds: Dataset) -> OutputKind | None:
+    """The kind of a result object read back from disk (its SOP Class, exactly); ``None`` for
+    anything cxr-ai does not write as a result object (a source image, a rejection note)."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    return next((kind for kind, uid in _SOP_CLASS.items() if uid == sop_class), None)
 
 
-# --- names on disk: the listener's result folder and the batch output tree -------------------
-
-
-def listener_prefix(ds: Dataset) -> str:
-    """File name prefix of a result object in the listener's result folder.
-
-    ``SR``, ``SC``, ``PM``; any other object by its modality (``SEG`` for a Segmentation),
-    ``OBJ`` when it has none.
-    """
-    kind = kind_of(ds)
-    if kind in (OutputKind.SR, OutputKind.SC, OutputKind.PM):
-        return kind.value.upper()
-    return "".join(c for c in str(ds.get("Modality", "") or "OBJ") if c.isalnum())[:8] or "OBJ"
-
-
-def batch_kind_name(ds: Dataset) -> str:
-    """Kind part of a result object's file name in the batch output tree
-    (``<sop>_<kind><n>.dcm``): ``sr``, ``sc``, ``pm``, else ``obj``."""
-    kind = kind_of(ds)
-    return kind.value if kind in (OutputKind.SR, OutputKind.SC, OutputKind.PM) else OutputKind.OTHER.value
-
+# --- names on disk: the listener's result folder, the batch output tree, downloads ----------
 
 #: File name of an image's FHIR bundle in :meth:`ImageOutputs.save`.
 FHIR_BUNDLE_FILE = "fhir-bundle.json"
+#: Name pattern of the FHIR bundles in a listener result folder.
+LISTENER_FHIR_GLOB = "fhir-*.json"
+_BATCH_KIND = {OutputKind.SR: "sr", OutputKind.SC: "sc", OutputKind.PM: "pm", OutputKind.SEG: "obj"}
+
+
+def listener_name(kind: OutputKind, object_key: str) -> str:
+    """A result object's file name in the listener's result folder: ``SR-<key>.dcm``,
+    ``SC-``, ``PM-``, ``SEG-`` (``object_key``: the spool's key of its SOP Instance UID)."""
+    return f"{kind.name}-{object_key}.dcm"
+
+
+def listener_glob(kind: OutputKind) -> str:
+    """The name pattern of ``kind``'s objects in a listener result folder (``PM-*.dcm``)."""
+    return listener_name(kind, "*")
+
+
+def listener_kind(name: str) -> OutputKind | None:
+    """The kind of a file in a listener result folder, from its name (``None``: not a DICOM
+    result object, e.g. a FHIR bundle, ``summary.json`` or a rejection note)."""
+    prefix, dash, _ = name.partition("-")
+    if not dash or not name.endswith(".dcm"):
+        return None
+    return next((kind for kind in OutputKind if kind.name == prefix), None)
+
+
+def listener_fhir_name(instance_key: str) -> str:
+    """The FHIR bundle's file name in the listener's result folder (``instance_key``: the
+    spool's key of the source instance)."""
+    return f"fhir-{instance_key}.json"
+
+
+def batch_name(source_key: str, kind: OutputKind, n: int) -> str:
+    """A result object's file name in the batch output tree: ``<source>_<kind><n>.dcm``
+    (``sr``, ``sc``, ``pm``; a Segmentation is ``obj``), ``n`` counting from 1 per kind."""
+    return f"{source_key}_{_BATCH_KIND[kind]}{n}.dcm"
+
+
+def batch_fhir_name(source_key: str) -> str:
+    """The FHIR bundle's file name in the batch output tree."""
+    return f"{source_key}_fhir.json"
+
+
+def download_name(stem: str, kind: OutputKind, n: int) -> str:
+    """A result object's download name (second opinion): ``<stem>-SR-1.dcm``, ``<stem>-PM-2.dcm``."""
+    return f"{stem}-{kind.name}-{n}.dcm"
+
+
+def download_fhir_name(stem: str) -> str:
+    """The FHIR bundle's download name (second opinion)."""
+    return f"{stem}-{FHIR_BUNDLE_FILE}"
 
 
 MSG_NO_MODEL = (
@@ -100,18 +159,68 @@ MSG_HEATMAPS_FOR = "[outputs] heatmaps_for = {value!r} is not known; choose \"po
 
 @dataclass
 class ImageOutputs:
-    """The result objects for one accepted image (see :func:`outputs_for`)."""
+    """The result objects of one image, typed by kind (see :func:`outputs_for`).
 
-    sr: hd.sr.Comprehensive3DSR | None
+    Empty for an image without results (rejected, failed, no findings). The pipeline builds
+    them in two steps (the SR and FHIR bundle, then the heatmap objects) and joins them with
+    :meth:`merged`.
+    """
+
+    sr: hd.sr.Comprehensive3DSR | None = None
     heatmap_scs: list[hd.sc.SCImage] = field(default_factory=list)
     parametric_maps: list[hd.pm.ParametricMap] = field(default_factory=list)
     segmentations: list[hd.seg.Segmentation] = field(default_factory=list)
     fhir_bundle: Bundle | None = None
+    _fhir_json: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def objects(self) -> list[tuple[OutputKind, Dataset]]:
+        """Every DICOM object with its kind, in the order they are written and sent: SR first,
+        then the heatmap SCs, the Parametric Maps and the Segmentations."""
+        objects: list[tuple[OutputKind, Dataset]] = [(OutputKind.SR, self.sr)] if self.sr is not None else []
+        objects += [(OutputKind.SC, ds) for ds in self.heatmap_scs]
+        objects += [(OutputKind.PM, ds) for ds in self.parametric_maps]
+        objects += [(OutputKind.SEG, ds) for ds in self.segmentations]
+        return objects
+
+    def numbered(self) -> list[tuple[OutputKind, int, Dataset]]:
+        """:meth:`objects` with each object's number within its kind (from 1), for file names."""
+        counts: Counter[OutputKind] = Counter()
+        out = []
+        for kind, ds in self.objects():
+            counts[kind] += 1
+            out.append((kind, counts[kind], ds))
+        return out
 
     def dicom(self) -> list[Dataset]:
         """Every DICOM object, SR first."""
-        objects: list[Dataset] = [self.sr] if self.sr is not None else []
-        return objects + list(self.heatmap_scs) + list(self.parametric_maps) + list(self.segmentations)
+        return [ds for _, ds in self.objects()]
+
+    def fhir_json(self) -> dict[str, Any] | None:
+        """The FHIR bundle as JSON data (``None`` when none was built), made once."""
+        if self.fhir_bundle is None:
+            return None
+        if self._fhir_json is None:
+            self._fhir_json = self.fhir_bundle.model_dump(mode="json", exclude_none=True)
+        return self._fhir_json
+
+    @property
+    def empty(self) -> bool:
+        """No DICOM object and no FHIR bundle."""
+        return self.fhir_bundle is None and not self.objects()
+
+    def merged(self, later: ImageOutputs) -> ImageOutputs:
+        """These objects followed by ``later``'s (a new value; neither is changed): an SR or
+        FHIR bundle in ``later`` replaces this one's, the lists are joined. Building the result
+        parts and then the heatmap parts and merging gives what one build gives."""
+        joined = ImageOutputs(
+            sr=later.sr if later.sr is not None else self.sr,
+            heatmap_scs=self.heatmap_scs + later.heatmap_scs,
+            parametric_maps=self.parametric_maps + later.parametric_maps,
+            segmentations=self.segmentations + later.segmentations,
+            fhir_bundle=later.fhir_bundle if later.fhir_bundle is not None else self.fhir_bundle,
+        )
+        joined._fhir_json = later._fhir_json if later.fhir_bundle is not None else self._fhir_json
+        return joined
 
     def save(self, directory: str | os.PathLike) -> list[Path]:
         """Write each DICOM object as ``<SOPInstanceUID>.dcm`` (and ``fhir-bundle.json``)."""
@@ -185,7 +294,7 @@ def outputs_for(
     unknown = set(include) - set(OUTPUT_PARTS)
     if unknown:
         raise ValueError(MSG_UNKNOWN_PARTS.format(parts=sorted(unknown), known=OUTPUT_PARTS))
-    outputs = ImageOutputs(sr=None)
+    outputs = ImageOutputs()
     if out_cfg["sr"] and "sr" in include:
         outputs.sr = build_sr(
             source_ds, model, findings,

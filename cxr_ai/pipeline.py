@@ -15,19 +15,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from cxr_ai.contract import InstanceStatus
+from cxr_ai.contract import EngineLike, InstanceStatus, ResultsCallback
 from cxr_ai.dicom.gate import GateDecision, GateReason, GateRules, check_applicability
 from cxr_ai.dicom.reader import Radiograph, Source, sanitized_for_outputs
 from cxr_ai.errors import ReadError
 from cxr_ai.imaging import PixelPipelineSpec, Preprocessed, display_array, letterbox
-from cxr_ai.results import HEATMAP_PARTS, OUTPUT_PARTS, RESULT_PARTS, ImageResult
+from cxr_ai.outputs import ImageOutputs, outputs_for
+from cxr_ai.results import HEATMAP_PARTS, OUTPUT_PARTS, RESULT_PARTS, ImageResult, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ MSG_BLANK = (
 
 @dataclass
 class InstanceOutcome:
-    """What happened to one instance, and what to send where."""
+    """What happened to one instance, and what to send where (:attr:`outputs`, typed by kind)."""
 
     source: str
     sop_instance_uid: str
@@ -56,8 +57,7 @@ class InstanceOutcome:
     message: str
     result: ImageResult | None = None
     radiograph: Radiograph | None = field(default=None, repr=False)
-    datasets: list[Dataset] = field(default_factory=list, repr=False)
-    fhir_bundle: dict[str, Any] | None = field(default=None, repr=False)
+    outputs: ImageOutputs = field(default_factory=ImageOutputs, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
     #: The model's maps of this image in model-input geometry, (F, S, S) float32 in [0, 1],
     #: kept by :meth:`Pipeline.infer` with ``source_maps=False`` until :meth:`Pipeline.add_heatmaps`.
@@ -71,6 +71,16 @@ class InstanceOutcome:
     def processed(self) -> bool:
         return self.status is InstanceStatus.PROCESSED
 
+    @property
+    def datasets(self) -> list[Dataset]:
+        """Every DICOM result object, SR first (read-only; :attr:`outputs` has them by kind)."""
+        return self.outputs.dicom()
+
+    @property
+    def fhir_bundle(self) -> dict[str, Any] | None:
+        """The FHIR bundle as JSON data, ``None`` when none was built (read-only)."""
+        return self.outputs.fhir_json()
+
 
 class Pipeline:
     """Gate, pixel pipeline, models and writers, with the model loaded once.
@@ -80,13 +90,13 @@ class Pipeline:
     config
         A loaded configuration (:func:`cxr_ai.config.load_config`); embedded defaults if None.
     engine
-        An :class:`cxr_ai.models.engine.InferenceEngine`; by default the ``[models]`` bundle
+        An :class:`cxr_ai.models.engine.InferenceEngine` (:class:`cxr_ai.contract.EngineLike`); by default the ``[models]`` bundle
         (the bundled demo model unless configured), loaded once here.
     explain
         Compute Grad-CAM heatmaps (needed for the heatmap SC and the Parametric Map).
     """
 
-    def __init__(self, *, config: Mapping[str, Any] | None = None, engine: Any | None = None,
+    def __init__(self, *, config: Mapping[str, Any] | None = None, engine: EngineLike | None = None,
                  explain: bool = True) -> None:
         from cxr_ai.config import default_config
 
@@ -98,11 +108,11 @@ class Pipeline:
             from cxr_ai.models.engine import load_default_engine
 
             engine = load_default_engine(self.config)
-        self.engine = engine
+        self.engine: EngineLike = engine
         self.explain = explain
 
     @property
-    def model_info(self):  # noqa: ANN201 - ModelInfo
+    def model_info(self) -> ModelInfo:
         return self.engine.model_info
 
     def process_instance(self, source: Source) -> InstanceOutcome:
@@ -110,14 +120,14 @@ class Pipeline:
         return self.process_study([source])[0]
 
     def process_study(self, sources: Sequence[Source], *,
-                      on_results: Callable[[list[InstanceOutcome]], None] | None = None) -> list[InstanceOutcome]:
+                      on_results: ResultsCallback | None = None) -> list[InstanceOutcome]:
         """Process the instances of a study; accepted images go through the model as one batch.
 
         With ``on_results``, the findings go out first: the model runs without heatmaps, the
         SR and FHIR objects are built, and ``on_results`` gets the outcomes (their
-        ``datasets`` hold the SRs) so that the caller can send them; then the maps the same
-        forward kept are mapped to the source geometry and the heatmap SC / Parametric Map
-        objects are appended to the same outcomes. The objects are identical either way;
+        ``outputs`` hold the SRs and FHIR bundles) so that the caller can send them; then the
+        maps the same forward kept are mapped to the source geometry and the heatmap SC /
+        Parametric Map objects are merged into the same outcomes' ``outputs``. The objects are identical either way;
         only their order in time differs.
         """
         prepared = [self.prepare(source) for source in sources]
@@ -251,11 +261,9 @@ class Pipeline:
         """Stage 3: the SR, heatmap SC, Parametric Map and FHIR objects of an inferred instance.
 
         ``parts`` selects a subset (see :data:`cxr_ai.results.OUTPUT_PARTS`); the objects are
-        appended to ``outcome.datasets`` (SR first) and the FHIR bundle set, so that calling
-        it with the result parts and then the heatmap parts gives what one call gives.
+        merged into ``outcome.outputs`` (:meth:`ImageOutputs.merged`), so that calling it with
+        the result parts and then the heatmap parts gives what one call gives.
         """
-        from cxr_ai.outputs import outputs_for
-
         t0 = time.perf_counter()
         rg = outcome.radiograph
         assert outcome.result is not None and rg is not None
@@ -283,6 +291,4 @@ class Pipeline:
         outcome.status, outcome.reason = InstanceStatus.PROCESSED, ""
         outcome.message = f"{outcome.source}: processed"
         if objects is not None:
-            outcome.datasets = outcome.datasets + objects.dicom()
-            if objects.fhir_bundle is not None:
-                outcome.fhir_bundle = objects.fhir_bundle.model_dump(mode="json", exclude_none=True)
+            outcome.outputs = outcome.outputs.merged(objects)

@@ -42,6 +42,7 @@ from pydicom.dataset import Dataset
 from cxr_ai import __version__
 from cxr_ai.dicom import codes
 from cxr_ai.dicom.uids import rejection_note_uids
+from cxr_ai.outputs import LISTENER_FHIR_GLOB, OutputKind, listener_glob, stored_kind
 from cxr_ai.service.routing import DeliveryError, Destination, DicomDestination, FhirDestination, StowDestination
 from cxr_ai.store.jobs import JobStore, StudyRecord
 from cxr_ai.store.spool import Spool
@@ -50,11 +51,8 @@ logger = logging.getLogger(__name__)
 
 #: Series number of the rejection notes (beside the SR 990, SC 991, PM 992 series).
 KOS_SERIES_NUMBER = 993
-RESULT_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.88.34": "SR",   # Comprehensive 3D SR
-    "1.2.840.10008.5.1.4.1.1.7": "SC",       # Secondary Capture Image
-    "1.2.840.10008.5.1.4.1.1.30": "PM",      # Parametric Map
-}
+#: The kinds of result object a rejection note references.
+RETRACTED_KINDS = frozenset({OutputKind.SR, OutputKind.SC, OutputKind.PM})
 #: FHIR resources cxr-ai creates per result that carry a result identity (the Device is shared).
 FHIR_RETRACTED_TYPES = ("Observation", "DiagnosticReport")
 ENTERED_IN_ERROR = "entered-in-error"
@@ -91,17 +89,17 @@ def result_objects(spool: Spool, job_id: str) -> list[Dataset]:
     folder = spool.results / job_id
     if not folder.is_dir():
         raise FileNotFoundError(MSG_NO_RESULTS.format(job=job_id, folder=folder))
-    out = []
+    out: list[Dataset] = []
     for path in sorted(folder.glob("*.dcm")):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if str(ds.get("SOPClassUID", "")) in RESULT_SOP_CLASSES:
+        if stored_kind(ds) in RETRACTED_KINDS:
             out.append(ds)
     return out
 
 
 def fhir_bundles(spool: Spool, job_id: str) -> list[dict[str, Any]]:
     folder = spool.results / job_id
-    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("fhir-*.json"))]
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob(LISTENER_FHIR_GLOB))]
 
 
 def build_rejection_note(objects: Sequence[Dataset], *, description: str = "") -> Dataset:
@@ -190,7 +188,7 @@ def find_studies(store: JobStore, *, study_uid: str | None = None, job_id: str |
         if spool is not None:  # results whose study left the worklist: the SRs name the accession
             for study in store.studies():
                 folder = spool.results / study.job_id
-                for path in sorted(folder.glob("SR-*.dcm")) if folder.is_dir() else []:
+                for path in sorted(folder.glob(listener_glob(OutputKind.SR))) if folder.is_dir() else []:
                     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["AccessionNumber"])
                     if str(ds.get("AccessionNumber", "")) == accession:
                         uids.add(study.study_uid)

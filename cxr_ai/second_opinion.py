@@ -36,14 +36,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxr_ai.dicom.gate import GateDecision, GateReason
 from cxr_ai.dicom.heatmap import overlay_rgb
 from cxr_ai.dicom.reader import read_radiograph
 from cxr_ai.errors import ReadError
 from cxr_ai.imaging import display_array, preprocess
-from cxr_ai.outputs import listener_prefix
+from cxr_ai.outputs import download_fhir_name, download_name
 from cxr_ai.pipeline import BROKEN_INPUT_REASONS, InstanceOutcome, InstanceStatus, Pipeline
 from cxr_ai.results import ImageResult
 
@@ -212,17 +212,15 @@ def _dicom(data: bytes, name: str, *, pipeline: Pipeline, settings: SecondOpinio
         return answer
     _fill_result(answer, outcome, pipeline=pipeline, settings=settings)
     stem = name.rsplit(".", 1)[0] or "upload"
-    per_kind: dict[str, int] = {}
-    for ds in outcome.datasets:
-        kind = listener_prefix(ds)
-        per_kind[kind] = per_kind.get(kind, 0) + 1
+    for kind, n, ds in outcome.outputs.numbered():
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
-        answer.downloads[f"{stem}-{kind}-{per_kind[kind]}.dcm"] = buf.getvalue()
-    if outcome.fhir_bundle is not None:
+        answer.downloads[download_name(stem, kind, n)] = buf.getvalue()
+    bundle = outcome.outputs.fhir_json()
+    if bundle is not None:
         import json
 
-        answer.downloads[f"{stem}-fhir-bundle.json"] = json.dumps(outcome.fhir_bundle, indent=1).encode()
+        answer.downloads[download_fhir_name(stem)] = json.dumps(bundle, indent=1).encode()
     answer.timings["total_s"] = time.perf_counter() - t0
     return answer
 
@@ -387,7 +385,7 @@ def image_dataset(pixels: np.ndarray) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture: what an exported image is
+    ds.SOPClassUID = SecondaryCaptureImageStorage  # what an exported image is
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()

@@ -34,13 +34,8 @@ def test_the_real_pipeline_class_implements_the_contract() -> None:
     assert issubclass(Pipeline, PipelineLike)
 
 
-class _EarlyPipeline:
+class _Pipeline:
     def process_study(self, sources, *, on_results=None):  # noqa: ANN001, ANN201
-        return []
-
-
-class _PlainPipeline:
-    def process_study(self, sources):  # noqa: ANN001, ANN201
         return []
 
 
@@ -49,9 +44,9 @@ class _NotAPipeline:
         return []
 
 
-def test_check_pipeline_says_whether_results_come_early() -> None:
-    assert check_pipeline(_EarlyPipeline()) is True
-    assert check_pipeline(_PlainPipeline()) is False
+def test_check_pipeline_returns_the_pipeline_typed() -> None:
+    pipeline = _Pipeline()
+    assert check_pipeline(pipeline) is pipeline
 
 
 def test_a_class_without_process_study_is_refused_at_start_with_the_setting_named() -> None:

@@ -30,10 +30,10 @@ class RecordedPipeline(FixedFindingsPipeline):
     """The fixed-findings pipeline with the radiograph on each outcome, as the real pipeline
     hands it over (the worklist and prediction log are filled from it)."""
 
-    def process_study(self, paths):
+    def process_study(self, paths, *, on_results=None):
         from cxr_ai.dicom.gate import check_applicability
 
-        outcomes = super().process_study(paths)
+        outcomes = super().process_study(paths, on_results=on_results)
         for path, outcome in zip(paths, outcomes):
             outcome.radiograph = check_applicability(path)[1]
         return outcomes

@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 from cxr_ai.config import config_to_toml, load_config, load_settings
 from cxr_ai.dicom.gate import check_applicability
 from cxr_ai.errors import ConfigError
+from cxr_ai.outputs import ImageOutputs
 from cxr_ai.service.routing import MSG_MISSING_KEY, MSG_UNKNOWN_KIND
 from cxr_ai.net.scp import ListenerSettings, StorageSCP
 from cxr_ai.net.scu import SCU_HANDLERS, Peer, send_files
@@ -46,8 +47,7 @@ class StubOutcome:
     status: str
     reason: str
     result: Any = None
-    datasets: list = field(default_factory=list)
-    fhir_bundle: dict | None = None
+    outputs: ImageOutputs = field(default_factory=ImageOutputs)
 
 
 class StubPipeline:
@@ -60,7 +60,7 @@ class StubPipeline:
     def __init__(self, *, config: dict | None = None) -> None:
         self.config = config
 
-    def process_study(self, paths):
+    def process_study(self, paths, *, on_results=None):  # everything at once: on_results is not needed
         gate_file = os.environ.get("CXR_AI_TEST_SLOW_FILE")
         while gate_file and Path(gate_file).exists():
             time.sleep(0.05)
@@ -77,7 +77,7 @@ class StubPipeline:
                 # RG1's ReferringPhysicianName "ward" has one component; highdicom warns on copy
                 warnings.simplefilter("ignore", UserWarning)
                 sc = self._derived(rg)
-            out.append(StubOutcome(rg.sop_instance_uid, "processed", "", datasets=[sc]))
+            out.append(StubOutcome(rg.sop_instance_uid, "processed", "", outputs=ImageOutputs(heatmap_scs=[sc])))
         return out
 
     @staticmethod
@@ -98,7 +98,7 @@ class PhasedStubPipeline(StubPipeline):
     ``CXR_AI_TEST_SLOW_FILE`` exists, it holds *after* the first results were handed over.
     """
 
-    def process_study(self, paths, on_results=None):
+    def process_study(self, paths, *, on_results=None):
         out = []
         for p in paths:
             decision, rg = check_applicability(p)
@@ -106,7 +106,8 @@ class PhasedStubPipeline(StubPipeline):
                 out.append(StubOutcome(rg.sop_instance_uid if rg else "", "not_applicable" if rg else "failed",
                                        decision.reason.value))
                 continue
-            out.append(StubOutcome(rg.sop_instance_uid, "processed", "", datasets=[self._numbered(rg, 1)]))
+            out.append(StubOutcome(rg.sop_instance_uid, "processed", "",
+                                   outputs=ImageOutputs(heatmap_scs=[self._numbered(rg, 1)])))
         if on_results is not None:
             on_results(out)
         gate_file = os.environ.get("CXR_AI_TEST_SLOW_FILE")
@@ -114,7 +115,8 @@ class PhasedStubPipeline(StubPipeline):
             time.sleep(0.05)
         for o, p in zip(out, paths):
             if o.status == "processed":
-                o.datasets = o.datasets + [self._numbered(check_applicability(p)[1], 2)]
+                second = ImageOutputs(heatmap_scs=[self._numbered(check_applicability(p)[1], 2)])
+                o.outputs = o.outputs.merged(second)
         return out
 
     @staticmethod

@@ -49,7 +49,7 @@ class FixedFindingsPipeline:
     def __init__(self, *, config=None) -> None:
         self.config = config
 
-    def process_study(self, paths):
+    def process_study(self, paths, *, on_results=None):  # everything at once: on_results is not needed
         from cxr_ai.outputs import outputs_for
         from cxr_ai.imaging import display_array
         from cxr_ai.pipeline import InstanceOutcome, InstanceStatus
@@ -71,8 +71,7 @@ class FixedFindingsPipeline:
             display, _ = display_array(rg.dataset, rg.pixels())
             objects = outputs_for(result, rg.dataset, display_image=display, config=self.config)
             outcome = InstanceOutcome(str(p), rg.sop_instance_uid, rg.study_instance_uid, InstanceStatus.PROCESSED,
-                                      "", "processed", result=result, datasets=objects.dicom())
-            outcome.fhir_bundle = objects.fhir_bundle.model_dump(mode="json", exclude_none=True)
+                                      "", "processed", result=result, outputs=objects)
             out.append(outcome)
         return out
 

@@ -159,9 +159,11 @@ def _light_outcome(outcome: Any) -> Any:
     """A copy of ``outcome`` for the driver: the radiograph's metadata without its data set."""
     from pydicom.dataset import Dataset
 
+    from cxr_ai.outputs import ImageOutputs
+
     rg = outcome.radiograph
     light_rg = dataclasses.replace(rg, dataset=Dataset(), _pixels=None) if rg is not None else None
-    return dataclasses.replace(outcome, radiograph=light_rg, datasets=[], fhir_bundle=None,
+    return dataclasses.replace(outcome, radiograph=light_rg, outputs=ImageOutputs(),
                                timings=dict(outcome.timings), saliency=None, sc_display=None)
 
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cxr_ai.batch.inputs import WorkItem
 from cxr_ai.batch.state import STUDIES_DIR, TMP_PREFIX
 from cxr_ai.batch.table import DEFAULT_FINDINGS, outcome_row
 from cxr_ai.contract import StagedPipeline
-from cxr_ai.outputs import batch_kind_name
+from cxr_ai.outputs import ImageOutputs, batch_fhir_name, batch_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cxr_ai.imaging import Preprocessed
+    from cxr_ai.pipeline import InstanceOutcome
 
 
 @dataclass
@@ -29,8 +32,8 @@ class Prepared:
     """
 
     item: WorkItem
-    outcome: Any  # cxr_ai.pipeline.InstanceOutcome
-    pre: Any = None  # cxr_ai.imaging.Preprocessed
+    outcome: InstanceOutcome
+    pre: Preprocessed | None = None
     ticket: int = -1
 
 
@@ -71,33 +74,33 @@ def infer(pipeline: StagedPipeline, batch: Sequence[Prepared], *, explain: bool 
         p.pre = None  # free the tensor
 
 
-def write_outputs(outcome: Any, out_dir: Path, *, variant: str = "") -> list[str]:
-    """Write the instance's result objects under deterministic names; return them (relative).
+def write_outputs(outcome: InstanceOutcome, out_dir: Path, *, variant: str = "") -> list[str]:
+    """Write the instance's result objects under deterministic names (:func:`cxr_ai.outputs.batch_name`);
+    return them (relative).
 
     Temporary names first, fsync, then rename: a kill leaves either nothing or complete files
     under the final names, which a re-run overwrites.
     """
     from cxr_ai.store.spool import fsync_dir, fsync_file, safe_key
 
-    if not outcome.datasets and outcome.fhir_bundle is None:
+    outputs = outcome.outputs
+    if outputs.empty:
         return []
     study_dir = out_dir / STUDIES_DIR / safe_key(outcome.study_instance_uid or "unknown")
     study_dir.mkdir(parents=True, exist_ok=True)
     sop = safe_key(outcome.sop_instance_uid) + (f"-{variant}" if variant else "")  # a reused UID: own names
     staged: list[tuple[Path, Path]] = []
-    counts: Counter[str] = Counter()
-    for ds in outcome.datasets:
-        kind = batch_kind_name(ds)
-        counts[kind] += 1
-        final = study_dir / f"{sop}_{kind}{counts[kind]}.dcm"
+    for kind, n, ds in outputs.numbered():
+        final = study_dir / batch_name(sop, kind, n)
         tmp = study_dir / f"{TMP_PREFIX}{final.name}"
         ds.save_as(tmp, enforce_file_format=True)
         fsync_file(tmp)
         staged.append((tmp, final))
-    if outcome.fhir_bundle is not None:
-        final = study_dir / f"{sop}_fhir.json"
+    bundle = outputs.fhir_json()
+    if bundle is not None:
+        final = study_dir / batch_fhir_name(sop)
         tmp = study_dir / f"{TMP_PREFIX}{final.name}"
-        tmp.write_text(json.dumps(outcome.fhir_bundle, sort_keys=True), encoding="utf-8")
+        tmp.write_text(json.dumps(bundle, sort_keys=True), encoding="utf-8")
         fsync_file(tmp)
         staged.append((tmp, final))
     for tmp, final in staged:
@@ -130,12 +133,12 @@ def finish(pipeline: StagedPipeline, prepared: Prepared, *, out_dir: Path, pkey:
     row = outcome_row(outcome, model=pipeline.model_info, key=pkey,
                       finding_keys=pipeline_finding_keys(pipeline), n_outputs=len(outputs))
     outcome.radiograph = outcome.sc_display = None  # free the pixels
-    outcome.datasets = []
+    outcome.outputs = ImageOutputs()  # free the objects
     return Finished(prepared.item.key, row, outputs)
 
 
 def pipeline_finding_keys(pipeline: StagedPipeline) -> list[str]:
-    keys = list(getattr(pipeline.engine, "finding_keys", []) or [])
+    keys = list(pipeline.engine.finding_keys or [])
     return keys + [k for k in DEFAULT_FINDINGS if k not in keys]
 
 

@@ -61,10 +61,10 @@ def report_identifier(outcome: Any) -> str:
     """The identifier of the instance's AI report: the SR's SOP Instance UID, which is also the
     FHIR DiagnosticReport identifier (:mod:`cxr_ai.fhir`); taken from the FHIR bundle when no
     SR was built; ``""`` when no report was made (rejected, failed, ``--no-outputs``)."""
-    sr = next((ds for ds in getattr(outcome, "datasets", None) or [] if str(ds.get("Modality", "")) == "SR"), None)
-    if sr is not None:
-        return str(sr.SOPInstanceUID)
-    bundle = getattr(outcome, "fhir_bundle", None) or {}
+    outputs = outcome.outputs
+    if outputs.sr is not None:
+        return str(outputs.sr.SOPInstanceUID)
+    bundle = outputs.fhir_json() or {}
     for entry in bundle.get("entry", []):
         resource = entry.get("resource", {})
         if resource.get("resourceType") == "DiagnosticReport":

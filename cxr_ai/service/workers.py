@@ -2,7 +2,7 @@
 
 :class:`WorkerPool` threads claim ready studies, run the pipeline (the findings first, handed
 over through ``on_results`` and queued at once; the heatmap objects after), write the result
-files into the spool, and queue one delivery per destination in the transaction that settles
+files into the spool (each kind named by :mod:`cxr_ai.outputs`), and queue one delivery per destination in the transaction that settles
 the study. :class:`ResultRecorder` keeps the secondary records: the prediction log and the
 triage worklist. Wired together by :class:`cxr_ai.service.Service`.
 """
@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ from cxr_ai.store.jobs import (
     ReasonCode,
     StudyState,
 )
-from cxr_ai.outputs import OutputKind, kind_of, listener_prefix
+from cxr_ai.outputs import listener_fhir_name, listener_name
 from cxr_ai.store.spool import Spool, safe_key
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class ResultRecorder:
                 study_uid = study_uid or rg.study_instance_uid
                 accession = accession or rg.accession_number
                 findings.extend(result.findings)
-                sr = next((ds for ds in o.datasets or [] if kind_of(ds) is OutputKind.SR), None)
+                sr = o.outputs.sr
                 report_uid = report_uid or (str(sr.SOPInstanceUID) if sr is not None else "")
         if not study_uid:
             return
@@ -176,7 +176,6 @@ class WorkerPool:
         self._inflight: dict[int, list[str]] = {}
         self._lock = threading.Lock()
         self._pipelines: dict[int, PipelineLike] = {}
-        self._early: dict[int, bool] = {}  # id(pipeline) -> whether it takes on_results
         self.errors: list[str] = []
         self.recorder = ResultRecorder(config, settings)
 
@@ -208,9 +207,9 @@ class WorkerPool:
     def _pipeline(self) -> PipelineLike:
         ident = threading.get_ident()
         if ident not in self._pipelines:
-            pipeline = self.factory(config=self.config)
-            self._early[id(pipeline)] = check_pipeline(pipeline, what=f"[workers] pipeline ({type(pipeline).__module__}:{type(pipeline).__qualname__})")
-            self._pipelines[ident] = pipeline
+            built = self.factory(config=self.config)
+            what = f"[workers] pipeline ({type(built).__module__}:{type(built).__qualname__})"
+            self._pipelines[ident] = check_pipeline(built, what=what)
         return self._pipelines[ident]
 
     def _build_pipeline(self) -> PipelineLike | None:
@@ -281,9 +280,10 @@ class WorkerPool:
     def process(self, pipeline: PipelineLike, claims: Sequence[ClaimedStudy]) -> None:
         """Run the pipeline over the claimed studies (one batch) and record the outcomes.
 
-        A pipeline that takes ``on_results`` (the default one) hands over each image's SR and
-        FHIR objects as soon as they are built; they are written and queued for delivery at
-        once, while the heatmap objects are still being computed (they follow with the rest).
+        The pipeline hands over each image's SR and FHIR objects through ``on_results`` as
+        soon as they are built (the default one does; see :class:`cxr_ai.contract.PipelineLike`);
+        they are written and queued for delivery at once, while the heatmap objects are still
+        being computed (they follow with the rest).
         """
         now = time.time()
         for c in claims:
@@ -297,12 +297,7 @@ class WorkerPool:
 
         t0 = time.perf_counter()
         try:
-            if not paths:
-                outcomes = []
-            elif self._early.get(id(pipeline), False):
-                outcomes = list(pipeline.process_study(paths, on_results=on_results))
-            else:
-                outcomes = list(pipeline.process_study(paths))
+            outcomes = list(pipeline.process_study(paths, on_results=on_results)) if paths else []
         except Exception as exc:  # broad on purpose: a pipeline bug must not stop the worker
             if len(claims) > 1:
                 logger.warning("batch of %d studies failed (%s); retrying them one by one",
@@ -325,16 +320,17 @@ class WorkerPool:
             self._finish_study(c, pairs, skip=early.get(c.study.job_id, set()))
         self.router.wake()
 
-    def _result_files(self, job: str, inst_key: str, outcome: OutcomeLike, skip: set[str]) -> list[Path]:
-        """Write an outcome's result objects into the job's result folder (names not in ``skip``)."""
+    def _result_files(self, job: str, inst_key: str, outcome: OutcomeLike, skip: Collection[str]) -> list[Path]:
+        """Write an outcome's result objects into the job's result folder (names not in ``skip``),
+        in the order they are sent: SR first, then the heatmap objects, then the FHIR bundle."""
         files: list[Path] = []
-        for ds in outcome.datasets or []:
-            name = f"{listener_prefix(ds)}-{safe_key(str(ds.SOPInstanceUID))}.dcm"
+        for kind, ds in outcome.outputs.objects():
+            name = listener_name(kind, safe_key(str(ds.SOPInstanceUID)))
             if name not in skip:
                 files.append(self.spool.write_result(job, name, _dataset_bytes(ds)))
-        bundle = outcome.fhir_bundle
-        name = f"fhir-{inst_key}.json"
-        if bundle and name not in skip:
+        name = listener_fhir_name(inst_key)
+        bundle = outcome.outputs.fhir_json() if name not in skip else None
+        if bundle:
             files.append(self.spool.write_result(job, name, json.dumps(bundle, indent=1).encode("utf-8")))
         return files
 
@@ -367,7 +363,7 @@ class WorkerPool:
         except Exception:  # broad on purpose: e.g. spool full; everything goes out with the rest
             logger.exception("first results could not be queued early; they go with the study's other results")
 
-    def _finish_study(self, claim: ClaimedStudy, pairs: list[tuple[Any, OutcomeLike | None]], *, skip: set[str] = frozenset()) -> None:
+    def _finish_study(self, claim: ClaimedStudy, pairs: list[tuple[Any, OutcomeLike | None]], *, skip: Collection[str] = frozenset()) -> None:
         job = claim.study.job_id
         files: list[Path] = []
         results: list[InstanceResult] = []

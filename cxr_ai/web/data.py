@@ -233,7 +233,10 @@ def study_view(*, job_id: str, store: JobStore, worklist: Worklist, results_dir:
                    "n_objects": len(d.items), "last_error": d.last_error,
                    "sent_at": dt.datetime.fromtimestamp(d.sent_at).strftime("%Y-%m-%d %H:%M:%S") if d.sent_at else ""}
                   for d in store.deliveries(study_key=study.study_key)]
-    heatmaps = sorted({f["key"] for f in findings}) if any(r["name"].startswith("PM-") for r in results) else []
+    from cxr_ai.outputs import OutputKind, listener_kind  # the result folder's names
+
+    has_maps = any(listener_kind(str(r["name"])) is OutputKind.PM for r in results)
+    heatmaps = sorted({f["key"] for f in findings}) if has_maps else []
     return StudyView(job_id=job_id, study_uid=study.study_uid, state=study.state.value, reason=study.reason,
                      ranked=ranked, instances=instances, findings=findings, model=model,
                      not_for_clinical_use=nfcu, intended_use=intended, results=results, deliveries=deliveries,
