@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,10 +96,9 @@ def render_chest(params: ChestParams, rows: int, cols: int,
     return _finish(d, params, rows, cols, rng)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Frontal:
-    """What the parts of a frontal chest share: the grid, the key levels and the shapes drawn
-    so far (each part fills in its own; the density ``d`` is added to in place)."""
+    """The grid and key levels the parts of a frontal chest are drawn on (:func:`_frontal_frame`)."""
 
     p: ChestParams
     rows: int
@@ -108,75 +107,69 @@ class _Frontal:
     ys: np.ndarray
     X: np.ndarray
     Y: np.ndarray
-    e: float          # edge softness
+    e: float                # edge softness
     ap: bool
-    wt: float         # thorax half-width
-    ax: np.ndarray    # |X|
-    left: np.ndarray  # image right = patient's left
+    wt: float               # thorax half-width
+    ax: np.ndarray          # |X|
+    left: np.ndarray        # image right = patient's left
     leftf: np.ndarray
     bone: float
-    # key levels
-    y_apex: float = 0.0
-    y_dome_r: float = 0.0
-    y_dome_l: float = 0.0
-    a_dome: float = 0.0
-    k_dome: float = 0.0
-    dome_top: np.ndarray = field(default=None)  # type: ignore[assignment]
-    dome: np.ndarray = field(default=None)  # type: ignore[assignment]
-    y_low: float = 0.0
-    t: np.ndarray = field(default=None)  # type: ignore[assignment]
-    # shapes
-    d: np.ndarray = field(default=None)  # type: ignore[assignment]
-    body: np.ndarray = field(default=None)  # type: ignore[assignment]
-    hx: float = 0.0
-    in_med: np.ndarray = field(default=None)  # type: ignore[assignment]
-    heart: np.ndarray = field(default=None)  # type: ignore[assignment]
-    heart_w: np.ndarray = field(default=None)  # type: ignore[assignment]
-    lat: np.ndarray = field(default=None)  # type: ignore[assignment]
-    a_apex: float = 0.0
-    lung: np.ndarray = field(default=None)  # type: ignore[assignment]
-    above_dia: np.ndarray = field(default=None)  # type: ignore[assignment]
-    solid: np.ndarray = field(default=None)  # type: ignore[assignment]
-    below: np.ndarray = field(default=None)  # type: ignore[assignment]
+    y_apex: float           # lung apex
+    y_dome_r: float         # diaphragm domes, right and left
+    y_dome_l: float
+    a_dome: float
+    k_dome: float
+    dome_top: np.ndarray
+    dome: np.ndarray        # the diaphragm, per column
+    y_low: float            # below every part of the lungs
+    t: np.ndarray           # 0 at the apex to 1 at the costophrenic level
+    lat: np.ndarray         # the lungs' lateral margin, per row
+    a_apex: float
+    above_dia: np.ndarray   # above the diaphragm
 
 
 def _frontal_anatomy(p: ChestParams, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """A PA or AP chest, part by part (the order is the order of the random draws)."""
-    xs, ys = _axes(rows, cols, p)
-    X = xs[None, :]
-    left = X > 0
-    f = _Frontal(p=p, rows=rows, cols=cols, xs=xs, ys=ys, X=X, Y=ys[:, None],
-                 e=4.0 / min(rows, cols) + 0.004, ap=p.view == "AP", wt=float(p.thorax_width), ax=np.abs(X),
-                 left=left, leftf=left.astype(np.float32), bone=p.bone)
-    _key_levels(f)
-    _body(f)
-    _mediastinum_and_heart(f)
-    _lungs(f)
-    _trachea_and_spine(f)
-    _hila_and_vessels(f, rng)
-    _kerley_and_breasts(f)
-    _ribs(f)
-    _clavicles_and_scapulae(f)
+    f = _frontal_frame(p, rows, cols)
+    d, body, hx = _body(f)
+    in_med, heart, heart_w = _mediastinum_and_heart(f)
+    lung, solid, below = _lungs(f, d, in_med=in_med, heart=heart, heart_w=heart_w)
+    _trachea_and_spine(f, d, body=body, solid=solid, below=below)
+    _hila_and_vessels(f, d, rng, lung=lung, in_med=in_med)
+    _kerley_and_breasts(f, d, lung=lung, body=body)
+    _ribs(f, d, solid=solid, below=below)
+    _clavicles_and_scapulae(f, d, body=body, hx=hx)
     # soft anatomic inhomogeneity
-    f.d += 0.015 * _smooth_noise(rng, rows, cols, 0.08, grid=64) * f.body
-    return _tone(f.d)
+    d += 0.015 * _smooth_noise(rng, rows, cols, 0.08, grid=64) * body
+    return _tone(d)
 
 
-def _key_levels(f: _Frontal) -> None:
-    """Lung apex, diaphragm domes, costophrenic level (1-D where possible)."""
-    p, ap, wt, Y = f.p, f.ap, f.wt, f.Y
-    f.y_apex = -0.72 + (0.04 if ap else 0.0)
-    f.y_dome_r = -0.78 + 1.12 * p.inspiration + (0.03 if ap else 0.0)
-    f.y_dome_l = f.y_dome_r + 0.05
-    f.a_dome, f.k_dome = 0.40 * wt, 0.80
-    f.dome_top = np.where(f.left, np.float32(f.y_dome_l), np.float32(f.y_dome_r))
-    f.dome = f.dome_top + f.k_dome * ((f.ax - f.a_dome) / wt) ** 2
-    y_cp = f.y_dome_r + f.k_dome * 0.36  # costophrenic level
-    f.y_low = f.y_dome_l + f.k_dome * 0.5  # below every part of the lungs
-    f.t = np.clip((Y - f.y_apex) / (y_cp - f.y_apex), 0.0, 1.0)
+def _frontal_frame(p: ChestParams, rows: int, cols: int) -> _Frontal:
+    """The grid, the lung apex, diaphragm domes and costophrenic level (1-D where possible)."""
+    xs, ys = _axes(rows, cols, p)
+    X, Y = xs[None, :], ys[:, None]
+    e = 4.0 / min(rows, cols) + 0.004  # edge softness
+    ap = p.view == "AP"
+    wt = float(p.thorax_width)
+    ax = np.abs(X)
+    left = X > 0  # image right = patient's left
+    y_apex = -0.72 + (0.04 if ap else 0.0)
+    y_dome_r = -0.78 + 1.12 * p.inspiration + (0.03 if ap else 0.0)
+    y_dome_l = y_dome_r + 0.05
+    a_dome, k_dome = 0.40 * wt, 0.80
+    dome_top = np.where(left, np.float32(y_dome_l), np.float32(y_dome_r))
+    dome = dome_top + k_dome * ((ax - a_dome) / wt) ** 2
+    y_cp = y_dome_r + k_dome * 0.36  # costophrenic level
+    y_low = y_dome_l + k_dome * 0.5  # below every part of the lungs
+    t = np.clip((Y - y_apex) / (y_cp - y_apex), 0.0, 1.0)
+    lat = wt * (0.62 + 0.38 * pm.power(pm.sin(np.clip(t * 1.1, 0, 1) * (np.pi / 2)), 0.75))
+    return _Frontal(p=p, rows=rows, cols=cols, xs=xs, ys=ys, X=X, Y=Y, e=e, ap=ap, wt=wt, ax=ax, left=left,
+                    leftf=left.astype(np.float32), bone=p.bone, y_apex=y_apex, y_dome_r=y_dome_r,
+                    y_dome_l=y_dome_l, a_dome=a_dome, k_dome=k_dome, dome_top=dome_top, dome=dome, y_low=y_low,
+                    t=t, lat=lat, a_apex=0.50 * wt, above_dia=_ramp(dome - Y, e))
 
 
-def _body(f: _Frontal) -> None:
+def _body(f: _Frontal) -> tuple[np.ndarray, np.ndarray, float]:
     """The body outline with shoulders and arms, and the humeral heads at the upper corners."""
     p, wt, ax, Y, e = f.p, f.wt, f.ax, f.Y, f.e
     wb = wt + 0.09 + 0.09 * p.habitus
@@ -197,10 +190,10 @@ def _body(f: _Frontal) -> None:
         hum = np.sqrt(np.clip(1.0 - ((ax - hx) ** 2 + ((Ys + 0.80) / 1.1) ** 2) / 0.13**2, 0.0, None))
         neckh = np.sqrt(np.clip(1.0 - ((ax - hx - 0.06) / 0.09) ** 2, 0, None)) * _ramp(Ys + 0.78, 0.05)
         d[rs] += 0.13 * f.bone * np.maximum(hum, 0.8 * neckh) * body[rs]
-    f.body, f.d, f.hx = body, d, hx
+    return d, body, hx
 
 
-def _mediastinum_and_heart(f: _Frontal) -> None:
+def _mediastinum_and_heart(f: _Frontal) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The mediastinum (with the aortic knob) and the heart, an ellipse tilted apex down-left
     that sits on the left dome."""
     p, ap, wt, ax, X, Y, e, xs, ys = f.p, f.ap, f.wt, f.ax, f.X, f.Y, f.e, f.xs, f.ys
@@ -210,7 +203,7 @@ def _mediastinum_and_heart(f: _Frontal) -> None:
     med_l = (0.075 + 0.085 * pm.exp(-(((Y - y_knob) / 0.065) ** 2))
              + 0.04 * pm.exp(-(((Y - (y_knob + 0.13)) / 0.05) ** 2)))
     med = (med_r + (med_l - med_r) * f.leftf) * (1.12 if ap else 1.0)
-    f.in_med = _ramp(med - ax, e)
+    in_med = _ramp(med - ax, e)
 
     hw = p.ctr_apparent * wt  # heart half-width (total width = ctr * 2 * wt)
     xc = 0.15 * 2 * hw  # 35 % of the width right of the midline, 65 % left
@@ -237,19 +230,17 @@ def _mediastinum_and_heart(f: _Frontal) -> None:
         hh = _ramp(1.0 - np.sqrt(rr2), 1.5 * e / max(a_h, 0.05))
         heart[hr_, hc_] = hh
         heart_w[hr_, hc_] = hh * (0.8 + 0.2 * np.sqrt(np.clip(1.0 - rr2, 0, 1)))
-    f.heart, f.heart_w = heart, heart_w
+    return in_med, heart, heart_w
 
 
-def _lungs(f: _Frontal) -> None:
+def _lungs(f: _Frontal, d: np.ndarray, *, in_med: np.ndarray, heart: np.ndarray,
+           heart_w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lung fields (less effusions), their air, the solid heart and mediastinum, and the
     abdomen below the diaphragm with the gastric bubble under the left dome."""
-    p, wt, ax, X, Y, e, xs, ys, d = f.p, f.wt, f.ax, f.X, f.Y, f.e, f.xs, f.ys, f.d
-    t, dome, leftf = f.t, f.dome, f.leftf
-    lat = wt * (0.62 + 0.38 * pm.power(pm.sin(np.clip(t * 1.1, 0, 1) * (np.pi / 2)), 0.75))
-    a_apex = 0.50 * wt
-    top = f.y_apex + 3.0 * (ax - a_apex) ** 2
-    above_dia = _ramp(dome - Y, e)
-    lung = _ramp(lat - ax, e) * _ramp(Y - top, e) * above_dia * (1.0 - f.in_med) * (1.0 - f.heart)
+    p, wt, ax, X, Y, e, xs, ys = f.p, f.wt, f.ax, f.X, f.Y, f.e, f.xs, f.ys
+    dome, leftf, lat, above_dia = f.dome, f.leftf, f.lat, f.above_dia
+    top = f.y_apex + 3.0 * (ax - f.a_apex) ** 2
+    lung = _ramp(lat - ax, e) * _ramp(Y - top, e) * above_dia * (1.0 - in_med) * (1.0 - heart)
     # effusions: fluid fills the costophrenic recess with a meniscus climbing laterally
     rs = _span(ys, f.y_dome_r - 0.40, 2.0)
     for amount, side in ((p.effusion_right, 1.0 - leftf), (p.effusion_left, leftf)):
@@ -264,7 +255,7 @@ def _lungs(f: _Frontal) -> None:
              * np.sqrt(np.clip((dome - Y) / 0.16, 0.0, 1.0))
              * np.sqrt(np.clip((Y - top) / 0.10, 0.0, 1.0)))
     d -= 0.25 * lung * (0.55 + 0.45 * depth)
-    solid = np.maximum(f.heart_w, f.in_med * _ramp(Y - f.y_apex - 0.02, 0.25))
+    solid = np.maximum(heart_w, in_med * _ramp(Y - f.y_apex - 0.02, 0.25))
     d += 0.17 * solid * above_dia
     # abdomen below the diaphragm: solid organs, plus the gastric bubble under the left dome
     below = (1.0 - above_dia) * _ramp(lat - ax, 0.16)
@@ -274,11 +265,12 @@ def _lungs(f: _Frontal) -> None:
     if rs.stop > rs.start and cs.stop > cs.start:
         bub = np.clip(1.0 - (((X[:, cs] - gx) / 0.10) ** 2 + ((Y[rs] - gy) / 0.05) ** 2), 0, None)
         d[rs, cs] -= 0.10 * np.sqrt(bub) * _ramp(Y[rs] - gy + 0.01, 0.01) * below[rs, cs]
-    f.lat, f.a_apex, f.lung, f.above_dia, f.solid, f.below = lat, a_apex, lung, above_dia, solid, below
+    return lung, solid, below
 
 
-def _trachea_and_spine(f: _Frontal) -> None:
-    X, Y, d, body = f.X, f.Y, f.d, f.body
+def _trachea_and_spine(f: _Frontal, d: np.ndarray, *, body: np.ndarray, solid: np.ndarray,
+                       below: np.ndarray) -> None:
+    X, Y = f.X, f.Y
     y_carina = -0.20
     cs = _span(f.xs, -0.09, 0.09)
     Xc = X[:, cs]
@@ -286,16 +278,16 @@ def _trachea_and_spine(f: _Frontal) -> None:
     spine = np.sqrt(np.clip(1.0 - (Xc / 0.065) ** 2, 0, None))
     vert = _bands(Y + 1.0, 0.085, 0.82)
     ped = pm.exp(-(((np.abs(Xc) - 0.045) / 0.012) ** 2)) * np.clip(vert, 0, 1)
-    spine_vis = 1.0 - 0.6 * np.maximum(f.solid[:, cs] * f.above_dia[:, cs], f.below[:, cs])
+    spine_vis = 1.0 - 0.6 * np.maximum(solid[:, cs] * f.above_dia[:, cs], below[:, cs])
     d[:, cs] += body[:, cs] * (f.bone * (0.02 + 0.02 * vert + 0.015 * ped) * spine * spine_vis
                                - 0.11 * trachea)
 
 
-def _hila_and_vessels(f: _Frontal, rng: np.random.Generator) -> None:
+def _hila_and_vessels(f: _Frontal, d: np.ndarray, rng: np.random.Generator, *, lung: np.ndarray,
+                      in_med: np.ndarray) -> None:
     """Hila and pulmonary vessels (with upper-zone redistribution and perihilar haze in
     congestion), then the lung parenchyma's texture."""
-    p, wt, X, Y, xs, ys, d, rows, cols = f.p, f.wt, f.X, f.Y, f.xs, f.ys, f.d, f.rows, f.cols
-    lung, in_med = f.lung, f.in_med
+    p, wt, X, Y, xs, ys, rows, cols = f.p, f.wt, f.X, f.Y, f.xs, f.ys, f.rows, f.cols
     c = p.congestion
     breakup = _ramp(_smooth_noise(rng, rows, cols, 0.025, grid=128) + 0.3, 0.8)
     worms = pm.exp(-((_smooth_noise(rng, rows, cols, 0.018, grid=192) / 0.22) ** 2))
@@ -333,16 +325,16 @@ def _hila_and_vessels(f: _Frontal, rng: np.random.Generator) -> None:
     d += 0.012 * _smooth_noise(rng, rows, cols, 0.010, grid=256) * lung
 
 
-def _kerley_and_breasts(f: _Frontal) -> None:
+def _kerley_and_breasts(f: _Frontal, d: np.ndarray, *, lung: np.ndarray, body: np.ndarray) -> None:
     """Kerley B lines at the lateral bases, and breast shadows over the lower zones."""
-    p, ax, Y, ys, d = f.p, f.ax, f.Y, f.ys, f.d
+    p, ax, Y, ys = f.p, f.ax, f.Y, f.ys
     # Kerley B lines: short horizontal lines reaching the pleura at the lateral bases
     rs = _span(ys, f.y_dome_r - 0.45, f.y_low)
     if p.kerley > 0 and rs.stop > rs.start:
         Ys = Y[rs]
         inband = _ramp(ax - (f.lat[rs] - 0.10), 0.03) * _ramp(Ys - (f.dome_top - 0.35), 0.08)
         kl = _bands(Ys + 5.0 + 0.01 * pm.sin(ax * 40), 0.026, 0.22)
-        d[rs] += (0.06 * p.kerley) * kl * inband * f.lung[rs]
+        d[rs] += (0.06 * p.kerley) * kl * inband * lung[rs]
 
     # breast shadows: soft tissue over the lower zones with a curved lower margin
     by = f.y_dome_r - 0.04
@@ -350,18 +342,18 @@ def _kerley_and_breasts(f: _Frontal) -> None:
     if p.breast > 0 and rs.stop > rs.start:
         Ys = Y[rs]
         rad = np.sqrt(((ax - 0.50 * f.wt) / 0.36) ** 2 + ((Ys - by) / 0.26) ** 2)
-        d[rs] += (0.05 * p.breast) * _ramp(1.0 - rad, 0.25) * _ramp(Ys - by + 0.30, 0.2) * f.body[rs]
+        d[rs] += (0.05 * p.breast) * _ramp(1.0 - rad, 0.25) * _ramp(Ys - by + 0.30, 0.2) * body[rs]
 
 
-def _ribs(f: _Frontal) -> None:
+def _ribs(f: _Frontal, d: np.ndarray, *, solid: np.ndarray, below: np.ndarray) -> None:
     """Posterior and anterior ribs inside the cage, fainter over the heart and abdomen."""
-    ap, wt, ax, Y, d, y_apex = f.ap, f.wt, f.ax, f.Y, f.d, f.y_apex
+    ap, wt, ax, Y, y_apex = f.ap, f.wt, f.ax, f.Y, f.y_apex
     uu = ax / wt
     rs = _span(f.ys, y_apex - 0.15, f.y_low)
     Ys = Y[rs]
     cage = (_ramp(f.lat[rs] + 0.06 - ax, 0.04)
             * _ramp(Ys - (y_apex - 0.10) - 2.0 * (ax - f.a_apex) ** 2, 0.04)
-            * _ramp(ax - 0.08, 0.03) * (1.0 - 0.8 * f.solid[rs] * f.above_dia[rs]) * (1.0 - 0.6 * f.below[rs]))
+            * _ramp(ax - 0.08, 0.03) * (1.0 - 0.8 * solid[rs] * f.above_dia[rs]) * (1.0 - 0.6 * below[rs]))
     # posterior ribs: from the spine laterally, rising slightly, then curving down
     vp = Ys - (-0.12 * uu + 0.40 * uu**2) - (y_apex - 0.10) + (0.03 if ap else 0.0)
     vpc = np.clip(vp, 0, 1.6)
@@ -373,8 +365,8 @@ def _ribs(f: _Frontal) -> None:
     d[rs] += f.bone * cage * (0.075 * prib + 0.05 * arib)
 
 
-def _clavicles_and_scapulae(f: _Frontal) -> None:
-    ap, wt, ax, Y, ys, d, bone, body = f.ap, f.wt, f.ax, f.Y, f.ys, f.d, f.bone, f.body
+def _clavicles_and_scapulae(f: _Frontal, d: np.ndarray, *, body: np.ndarray, hx: float) -> None:
+    ap, wt, ax, Y, ys, bone = f.ap, f.wt, f.ax, f.Y, f.ys, f.bone
     # clavicles: S-shaped bands from the sternal notch up and out to the shoulders
     cx0 = 0.07
     sc = np.clip((ax - cx0) / 0.62, 0, 1.4)
@@ -383,7 +375,7 @@ def _clavicles_and_scapulae(f: _Frontal) -> None:
     rs = _span(ys, -0.64 - 0.17 - 0.06 - 0.05, -0.55)
     if rs.stop > rs.start:
         fcl = (Y[rs] - ycl) / hcl
-        clav = _bone_profile(fcl) * (_ramp(ax - cx0, 0.03) * _ramp(f.hx - ax, 0.05))
+        clav = _bone_profile(fcl) * (_ramp(ax - cx0, 0.03) * _ramp(hx - ax, 0.05))
         d[rs] += 0.11 * bone * clav * body[rs]
 
     # scapulae: projected over the upper lateral lungs on AP films, lateral to them on PA

@@ -37,19 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cxr_ai.store.job_records import (
-    FINAL_STATES,
-    ClaimedStudy,
-    Delivery,
-    DeliveryState,
-    InstanceRecord,
-    InstanceResult,
-    InstanceState,
-    NewDelivery,
-    ReasonCode,
-    StudyRecord,
-    StudyState,
-)
+from cxr_ai.store.job_records import (FINAL_STATES, ClaimedStudy, Delivery, DeliveryState, InstanceRecord,
+                                      InstanceResult, InstanceState, NewDelivery, ReasonCode, StudyRecord, StudyState)
 from cxr_ai.store.job_queries import JobQueries
 from cxr_ai.store.job_schema import MSG_NEWER_SCHEMA, SCHEMA_VERSION, connect, init_schema
 
