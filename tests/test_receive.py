@@ -34,7 +34,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from cxr_ai.net import receive
+from cxr_ai.net import pdus, reactor, receive
 from cxr_ai.net.common import Status
 from cxr_ai.net.scp import StorageSCP
 from cxr_ai.net.scu import SCU_HANDLERS, Peer, echo, send_files
@@ -180,7 +180,7 @@ def test_an_idle_association_wakes_its_reactor_rarely_and_still_answers(small_pd
         assoc.release()
     assert assoc.is_released
     # 0.5 s idle: about 50 loops at 10 ms; pynetdicom's 1 ms sleep alone would allow 500
-    assert 5 <= idle <= 0.5 / receive.IDLE_WAIT_SECONDS * 2.5, idle
+    assert 5 <= idle <= 0.5 / reactor.IDLE_WAIT_SECONDS * 2.5, idle
 
 
 def test_each_association_gets_its_own_copy_of_the_servers_contexts(small_pdu_scp: StorageSCP) -> None:
@@ -516,7 +516,7 @@ def test_pdv_items_that_overrun_or_lack_a_header_are_invalid() -> None:
 
 
 def test_the_receive_buffer_takes_pdus_whole_however_they_arrive(monkeypatch) -> None:
-    monkeypatch.setattr(receive, "RECEIVE_BUFFER_BYTES", 64)
+    monkeypatch.setattr(pdus, "RECEIVE_BUFFER_BYTES", 64)
     conn = receive._Connection()
     a, b = socket.socketpair()
     small = [bytes([4, 0]) + (n).to_bytes(4, "big") + bytes([n]) * n for n in (10, 20, 30)]
@@ -557,7 +557,7 @@ def test_a_paused_reactor_stays_paused_when_work_arrives() -> None:
     r.gate.clear()
     r.start()
     r.gate.wake()                                       # a message arrives while paused
-    assert not woke.wait(3 * receive.IDLE_WAIT_SECONDS)
+    assert not woke.wait(3 * reactor.IDLE_WAIT_SECONDS)
     r.gate.set()                                        # the other thread is done
     assert woke.wait(10)
     r.join(10)
@@ -566,7 +566,7 @@ def test_a_paused_reactor_stays_paused_when_work_arrives() -> None:
 def test_work_that_came_while_the_reactor_was_busy_ends_its_next_wait(monkeypatch) -> None:
     """A release request queued while the reactor served a message (after it looked for one)
     must not wait out the idle wait."""
-    monkeypatch.setattr(receive, "IDLE_WAIT_SECONDS", 60)
+    monkeypatch.setattr(reactor, "IDLE_WAIT_SECONDS", 60)
     woke = threading.Event()
 
     def body(gate) -> None:

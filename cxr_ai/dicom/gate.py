@@ -172,34 +172,61 @@ def header_words(text: str, rules: GateRules, *, code_string: bool = False) -> l
     return out
 
 
+#: Why an image is refused, and the message (without the source's name).
+_Refusal = tuple[GateReason, str]
+
+
 def check_radiograph(rg: Radiograph, rules: GateRules | None = None) -> GateDecision:
-    """Apply the rules to an already-read :class:`Radiograph` (metadata only; no decoding)."""
+    """Apply the rules to an already-read :class:`Radiograph` (metadata only; no decoding).
+
+    The checks run in order, and the first refusal is the answer: modality and SOP class,
+    body part, view, then the image itself (grayscale, one frame, pixel data, size)."""
     rules = rules or _default_rules()
-    src = rg.source
     warnings = list(rg.warnings)
+    refusal = _check_modality(rg, rules)
+    if refusal is None:
+        described = {w for text in (rg.study_description, rg.series_description, rg.protocol_name)
+                     for w in header_words(text, rules)}
+        words = _body_part_words(rg, rules, warnings)
+        refusal = (_check_body_part(rg, rules, words=words, described=described)
+                   or _check_view(rg, rules, words=words, described=described, warnings=warnings)
+                   or _check_image(rg, rules))
+    if refusal is not None:
+        reason, message = refusal
+        return GateDecision(False, reason, f"{rg.source}: {message}", tuple(warnings))
+    return GateDecision(True, GateReason.ACCEPTED, f"{rg.source}: frontal chest {rg.modality} accepted.",
+                        tuple(warnings))
 
-    def reject(reason: GateReason, message: str) -> GateDecision:
-        return GateDecision(False, reason, f"{src}: {message}", tuple(warnings))
 
+def _check_modality(rg: Radiograph, rules: GateRules) -> _Refusal | None:
     if rg.modality not in rules.modalities:
-        return reject(
+        return (
             GateReason.MODALITY,
             f"modality {rg.modality or '(empty)'} is not a radiograph the chest models read "
             f"(accepted: {', '.join(sorted(rules.modalities))}); route only chest CR/DX here.",
         )
     if rg.sop_class_uid not in rules.sop_classes:
-        return reject(
+        return (
             GateReason.SOP_CLASS,
             f"SOP class {rg.sop_class_uid} is not accepted for {rg.modality} (accepted: CR Image "
             "Storage, DX Image Storage - For Presentation); send the For Presentation image.",
         )
-    descriptions = (rg.study_description, rg.series_description, rg.protocol_name)
-    described = {w for text in descriptions for w in header_words(text, rules)}
+    return None
+
+
+def _body_part_words(rg: Radiograph, rules: GateRules, warnings: list[str]) -> list[str]:
+    """The words of BodyPartExamined; none when they are only placeholders (with a warning)."""
     words = header_words(rg.body_part, rules, code_string=True)
     if all(w in rules.body_part_placeholders for w in words):
         if words:
             warnings.append(f"BodyPartExamined {rg.body_part!r} says nothing; the descriptions decide")
         words = []
+    return words
+
+
+def _check_body_part(rg: Radiograph, rules: GateRules, *, words: list[str], described: set[str]) -> _Refusal | None:
+    """BodyPartExamined names the chest (and the series does not name another region); when it
+    is empty, the descriptions must say chest and name no other region."""
     if words:
         others = [w for w in words if w not in rules.chest_words
                   and w not in rules.body_part_qualifiers and w not in rules.lateral_words]
@@ -208,7 +235,7 @@ def check_radiograph(rg: Radiograph, rules: GateRules | None = None) -> GateDeci
             what = (f"which names {regions[0]}, not the chest" if regions
                     else f"whose word {others[0]!r} is neither a chest word nor a known qualifier" if others
                     else "which does not name the chest")
-            return reject(
+            return (
                 GateReason.BODY_PART,
                 f"BodyPartExamined is {rg.body_part!r}, {what}; the models read chest radiographs "
                 "only (a real qualifier of chest films can be added to [gate] body_part_qualifiers).",
@@ -216,64 +243,76 @@ def check_radiograph(rg: Radiograph, rules: GateRules | None = None) -> GateDeci
         series = [w for text in (rg.series_description, rg.protocol_name) for w in header_words(text, rules)
                   if w in rules.non_chest_words]
         if series:
-            return reject(
+            return (
                 GateReason.BODY_PART,
                 f"BodyPartExamined says chest but the series description or protocol name names "
                 f"{series[0]}; such a series is not a chest radiograph.",
             )
-    else:
-        regions = sorted(described & rules.non_chest_words)
-        if regions:
-            return reject(
-                GateReason.BODY_PART,
-                f"BodyPartExamined is empty and the descriptions name {regions[0]}, not the chest; "
-                "set BodyPartExamined=CHEST on chest images.",
-            )
-        if not described & rules.chest_words:
-            return reject(
-                GateReason.BODY_PART,
-                "BodyPartExamined is empty and no study/series description or protocol name says "
-                "chest; set BodyPartExamined=CHEST on chest images.",
-            )
+        return None
+    regions = sorted(described & rules.non_chest_words)
+    if regions:
+        return (
+            GateReason.BODY_PART,
+            f"BodyPartExamined is empty and the descriptions name {regions[0]}, not the chest; "
+            "set BodyPartExamined=CHEST on chest images.",
+        )
+    if not described & rules.chest_words:
+        return (
+            GateReason.BODY_PART,
+            "BodyPartExamined is empty and no study/series description or protocol name says "
+            "chest; set BodyPartExamined=CHEST on chest images.",
+        )
+    return None
+
+
+def _check_view(rg: Radiograph, rules: GateRules, *, words: list[str], described: set[str],
+                warnings: list[str]) -> _Refusal | None:
+    """A frontal ViewPosition; when it is empty, no lateral named anywhere (and then assumed
+    frontal, with a warning, if the rules allow it)."""
     view = _norm(rg.view_position)
     if view:
         if view in rules.rejected_views or view not in rules.frontal_views:
-            return reject(
+            return (
                 GateReason.VIEW,
                 f"ViewPosition is {rg.view_position!r}; only frontal (PA or AP) views are read.",
             )
-    else:
-        named = [w for w in words if w in rules.lateral_words] or sorted(described & rules.lateral_words)
-        if named:
-            return reject(
-                GateReason.VIEW,
-                f"ViewPosition is empty and BodyPartExamined or the descriptions name a {named[0]} "
-                "view; only frontal (PA or AP) views are read.",
-            )
-        if not rules.accept_unknown_view:
-            return reject(GateReason.VIEW, "ViewPosition is empty; set PA or AP on frontal views.")
-        warnings.append("ViewPosition is empty; assumed frontal")
+        return None
+    named = [w for w in words if w in rules.lateral_words] or sorted(described & rules.lateral_words)
+    if named:
+        return (
+            GateReason.VIEW,
+            f"ViewPosition is empty and BodyPartExamined or the descriptions name a {named[0]} "
+            "view; only frontal (PA or AP) views are read.",
+        )
+    if not rules.accept_unknown_view:
+        return GateReason.VIEW, "ViewPosition is empty; set PA or AP on frontal views."
+    warnings.append("ViewPosition is empty; assumed frontal")
+    return None
+
+
+def _check_image(rg: Radiograph, rules: GateRules) -> _Refusal | None:
+    """One grayscale frame of pixel data, of a size the models read."""
     if rg.samples_per_pixel != 1 or _norm(rg.photometric) not in rules.photometric:
-        return reject(
+        return (
             GateReason.NOT_GRAYSCALE,
             f"photometric interpretation {rg.photometric or '(empty)'} with "
             f"{rg.samples_per_pixel} samples per pixel is not a grayscale radiograph.",
         )
     if rg.number_of_frames > rules.max_frames:
-        return reject(
+        return (
             GateReason.MULTI_FRAME,
             f"{rg.number_of_frames} frames; a radiograph has one frame.",
         )
     if not rg.has_pixel_data:
-        return reject(GateReason.NO_PIXEL_DATA, "the dataset has no Pixel Data; there is no image to read.")
+        return GateReason.NO_PIXEL_DATA, "the dataset has no Pixel Data; there is no image to read."
     short, long_ = sorted((rg.rows, rg.columns))
     if short < rules.min_side or long_ > rules.max_side or long_ > rules.max_aspect_ratio * short:
-        return reject(
+        return (
             GateReason.IMAGE_SIZE,
             f"image is {rg.rows}x{rg.columns} pixels; accepted sides are {rules.min_side}-"
             f"{rules.max_side} with aspect ratio at most {rules.max_aspect_ratio}.",
         )
-    return GateDecision(True, GateReason.ACCEPTED, f"{src}: frontal chest {rg.modality} accepted.", tuple(warnings))
+    return None
 
 
 def check_applicability(source: Source | Radiograph, rules: GateRules | None = None) -> tuple[GateDecision, Radiograph | None]:

@@ -331,8 +331,30 @@ def group_metrics(
                      sensitive_features=g, sample_params={"auroc": {"score": s}, "ece": {"score": s}})
     labels = [str(v) for v in mf.by_group.index]
     codes = pd.Categorical(g, categories=labels).codes
-    # Bootstrap: strata = group x class; replicate overall and per-group values on the same
-    # resample so that gaps have CIs.
+    reps_overall, reps_group = _bootstrap_replicates(y, p, s, codes, labels, settings)
+    c_all = _counts(y, p, np.ones(len(y), dtype=bool))
+    overall: dict[str, dict[str, Any]] = {}
+    for metric in METRICS:
+        st = metric_status(metric, n_pos=c_all["n_pos"], n_neg=c_all["n_neg"],
+                           n_pred_pos=c_all["n_pred_pos"])
+        ci = _ci(reps_overall[metric], settings.ci_level) if reps_overall else None
+        overall[metric] = _cell(float(mf.overall[metric]), ci, st)
+    groups_out = [_group_entry(k, label, y=y, p=p, s=s, mask=codes == k, mf=mf, reps=reps_group.get(label),
+                               settings=settings) for k, label in enumerate(labels)]
+    best = _best_groups(groups_out)
+    _add_gaps(groups_out, overall=overall, best=best, reps_overall=reps_overall, reps_group=reps_group,
+              settings=settings)
+    return {"attribute": attribute, **c_all, "overall": overall,
+            "calibration": calibration(y, s, n_bins=settings.calibration_bins),
+            "groups": groups_out, "best_group": best}
+
+
+def _bootstrap_replicates(y: np.ndarray, p: np.ndarray, s: np.ndarray, codes: np.ndarray, labels: list[str],
+                          settings: MetricSettings) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """Bootstrap replicates of every metric, overall and per group (empty without bootstrap).
+
+    Strata = group x class; overall and per-group values are replicated on the same resample
+    so that gaps have CIs."""
     reps_overall: dict[str, np.ndarray] = {}
     reps_group: dict[str, dict[str, np.ndarray]] = {}
     if settings.n_boot > 0:
@@ -342,44 +364,41 @@ def group_metrics(
         for k, label in enumerate(labels):
             m = codes == k
             reps_group[label] = weighted_metrics(y[m], p[m], s[m], w[:, m], n_bins=settings.calibration_bins)
+    return reps_overall, reps_group
 
-    def counts(mask: np.ndarray) -> dict[str, int]:
-        n_pos = int((y[mask] == 1).sum())
-        return {"n": int(mask.sum()), "n_pos": n_pos, "n_neg": int((y[mask] == 0).sum()),
-                "n_pred_pos": int(p[mask].sum()),
-                "prevalence": float(n_pos / mask.sum()) if mask.any() else None}
 
-    all_mask = np.ones(len(y), dtype=bool)
-    c_all = counts(all_mask)
-    overall: dict[str, dict[str, Any]] = {}
+def _counts(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    n_pos = int((y[mask] == 1).sum())
+    return {"n": int(mask.sum()), "n_pos": n_pos, "n_neg": int((y[mask] == 0).sum()),
+            "n_pred_pos": int(p[mask].sum()),
+            "prevalence": float(n_pos / mask.sum()) if mask.any() else None}
+
+
+def _group_entry(k: int, label: str, *, y: np.ndarray, p: np.ndarray, s: np.ndarray, mask: np.ndarray,
+                 mf: MetricFrame, reps: dict[str, np.ndarray] | None, settings: MetricSettings) -> dict[str, Any]:
+    """One group's counts, metric cells, size flags and calibration (gaps are added later)."""
+    c = _counts(y, p, mask)
+    small = c["n"] < settings.min_group_size
+    cells = {}
     for metric in METRICS:
-        st = metric_status(metric, n_pos=c_all["n_pos"], n_neg=c_all["n_neg"],
-                           n_pred_pos=c_all["n_pred_pos"])
-        ci = _ci(reps_overall[metric], settings.ci_level) if reps_overall else None
-        overall[metric] = _cell(float(mf.overall[metric]), ci, st)
+        st = metric_status(metric, n_pos=c["n_pos"], n_neg=c["n_neg"], n_pred_pos=c["n_pred_pos"])
+        ci = _ci(reps[metric], settings.ci_level) if reps else None
+        cells[metric] = _cell(float(mf.by_group.loc[label, metric]) if label in mf.by_group.index
+                              else float(mf.by_group.iloc[k][metric]), ci, st)
+    ece_flaggable = c["n"] >= settings.min_ece_group_size
+    return {
+        "group": label, **c, "small": small, "ece_flaggable": ece_flaggable,
+        **({} if ece_flaggable else {"ece_status": STATUS_ECE_FEW.format(
+            n=c["n"], min_n=settings.min_ece_group_size, per_bin=MIN_IMAGES_PER_ECE_BIN,
+            bins=settings.calibration_bins)}),
+        "status": STATUS_SMALL.format(n=c["n"], min_n=settings.min_group_size) if small else STATUS_OK,
+        "metrics": cells,
+        "calibration": calibration(y[mask], s[mask], n_bins=settings.calibration_bins),
+    }
 
-    groups_out = []
-    for k, label in enumerate(labels):
-        c = counts(codes == k)
-        small = c["n"] < settings.min_group_size
-        cells = {}
-        for metric in METRICS:
-            st = metric_status(metric, n_pos=c["n_pos"], n_neg=c["n_neg"], n_pred_pos=c["n_pred_pos"])
-            ci = _ci(reps_group[label][metric], settings.ci_level) if reps_group else None
-            cells[metric] = _cell(float(mf.by_group.loc[label, metric]) if label in mf.by_group.index
-                                  else float(mf.by_group.iloc[k][metric]), ci, st)
-        ece_flaggable = c["n"] >= settings.min_ece_group_size
-        groups_out.append({
-            "group": label, **c, "small": small, "ece_flaggable": ece_flaggable,
-            **({} if ece_flaggable else {"ece_status": STATUS_ECE_FEW.format(
-                n=c["n"], min_n=settings.min_ece_group_size, per_bin=MIN_IMAGES_PER_ECE_BIN,
-                bins=settings.calibration_bins)}),
-            "status": STATUS_SMALL.format(n=c["n"], min_n=settings.min_group_size) if small else STATUS_OK,
-            "metrics": cells,
-            "calibration": calibration(y[codes == k], s[codes == k], n_bins=settings.calibration_bins),
-        })
 
-    # best group per metric: among estimable, not-small groups (all estimable if none large)
+def _best_groups(groups_out: list[dict[str, Any]]) -> dict[str, str | None]:
+    """The best group per metric: among estimable, not-small groups (all estimable if none large)."""
     best: dict[str, str | None] = {}
     for metric in METRICS:
         cands = [gr for gr in groups_out if gr["metrics"][metric]["value"] is not None]
@@ -391,7 +410,13 @@ def group_metrics(
         values = [gr["metrics"][metric]["value"] for gr in pool]
         pick = int(np.argmax(values) if HIGHER_IS_BETTER[metric] else np.argmin(values))
         best[metric] = pool[pick]["group"]
+    return best
 
+
+def _add_gaps(groups_out: list[dict[str, Any]], *, overall: dict[str, dict[str, Any]],
+              best: dict[str, str | None], reps_overall: dict[str, np.ndarray],
+              reps_group: dict[str, dict[str, np.ndarray]], settings: MetricSettings) -> None:
+    """Each group's ``gap_to_overall`` and ``gap_to_best``, per metric."""
     for gr in groups_out:
         gr["gap_to_overall"] = {}
         gr["gap_to_best"] = {}
@@ -405,10 +430,6 @@ def group_metrics(
             ref_cell = ref["metrics"][metric] if ref else {"value": None}
             ref_reps = reps_group.get(b, {}).get(metric) if b else None
             gr["gap_to_best"][metric] = _gap(metric, own, ref_cell, own_reps, ref_reps, settings)
-    return {"attribute": attribute, **c_all, "overall": overall,
-            "calibration": calibration(y, s, n_bins=settings.calibration_bins),
-            "groups": groups_out, "best_group": best}
-
 
 def _gap(metric: str, own: Mapping[str, Any], ref: Mapping[str, Any], own_reps: np.ndarray | None,
          ref_reps: np.ndarray | None, settings: MetricSettings) -> dict[str, Any]:

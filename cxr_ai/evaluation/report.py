@@ -359,7 +359,21 @@ def render_html(test_sets: Sequence[Mapping[str, Any]], *, title: str = "cxr-ai 
     body = [f"<h1>{html.escape(title)}</h1>", _answer_html(test_sets, settings)]
     if len(test_sets) > 1:
         body.append("<h2>Test sets side by side</h2>" + _side_by_side(test_sets))
-    body.append(
+    body.append(_reading_note(flag_metrics))
+    for ts in test_sets:
+        body += _test_set_html(ts, flag_metrics=flag_metrics, plot_attributes=plot_attributes)
+    if embeddings:
+        body += _embeddings_html(embeddings)
+    if settings:
+        body.append("<details><summary>Settings</summary><pre class=note>"
+                    f"{html.escape(json.dumps(strip_frames(settings), indent=1))}</pre></details>")
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+
+
+def _reading_note(flag_metrics: tuple[str, ...]) -> str:
+    """How to read the tables: FNR as underdiagnosis, PPV/NPV and prevalence, flagged gaps."""
+    return (
         '<h2>How to read the details</h2><p class="note">Metrics at the bundle operating threshold. '
         "<b>FNR</b> is the underdiagnosis rate: Seyyed-Kalantari et al. (Nat Med 2021) define "
         "underdiagnosis as the false-positive rate of the &lsquo;no finding&rsquo; decision, which for one "
@@ -371,68 +385,75 @@ def render_html(test_sets: Sequence[Mapping[str, Any]], *, title: str = "cxr-ai 
         f"cells: a flagged gap ({html.escape(', '.join(flag_metrics))}: harmful direction, at least the gap "
         "bound, CI excluding 0). Small groups are greyed and never flagged; a metric a group cannot define "
         "is &lsquo;not estimable&rsquo; (hover for why).</p>")
-    for ts in test_sets:
-        body.append(f"<h2>Test set: {html.escape(ts['name'])}</h2>")
-        if ts.get("label_policy"):
-            body.append("<h3>Label policies</h3>" + _policy_html(ts["label_policy"]))
-        body.append("<h3>Joins and gate</h3>" + _joins_html(ts.get("joins", []), ts.get("gate", {})))
-        frame = ts.get("frame")
-        for finding, res in ts["findings"].items():
-            body.append(f"<h3>{html.escape(finding)}</h3>")
-            if "attributes" not in res:
-                body.append(f'<p class="ne">{html.escape(res.get("status", ""))}</p>')
-                continue
-            body.append(f"<p>n = {res['n']} (unlabelled: {res['n_unlabelled']}), thresholds "
-                        f"{res['thresholds']}</p>")
-            body.append("<h4>Classification report (overall)</h4>" + _classification_table(res["classification_report"]))
-            plotted = [a for a in res["attributes"] if (a in plot_attributes if plot_attributes is not None
-                                                        else " × " not in a)]
-            confusion_attr = "race" if "race" in plotted else (plotted[0] if plotted else None)
-            for attr, r in res["attributes"].items():
-                body.append(f"<h4>{html.escape(finding)} by {html.escape(attr)}</h4>")
-                body.append(_group_table(r, flag_metrics, r.get("flagged", ())))
-                body.append("<details><summary>gaps (difference, ratio) to overall and to the best group"
-                            "</summary>" + _gap_table(r, flag_metrics) + "</details>")
-                if (attr not in plot_attributes) if plot_attributes is not None else (" × " in attr):
-                    continue  # default: figures for single attributes, tables for intersections
-                figs = []
-                if frame is not None:
-                    key: str | tuple[str, ...] = tuple(attr.split(" × ")) if " × " in attr else attr
-                    b = roc_figure(frame, finding, key)
-                    if b:
-                        figs.append(_img(b, f"ROC {finding} by {attr}"))
-                b = calibration_figure(r, finding)
+
+
+def _test_set_html(ts: Mapping[str, Any], *, flag_metrics: tuple[str, ...],
+                   plot_attributes: Sequence[str] | None) -> list[str]:
+    """One test set: label policies, joins and gate, then per finding the overall report and,
+    per attribute, the group and gap tables and the figures."""
+    body: list[str] = []
+    body.append(f"<h2>Test set: {html.escape(ts['name'])}</h2>")
+    if ts.get("label_policy"):
+        body.append("<h3>Label policies</h3>" + _policy_html(ts["label_policy"]))
+    body.append("<h3>Joins and gate</h3>" + _joins_html(ts.get("joins", []), ts.get("gate", {})))
+    frame = ts.get("frame")
+    for finding, res in ts["findings"].items():
+        body.append(f"<h3>{html.escape(finding)}</h3>")
+        if "attributes" not in res:
+            body.append(f'<p class="ne">{html.escape(res.get("status", ""))}</p>')
+            continue
+        body.append(f"<p>n = {res['n']} (unlabelled: {res['n_unlabelled']}), thresholds "
+                    f"{res['thresholds']}</p>")
+        body.append("<h4>Classification report (overall)</h4>" + _classification_table(res["classification_report"]))
+        plotted = [a for a in res["attributes"] if (a in plot_attributes if plot_attributes is not None
+                                                    else " × " not in a)]
+        confusion_attr = "race" if "race" in plotted else (plotted[0] if plotted else None)
+        for attr, r in res["attributes"].items():
+            body.append(f"<h4>{html.escape(finding)} by {html.escape(attr)}</h4>")
+            body.append(_group_table(r, flag_metrics, r.get("flagged", ())))
+            body.append("<details><summary>gaps (difference, ratio) to overall and to the best group"
+                        "</summary>" + _gap_table(r, flag_metrics) + "</details>")
+            if (attr not in plot_attributes) if plot_attributes is not None else (" × " in attr):
+                continue  # default: figures for single attributes, tables for intersections
+            figs = []
+            if frame is not None:
+                key: str | tuple[str, ...] = tuple(attr.split(" × ")) if " × " in attr else attr
+                b = roc_figure(frame, finding, key)
                 if b:
-                    figs.append(_img(b, f"calibration {finding} by {attr}"))
-                figs.append(_img(gap_figure(r, finding), f"gaps {finding} by {attr}"))
-                if attr == confusion_attr:
-                    figs.append(_img(confusion_figure(r, res["confusion_matrix"], finding),
-                                     f"confusion matrices {finding} by {attr}"))
-                body.append("<div>" + "".join(figs) + "</div>")
-    if embeddings:
-        body.append("<h2>Embedding space</h2>")
-        if embeddings.get("status") != "ok":
-            body.append(f'<p class="ne">{html.escape(embeddings.get("status", ""))}</p>')
-        else:
-            ev = ", ".join(f"{v:.3f}" for v in embeddings["explained_variance_ratio"])
-            body.append(f"<p>n = {embeddings['n']} (without embedding: {embeddings['n_without_embedding']}); "
-                        f"explained variance ratio: {ev}</p>")
-            colour = [c for c in embeddings["frame"].columns if not str(c).startswith("PC")]
-            b = embedding_figure(embeddings, colour)
+                    figs.append(_img(b, f"ROC {finding} by {attr}"))
+            b = calibration_figure(r, finding)
             if b:
-                body.append(_img(b, "embedding PCA"))
-            rows = "".join(
-                f'<tr class="{"bad" if t["significant"] else ""}"><td class="l">{html.escape(t["attribute"])}</td>'
-                f'<td class="l">{html.escape(t["group"])}</td><td>{t["component"]}</td><td>{t["n_group"]}</td>'
-                f'<td>{t["statistic"]:.3f}</td><td>{t["p_value"]:.2e}</td><td>{t["p_bonferroni"]:.2e}</td></tr>'
-                for t in embeddings["tests"])
-            body.append('<table><tr><th class="l">attribute</th><th class="l">group vs rest</th><th>component</th>'
-                        f"<th>n</th><th>KS D</th><th>p</th><th>p (Bonferroni)</th></tr>{rows}</table>")
-    if settings:
-        body.append("<details><summary>Settings</summary><pre class=note>"
-                    f"{html.escape(json.dumps(strip_frames(settings), indent=1))}</pre></details>")
-    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+                figs.append(_img(b, f"calibration {finding} by {attr}"))
+            figs.append(_img(gap_figure(r, finding), f"gaps {finding} by {attr}"))
+            if attr == confusion_attr:
+                figs.append(_img(confusion_figure(r, res["confusion_matrix"], finding),
+                                 f"confusion matrices {finding} by {attr}"))
+            body.append("<div>" + "".join(figs) + "</div>")
+    return body
+
+
+def _embeddings_html(embeddings: Mapping[str, Any]) -> list[str]:
+    """The embedding space: PCA figure and the per-group KS tests on its components."""
+    body: list[str] = []
+    body.append("<h2>Embedding space</h2>")
+    if embeddings.get("status") != "ok":
+        body.append(f'<p class="ne">{html.escape(embeddings.get("status", ""))}</p>')
+    else:
+        ev = ", ".join(f"{v:.3f}" for v in embeddings["explained_variance_ratio"])
+        body.append(f"<p>n = {embeddings['n']} (without embedding: {embeddings['n_without_embedding']}); "
+                    f"explained variance ratio: {ev}</p>")
+        colour = [c for c in embeddings["frame"].columns if not str(c).startswith("PC")]
+        b = embedding_figure(embeddings, colour)
+        if b:
+            body.append(_img(b, "embedding PCA"))
+        rows = "".join(
+            f'<tr class="{"bad" if t["significant"] else ""}"><td class="l">{html.escape(t["attribute"])}</td>'
+            f'<td class="l">{html.escape(t["group"])}</td><td>{t["component"]}</td><td>{t["n_group"]}</td>'
+            f'<td>{t["statistic"]:.3f}</td><td>{t["p_value"]:.2e}</td><td>{t["p_bonferroni"]:.2e}</td></tr>'
+            for t in embeddings["tests"])
+        body.append('<table><tr><th class="l">attribute</th><th class="l">group vs rest</th><th>component</th>'
+                    f"<th>n</th><th>KS D</th><th>p</th><th>p (Bonferroni)</th></tr>{rows}</table>")
+    return body
 
 
 def write_report(out_dir: str | os.PathLike, test_sets: Sequence[Mapping[str, Any]], *,

@@ -217,27 +217,11 @@ def save_bundle(
     ``docs`` maps file names under ``docs/`` to JSON-serialisable objects (training log,
     metrics). ``extra`` adds keys to the ``"cxr_ai"`` section (e.g. how to reproduce it).
     """
-    out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            raise BundleError(f"model bundle {out} already exists; pass overwrite=True or choose a new directory")
-        shutil.rmtree(out)
-    cfg = model.config
-    if len(findings) != cfg.num_outputs:
-        raise ValueError(f"{len(findings)} findings given for a network with {cfg.num_outputs} outputs")
-    if cfg.input_size != pipeline.size:
-        raise ValueError(f"network input size {cfg.input_size} differs from pixel pipeline size {pipeline.size}")
-    (out / "configs").mkdir(parents=True)
-    (out / "models").mkdir()
-    (out / "docs").mkdir()
+    out = _new_bundle_dir(Path(out_dir), model=model, findings=findings, pipeline=pipeline, overwrite=overwrite)
     weights = out / WEIGHTS_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, weights)
-    metrics_flat: dict[str, float] = {}
-    for split, metrics in (("val", validation_metrics or {}), ("test", test_metrics or {})):
-        for key, m in metrics.items():
-            if isinstance(m, dict) and "auroc" in m:
-                metrics_flat[f"{split}_{key}_auroc"] = float(m["auroc"])
+    metrics_flat = _flat_aurocs(validation_metrics, test_metrics)
     import monai
 
     meta: dict[str, Any] = {
@@ -264,58 +248,11 @@ def save_bundle(
         "eval_metrics": metrics_flat,
         "intended_use": intended_use,
         "references": references or [],
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "magnitude",
-                    "modality": "CR/DX",
-                    "num_channels": 1,
-                    "spatial_shape": [pipeline.size, pipeline.size],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_patch_data": False,
-                    "channel_def": {"0": "image"},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "logits",
-                    "format": "multilabel",
-                    "num_channels": len(findings),
-                    "spatial_shape": [1],
-                    "dtype": "float32",
-                    "value_range": [],
-                    "is_patch_data": False,
-                    "channel_def": {str(i): f.key for i, f in enumerate(findings)},
-                },
-                "embedding": {
-                    "type": "vector",
-                    "format": "embedding",
-                    "num_channels": int(model.embedding_dim),
-                    "spatial_shape": [1],
-                    "dtype": "float32",
-                    "value_range": [],
-                    "is_patch_data": False,
-                },
-            },
-        },
-        "cxr_ai": {
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "manufacturer": "cxr-ai",
-            "network": cfg.to_dict(),
-            "findings": [f.to_dict() for f in findings],
-            "pixel_pipeline": pipeline.to_dict(),
-            "training_data": training_data or {},
-            "validation_metrics": validation_metrics or {},
-            "test_metrics": test_metrics or {},
-            "intended_use": intended_use,
-            "not_for_clinical_use": bool(not_for_clinical_use),
-            "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights)},
-            "exported_with": {"python": platform.python_version(), "cxr_ai": _cxr_version()},
-            **(extra or {}),
-        },
+        "network_data_format": _network_data_format(findings, pipeline, embedding_dim=int(model.embedding_dim)),
+        "cxr_ai": _cxr_ai_section(model=model, name=name, findings=findings, pipeline=pipeline,
+                                  training_data=training_data, validation_metrics=validation_metrics,
+                                  test_metrics=test_metrics, intended_use=intended_use,
+                                  not_for_clinical_use=not_for_clinical_use, weights=weights, extra=extra),
     }
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     for fname, obj in (docs or {}).items():
@@ -324,6 +261,99 @@ def save_bundle(
     (out / LICENSE_FILE).write_text(license_text or _DEFAULT_LICENSE, encoding="utf-8")
     logger.info("exported bundle %s %s to %s", name, version, out)
     return out
+
+
+def _new_bundle_dir(out: Path, *, model: CxrNet, findings: list[FindingSpec], pipeline: PixelPipelineSpec,
+                    overwrite: bool) -> Path:
+    """Check that the findings and the pixel pipeline fit the network, then make the empty
+    bundle folders (replacing an existing bundle only with ``overwrite``)."""
+    if out.exists():
+        if not overwrite:
+            raise BundleError(f"model bundle {out} already exists; pass overwrite=True or choose a new directory")
+        shutil.rmtree(out)
+    cfg = model.config
+    if len(findings) != cfg.num_outputs:
+        raise ValueError(f"{len(findings)} findings given for a network with {cfg.num_outputs} outputs")
+    if cfg.input_size != pipeline.size:
+        raise ValueError(f"network input size {cfg.input_size} differs from pixel pipeline size {pipeline.size}")
+    (out / "configs").mkdir(parents=True)
+    (out / "models").mkdir()
+    (out / "docs").mkdir()
+    return out
+
+
+def _flat_aurocs(validation_metrics: dict[str, Any] | None, test_metrics: dict[str, Any] | None) -> dict[str, float]:
+    """MONAI's ``eval_metrics``: ``{split}_{finding}_auroc`` for every finding with an AUROC."""
+    metrics_flat: dict[str, float] = {}
+    for split, metrics in (("val", validation_metrics or {}), ("test", test_metrics or {})):
+        for key, m in metrics.items():
+            if isinstance(m, dict) and "auroc" in m:
+                metrics_flat[f"{split}_{key}_auroc"] = float(m["auroc"])
+    return metrics_flat
+
+
+def _network_data_format(findings: list[FindingSpec], pipeline: PixelPipelineSpec, *,
+                         embedding_dim: int) -> dict[str, Any]:
+    """MONAI's ``network_data_format``: the image in, the logits and the embedding out."""
+    return {
+        "inputs": {
+            "image": {
+                "type": "image",
+                "format": "magnitude",
+                "modality": "CR/DX",
+                "num_channels": 1,
+                "spatial_shape": [pipeline.size, pipeline.size],
+                "dtype": "float32",
+                "value_range": [0, 1],
+                "is_patch_data": False,
+                "channel_def": {"0": "image"},
+            }
+        },
+        "outputs": {
+            "pred": {
+                "type": "logits",
+                "format": "multilabel",
+                "num_channels": len(findings),
+                "spatial_shape": [1],
+                "dtype": "float32",
+                "value_range": [],
+                "is_patch_data": False,
+                "channel_def": {str(i): f.key for i, f in enumerate(findings)},
+            },
+            "embedding": {
+                "type": "vector",
+                "format": "embedding",
+                "num_channels": embedding_dim,
+                "spatial_shape": [1],
+                "dtype": "float32",
+                "value_range": [],
+                "is_patch_data": False,
+            },
+        },
+    }
+
+
+def _cxr_ai_section(*, model: CxrNet, name: str, findings: list[FindingSpec], pipeline: PixelPipelineSpec,
+                    training_data: dict[str, Any] | None, validation_metrics: dict[str, Any] | None,
+                    test_metrics: dict[str, Any] | None, intended_use: str, not_for_clinical_use: bool,
+                    weights: Path, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``"cxr_ai"`` section: what cxr-ai needs to load and run the bundle, and its provenance."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "manufacturer": "cxr-ai",
+        "network": model.config.to_dict(),
+        "findings": [f.to_dict() for f in findings],
+        "pixel_pipeline": pipeline.to_dict(),
+        "training_data": training_data or {},
+        "validation_metrics": validation_metrics or {},
+        "test_metrics": test_metrics or {},
+        "intended_use": intended_use,
+        "not_for_clinical_use": bool(not_for_clinical_use),
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights)},
+        "exported_with": {"python": platform.python_version(), "cxr_ai": _cxr_version()},
+        **(extra or {}),
+    }
 
 
 def _cxr_version() -> str:

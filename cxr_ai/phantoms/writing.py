@@ -109,6 +109,14 @@ def _dataset(inst: _Instance, pixels: np.ndarray) -> Dataset:
     ds.SOPInstanceUID = inst.sop_uid
     ds.InstanceCreationDate = date
     ds.InstanceCreationTime = content_time
+    _set_patient_and_study(ds, inst, date=date)
+    _set_series_and_equipment(ds, inst, date=date, content_time=content_time, dx=dx)
+    _set_image(ds, inst, date=date, content_time=content_time, dx=dx)
+    _set_luts_and_pixels(ds, inst, pixels)
+    return ds
+
+
+def _set_patient_and_study(ds: Dataset, inst: _Instance, *, date: str) -> None:
     # Patient
     pt = inst.patient
     ds.PatientName = pt.name
@@ -126,6 +134,9 @@ def _dataset(inst: _Instance, pixels: np.ndarray) -> Dataset:
     ds.StudyID = f"{inst.study_index + 1}"
     ds.AccessionNumber = inst.accession
     ds.StudyDescription = inst.study_description
+
+
+def _set_series_and_equipment(ds: Dataset, inst: _Instance, *, date: str, content_time: str, dx: bool) -> None:
     # General Series (+ CR Series / DX Series)
     ds.Modality = inst.modality
     ds.SeriesInstanceUID = inst.series_uid
@@ -144,6 +155,10 @@ def _dataset(inst: _Instance, pixels: np.ndarray) -> Dataset:
     ds.InstitutionName = "Phantom General Hospital"
     ds.ManufacturerModelName = f"{inst.modality} phantom"
     ds.SoftwareVersions = f"cxr-ai {__version__}"
+
+
+def _set_image(ds: Dataset, inst: _Instance, *, date: str, content_time: str, dx: bool) -> None:
+    """General Image, CR Image or DX Image (with DX Anatomy Imaged and Positioning)."""
     # General Image / CR Image / DX Image
     ds.InstanceNumber = 1
     ds.PatientOrientation = _ORIENTATION[(inst.body_part, inst.view)]
@@ -172,6 +187,9 @@ def _dataset(inst: _Instance, pixels: np.ndarray) -> Dataset:
         ds.ViewCodeSequence = [_code_item(_VIEW_CODES[inst.view])]
         ds.AcquisitionContextSequence = []
         ds.PositionerType = "NONE"
+
+
+def _set_luts_and_pixels(ds: Dataset, inst: _Instance, pixels: np.ndarray) -> None:
     # Modality LUT (identity) and VOI LUT (window from the image)
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
@@ -190,7 +208,6 @@ def _dataset(inst: _Instance, pixels: np.ndarray) -> Dataset:
     ds.HighBit = inst.bits_stored - 1
     ds.PixelRepresentation = 0
     ds.PixelData = pixels.tobytes()
-    return ds
 
 
 def _render_instance(inst: _Instance) -> np.ndarray:

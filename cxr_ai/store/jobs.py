@@ -24,7 +24,6 @@ patient data never appear at INFO level.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import logging
@@ -35,248 +34,26 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxr_ai.store.job_records import (FINAL_STATES, ClaimedStudy, Delivery, DeliveryState, InstanceRecord,
+                                      InstanceResult, InstanceState, NewDelivery, ReasonCode, StudyRecord, StudyState)
+from cxr_ai.store.job_queries import JobQueries
+from cxr_ai.store.job_schema import MSG_NEWER_SCHEMA, SCHEMA_VERSION, connect, init_schema
+
+#: The states, records and schema version live in :mod:`cxr_ai.store.job_records` and
+#: :mod:`cxr_ai.store.job_schema`; they are imported from here throughout the code.
+__all__ = [
+    "FINAL_STATES", "MSG_NEWER_SCHEMA", "SCHEMA_VERSION", "ClaimedStudy", "Delivery", "DeliveryState",
+    "InstanceRecord", "InstanceResult", "InstanceState", "JobStore", "NewDelivery", "ReasonCode", "StudyRecord",
+    "StudyState",
+]
+
 logger = logging.getLogger(__name__)
 
-#: Version of the database layout, kept in ``PRAGMA user_version`` (and, for the first
-#: release, which did not set it, in ``meta.schema_version``). Opening an older store migrates
-#: it step by step (:data:`_MIGRATIONS`) in one transaction.
-SCHEMA_VERSION = 2
 
-MSG_NEWER_SCHEMA = (
-    "job store {path} has schema version {found}, newer than this cxr-ai understands "
-    "({expected}); upgrade cxr-ai or point [store] db to another file"
-)
-
-
-class StudyState(str, enum.Enum):
-    """Where a study is in the service (stable strings stored in the database)."""
-
-    RECEIVED = "received"
-    PROCESSING = "processing"
-    SENDING = "sending"
-    RESULTS_SENT = "results_sent"
-    DONE = "done"
-    NOT_APPLICABLE = "not_applicable"
-    FAILED = "failed"
-
-
-class InstanceState(str, enum.Enum):
-    RECEIVED = "received"
-    PROCESSING = "processing"
-    PROCESSED = "processed"
-    NOT_APPLICABLE = "not_applicable"
-    FAILED = "failed"
-
-
-class DeliveryState(str, enum.Enum):
-    PENDING = "pending"
-    SENT = "sent"
-    DEAD = "dead"
-
-
-#: States in which a study needs no more work from workers or routing.
-FINAL_STATES = (StudyState.DONE, StudyState.NOT_APPLICABLE, StudyState.FAILED)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS studies (
-    study_key        TEXT PRIMARY KEY,
-    study_uid        TEXT NOT NULL,
-    job_id           TEXT NOT NULL UNIQUE,
-    state            TEXT NOT NULL,
-    reason           TEXT NOT NULL DEFAULT '',
-    attempts         INTEGER NOT NULL DEFAULT 0,
-    created_at       REAL NOT NULL,
-    updated_at       REAL NOT NULL,
-    last_received_at REAL NOT NULL,
-    ready_at         REAL,
-    processed_at     REAL,
-    results_sent_at  REAL,
-    files_removed    INTEGER NOT NULL DEFAULT 0,
-    reason_code      TEXT NOT NULL DEFAULT '',
-    retracted_at     REAL
-);
-CREATE INDEX IF NOT EXISTS studies_state ON studies(state, ready_at);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_key       TEXT PRIMARY KEY,
-    sop_uid       TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    study_key     TEXT NOT NULL REFERENCES studies(study_key),
-    path          TEXT NOT NULL,
-    size          INTEGER NOT NULL,
-    calling_ae    TEXT NOT NULL DEFAULT '',
-    received_at   REAL NOT NULL,
-    state         TEXT NOT NULL,
-    reason        TEXT NOT NULL DEFAULT '',
-    result_json   TEXT,
-    patient_fp    TEXT NOT NULL DEFAULT '',
-    uid_reused    INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_key, state);
-CREATE INDEX IF NOT EXISTS instances_sop_uid ON instances(sop_uid);
-CREATE TABLE IF NOT EXISTS outbox (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_key       TEXT NOT NULL REFERENCES studies(study_key),
-    job_id          TEXT NOT NULL,
-    destination     TEXT NOT NULL,
-    items           TEXT NOT NULL,
-    state           TEXT NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error      TEXT NOT NULL DEFAULT '',
-    created_at      REAL NOT NULL,
-    updated_at      REAL NOT NULL,
-    sent_at         REAL
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(destination, state, next_attempt_at);
-"""
-
-
-#: Steps from version N-1 to N (statements run in one transaction with the version bump).
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    # 2: patient/study fingerprint and SOP Instance UID reuse on instances; a reason code and
-    # retraction time on studies.
-    2: (
-        "ALTER TABLE instances ADD COLUMN patient_fp TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE instances ADD COLUMN uid_reused INTEGER NOT NULL DEFAULT 0",
-        "CREATE INDEX IF NOT EXISTS instances_sop_uid ON instances(sop_uid)",
-        "ALTER TABLE studies ADD COLUMN reason_code TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE studies ADD COLUMN retracted_at REAL",
-    ),
-}
-
-
-class ReasonCode(str, enum.Enum):
-    """Why a study is failed or not applicable (stable strings; logged and listed, never PHI).
-
-    Not-applicable studies carry the applicability gate's reasons instead
-    (:class:`cxr_ai.dicom.gate.GateReason` values, e.g. ``body_part``), joined by ``+``.
-    """
-
-    INSTANCES_FAILED = "instances_failed"
-    DELIVERY_DEAD = "delivery_dead"
-    PIPELINE_ERROR = "pipeline_error"
-    RECORDING_FAILED = "recording_failed"
-    UNKNOWN_STATE = "unknown_state"
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    sop_key: str
-    sop_uid: str
-    sop_class_uid: str
-    study_key: str
-    path: str
-    size: int
-    calling_ae: str
-    received_at: float
-    state: InstanceState
-    reason: str
-    result: dict[str, Any] | None
-    #: Fingerprint of (study, patient) (:func:`cxr_ai.dicom.uids.patient_study_fingerprint`).
-    patient_fp: str = ""
-    #: Its SOP Instance UID was also received for another study or patient.
-    uid_reused: bool = False
-
-    @classmethod
-    def _from_row(cls, row: sqlite3.Row) -> InstanceRecord:
-        return cls(
-            sop_key=row["sop_key"], sop_uid=row["sop_uid"], sop_class_uid=row["sop_class_uid"],
-            study_key=row["study_key"], path=row["path"], size=row["size"],
-            calling_ae=row["calling_ae"], received_at=row["received_at"],
-            state=InstanceState(row["state"]), reason=row["reason"],
-            result=json.loads(row["result_json"]) if row["result_json"] else None,
-            patient_fp=row["patient_fp"], uid_reused=bool(row["uid_reused"]),
-        )
-
-
-@dataclass(frozen=True)
-class StudyRecord:
-    study_key: str
-    study_uid: str
-    job_id: str
-    state: StudyState
-    reason: str
-    attempts: int
-    created_at: float
-    updated_at: float
-    last_received_at: float
-    ready_at: float | None
-    processed_at: float | None
-    results_sent_at: float | None
-    files_removed: bool
-    reason_code: str = ""
-    retracted_at: float | None = None
-
-    @classmethod
-    def _from_row(cls, row: sqlite3.Row) -> StudyRecord:
-        return cls(
-            study_key=row["study_key"], study_uid=row["study_uid"], job_id=row["job_id"],
-            state=StudyState(row["state"]), reason=row["reason"], attempts=row["attempts"],
-            created_at=row["created_at"], updated_at=row["updated_at"],
-            last_received_at=row["last_received_at"], ready_at=row["ready_at"],
-            processed_at=row["processed_at"], results_sent_at=row["results_sent_at"],
-            files_removed=bool(row["files_removed"]),
-            reason_code=row["reason_code"], retracted_at=row["retracted_at"],
-        )
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One outbox row: a batch of result files for one destination."""
-
-    id: int
-    study_key: str
-    job_id: str
-    destination: str
-    items: list[str]
-    state: DeliveryState
-    attempts: int
-    next_attempt_at: float
-    last_error: str
-    created_at: float
-    sent_at: float | None
-
-    @classmethod
-    def _from_row(cls, row: sqlite3.Row) -> Delivery:
-        return cls(
-            id=row["id"], study_key=row["study_key"], job_id=row["job_id"],
-            destination=row["destination"], items=json.loads(row["items"]),
-            state=DeliveryState(row["state"]), attempts=row["attempts"],
-            next_attempt_at=row["next_attempt_at"], last_error=row["last_error"],
-            created_at=row["created_at"], sent_at=row["sent_at"],
-        )
-
-
-@dataclass(frozen=True)
-class ClaimedStudy:
-    """A study a worker has taken: its record and the instances to process."""
-
-    study: StudyRecord
-    instances: list[InstanceRecord]
-
-
-@dataclass
-class InstanceResult:
-    """What a worker reports for one instance after the pipeline ran."""
-
-    sop_key: str
-    state: InstanceState
-    reason: str = ""
-    result: dict[str, Any] | None = None
-
-
-@dataclass
-class NewDelivery:
-    destination: str
-    items: list[str] = field(default_factory=list)
-
-
-class JobStore:
+class JobStore(JobQueries):
     """SQLite-backed record of instances, studies and deliveries (see module docstring).
 
     Parameters
@@ -307,12 +84,7 @@ class JobStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=30000")
+            conn = connect(self.path, synchronous=self.synchronous)
             self._local.conn = conn
             with self._lock:
                 for thread in [t for t in self._conns if not t.is_alive()]:
@@ -348,32 +120,7 @@ class JobStore:
 
     def _init_schema(self) -> None:
         with self._tx() as conn:
-            found = self._stored_version(conn)
-            if found > SCHEMA_VERSION:
-                raise RuntimeError(MSG_NEWER_SCHEMA.format(path=self.path, found=found, expected=SCHEMA_VERSION))
-            if found == 0:
-                for stmt in _SCHEMA.strip().split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)
-            else:
-                for version in range(found + 1, SCHEMA_VERSION + 1):
-                    for stmt in _MIGRATIONS[version]:
-                        conn.execute(stmt)
-                if found < SCHEMA_VERSION:
-                    logger.warning("job store migrated from schema version %d to %d", found, SCHEMA_VERSION)
-            conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE"
-                         " SET value=excluded.value", (str(SCHEMA_VERSION),))
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION:d}")
-
-    @staticmethod
-    def _stored_version(conn: sqlite3.Connection) -> int:
-        """The schema version of the database: 0 for an empty one."""
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-        if not has_meta:
-            return version
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        return max(version, int(row["value"]) if row else 0)
+            init_schema(conn, path=self.path)
 
     def schema_version(self) -> int:
         return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
@@ -456,7 +203,7 @@ class JobStore:
             if reused:
                 conn.execute("UPDATE instances SET uid_reused=1 WHERE sop_uid=?", (sop_uid,))
             row = conn.execute("SELECT * FROM studies WHERE study_key=?", (study_key,)).fetchone()
-        return StudyRecord._from_row(row)
+        return StudyRecord.from_row(row)
 
     def association_closed(self, study_keys: Iterable[str], *, quiet_seconds: float) -> None:
         """The association that sent these studies ended: they become ready after a quiet period."""
@@ -548,7 +295,7 @@ class JobStore:
                     (key, InstanceState.PROCESSING.value),
                 ).fetchall()
                 study = conn.execute("SELECT * FROM studies WHERE study_key=?", (key,)).fetchone()
-                claimed.append(ClaimedStudy(StudyRecord._from_row(study), [InstanceRecord._from_row(r) for r in inst]))
+                claimed.append(ClaimedStudy(StudyRecord.from_row(study), [InstanceRecord.from_row(r) for r in inst]))
         return claimed
 
     def complete_processing(
@@ -686,7 +433,7 @@ class JobStore:
             "SELECT * FROM outbox WHERE destination=? AND state=? AND next_attempt_at<=? ORDER BY next_attempt_at, id LIMIT ?",
             (destination, DeliveryState.PENDING.value, self._clock(), int(limit)),
         ).fetchall()
-        return [Delivery._from_row(r) for r in rows]
+        return [Delivery.from_row(r) for r in rows]
 
     def delivery_succeeded(self, delivery_id: int) -> StudyState:
         now = self._clock()
@@ -755,7 +502,7 @@ class JobStore:
             rows = conn.execute("SELECT * FROM studies WHERE state=?", (StudyState.RESULTS_SENT.value,)).fetchall()
             conn.execute("UPDATE studies SET state=?, updated_at=? WHERE state=?",
                          (StudyState.DONE.value, now, StudyState.RESULTS_SENT.value))
-        return [StudyRecord._from_row(r) for r in rows]
+        return [StudyRecord.from_row(r) for r in rows]
 
     def expired_files(self, *, keep_seconds: float) -> list[StudyRecord]:
         """Done / not-applicable studies whose spool files are older than ``keep_seconds``.
@@ -767,100 +514,18 @@ class JobStore:
             "SELECT * FROM studies WHERE state IN (?,?) AND files_removed=0 AND updated_at<=?",
             (StudyState.DONE.value, StudyState.NOT_APPLICABLE.value, cutoff),
         ).fetchall()
-        return [StudyRecord._from_row(r) for r in rows]
+        return [StudyRecord.from_row(r) for r in rows]
 
     def mark_files_removed(self, study_key: str) -> None:
         with self._tx() as conn:
             conn.execute("UPDATE studies SET files_removed=1 WHERE study_key=?", (study_key,))
 
-    # -- queries --------------------------------------------------------------------------
-    def study(self, study_key: str) -> StudyRecord | None:
-        row = self._conn().execute("SELECT * FROM studies WHERE study_key=?", (study_key,)).fetchone()
-        return StudyRecord._from_row(row) if row else None
-
-    def studies(self, *, state: StudyState | Sequence[StudyState] | None = None, since: float | None = None,
-                limit: int | None = None, newest_first: bool = False) -> list[StudyRecord]:
-        """Studies, optionally in ``state`` (one or several) and updated at or after ``since``."""
-        q, args = "SELECT * FROM studies WHERE 1=1", []
-        if state is not None:
-            states = [state] if isinstance(state, StudyState) else list(state)
-            q += f" AND state IN ({','.join('?' * len(states))})"
-            args += [s.value for s in states]
-        if since is not None:
-            q += " AND updated_at>=?"
-            args.append(float(since))
-        q += " ORDER BY updated_at DESC" if newest_first else " ORDER BY created_at"
-        if limit is not None:
-            q += " LIMIT ?"
-            args.append(int(limit))
-        return [StudyRecord._from_row(r) for r in self._conn().execute(q, args).fetchall()]
-
-    def find_studies(self, *, study_uid: str | None = None, job_id: str | None = None) -> list[StudyRecord]:
-        """Studies by Study Instance UID or job id (exact match)."""
-        if study_uid is not None:
-            rows = self._conn().execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchall()
-        elif job_id is not None:
-            rows = self._conn().execute("SELECT * FROM studies WHERE job_id=?", (job_id,)).fetchall()
-        else:
-            raise ValueError("find_studies needs study_uid or job_id")
-        return [StudyRecord._from_row(r) for r in rows]
-
-    def reused_uid_instances(self) -> list[InstanceRecord]:
-        """Instances whose SOP Instance UID was also received for another study or patient."""
-        rows = self._conn().execute("SELECT * FROM instances WHERE uid_reused=1 ORDER BY sop_uid, received_at")
-        return [InstanceRecord._from_row(r) for r in rows.fetchall()]
-
+    # -- results withdrawn ----------------------------------------------------------------
     def mark_retracted(self, study_key: str) -> None:
         """Record that the study's results were withdrawn (``cxr-ai retract``)."""
         now = self._clock()
         with self._tx() as conn:
             conn.execute("UPDATE studies SET retracted_at=?, updated_at=? WHERE study_key=?", (now, now, study_key))
-
-    def job_states(self) -> dict[str, tuple[str, str, float]]:
-        """job id → (state, reason, created_at) of every study (one light query, for the pages)."""
-        cur = self._conn().cursor()
-        cur.row_factory = None  # plain tuples: 10,000 rows in a few ms
-        return {job: (state, reason, created) for job, state, reason, created in
-                cur.execute("SELECT job_id, state, reason, created_at FROM studies")}
-
-    def instances(self, study_key: str | None = None) -> list[InstanceRecord]:
-        if study_key is None:
-            rows = self._conn().execute("SELECT * FROM instances ORDER BY received_at, sop_key").fetchall()
-        else:
-            rows = self._conn().execute("SELECT * FROM instances WHERE study_key=? ORDER BY received_at, sop_key",
-                                        (study_key,)).fetchall()
-        return [InstanceRecord._from_row(r) for r in rows]
-
-    def deliveries(self, *, state: DeliveryState | None = None, study_key: str | None = None) -> list[Delivery]:
-        q, args = "SELECT * FROM outbox WHERE 1=1", []
-        if state is not None:
-            q += " AND state=?"
-            args.append(state.value)
-        if study_key is not None:
-            q += " AND study_key=?"
-            args.append(study_key)
-        return [Delivery._from_row(r) for r in self._conn().execute(q + " ORDER BY id", args).fetchall()]
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Counts by state for studies, instances and outbox (for /metrics and the CLI)."""
-        conn = self._conn()
-        out: dict[str, dict[str, int]] = {}
-        for table, enum_ in (("studies", StudyState), ("instances", InstanceState), ("outbox", DeliveryState)):
-            got = {r["state"]: r["n"] for r in conn.execute(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
-            out[table] = {s.value: int(got.get(s.value, 0)) for s in enum_}
-        row = conn.execute("SELECT COUNT(*) AS n, COUNT(DISTINCT sop_uid) AS u FROM instances WHERE uid_reused=1").fetchone()
-        out["identity"] = {"sop_uid_reused_instances": int(row["n"]), "sop_uid_reused_uids": int(row["u"])}
-        return out
-
-    def unrecorded_paths(self, paths: Iterable[str | os.PathLike]) -> list[str]:
-        """Those of ``paths`` that no instance row points to (spool reconciliation)."""
-        known = {r["path"] for r in self._conn().execute("SELECT path FROM instances")}
-        return [str(p) for p in paths if str(p) not in known]
-
-    def next_ready_at(self) -> float | None:
-        row = self._conn().execute("SELECT MIN(ready_at) AS t FROM studies WHERE state=? AND ready_at IS NOT NULL",
-                                   (StudyState.RECEIVED.value,)).fetchone()
-        return row["t"]
 
 
 def _new_job_id() -> str:

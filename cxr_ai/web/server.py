@@ -20,7 +20,7 @@ from cxr_ai.web.settings import WebSettings
 
 if TYPE_CHECKING:
     from cxr_ai.service import Service
-    from cxr_ai.web.app import WebContext
+    from cxr_ai.web.context import WebContext
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def context_for(service: Service) -> WebContext:
     """The pages' view of a running service (own database connections for the pages)."""
     from cxr_ai.monitoring.log import monitoring_dir, resolve_pseudonym_key
     from cxr_ai.monitoring.truth import TruthStore
-    from cxr_ai.web.app import WebContext
+    from cxr_ai.web.context import WebContext
     from cxr_ai.worklist import Worklist
 
     import copy
