@@ -37,7 +37,8 @@ import pydicom
 import torch
 from pydicom.uid import RLELossless
 
-from cxr_ai.dicom.heatmap import build_heatmap_sc, build_parametric_maps, sc_display
+from cxr_ai.dicom.heatmap import build_heatmap_sc, sc_display
+from cxr_ai.dicom.parametric_map import build_parametric_maps
 from cxr_ai.dicom.reader import read_radiograph
 from cxr_ai.dicom.sr import build_sr
 from cxr_ai.errors import CxrAiError

@@ -51,7 +51,7 @@ from pydicom.uid import (
 )
 
 from cxr_ai import fhir
-from cxr_ai.dicom import heatmap
+from cxr_ai.dicom import heatmap, parametric_map
 from cxr_ai.dicom.sr import build_sr
 from cxr_ai.errors import ConfigError
 from cxr_ai.results import OUTPUT_PARTS, ImageResult
@@ -328,7 +328,7 @@ def outputs_for(
             for i, f in enumerate(with_maps)
         ]
     if with_maps and out_cfg["parametric_map"] and "parametric_map" in include:
-        outputs.parametric_maps = heatmap.build_parametric_maps(
+        outputs.parametric_maps = parametric_map.build_parametric_maps(
             source_ds, with_maps, model,
             series_number=int(out_cfg["pm_series_number"]),
             first_instance_number=instance_number,

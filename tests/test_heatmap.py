@@ -19,22 +19,22 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from cxr_ai.dicom import codes
+from cxr_ai.dicom.heat import DIAGNOSTIC_WARNING, MSG_HEATMAP_SHAPE, MSG_NO_HEATMAP
 from cxr_ai.dicom.heatmap import (
-    DIAGNOSTIC_WARNING,
     MSG_COLORMAP,
     MSG_DISPLAY_SHAPE,
-    MSG_HEATMAP_SHAPE,
-    MSG_NO_HEATMAP,
     MSG_SC_DISPLAY_SIDE,
-    NOMINAL_SPACING_MM,
-    PM_SCALE,
     build_heatmap_sc,
-    build_parametric_map,
-    build_parametric_maps,
-    map_geometry,
     overlay_rgb,
     sc_display,
     sc_text_lines,
+)
+from cxr_ai.dicom.parametric_map import (
+    NOMINAL_SPACING_MM,
+    PM_SCALE,
+    build_parametric_map,
+    build_parametric_maps,
+    map_geometry,
 )
 from cxr_ai.dicom.sr import build_sr
 from cxr_ai.imaging import display_array
@@ -375,7 +375,7 @@ def test_resize_is_the_box_average_whole_factor_or_not(shape, size):
 
 
 def test_heat_clipping_matches_nan_to_num_then_clip():
-    from cxr_ai.dicom.heatmap import _clip01
+    from cxr_ai.dicom.heat import clip01 as _clip01
 
     heat = np.array([[np.nan, -np.inf, np.inf, -0.5], [0.0, 0.25, 1.0, 1.5]], dtype=np.float32)
     np.testing.assert_array_equal(_clip01(heat), np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from cxr_ai.dicom.heatmap import build_heatmap_sc, build_parametric_map
+from cxr_ai.dicom.heatmap import build_heatmap_sc
+from cxr_ai.dicom.parametric_map import build_parametric_map
 from cxr_ai.dicom.sr import build_sr
 from cxr_ai.dicom.uids import ResultIdentity, output_uid, patient_study_fingerprint
 from cxr_ai.phantoms import make_phantom_dataset

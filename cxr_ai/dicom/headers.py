@@ -1,7 +1,7 @@
 """Header attributes every result object shares: patient and study, and the algorithm as
 contributing equipment.
 
-The writers (:mod:`cxr_ai.dicom.sr`, :mod:`cxr_ai.dicom.heatmap`) build their objects with
+The writers (:mod:`cxr_ai.dicom.sr`, :mod:`cxr_ai.dicom.heatmap`, :mod:`cxr_ai.dicom.parametric_map`) build their objects with
 highdicom, whose constructors copy different subsets of the source's patient and study
 attributes (the Secondary Capture constructor drops IssuerOfPatientID, for one). A PACS files
 an object by these attributes, so every result object of a study must carry the same values:

@@ -52,10 +52,10 @@ def build_segmentation(
     ValueError
         Missing heatmap or one whose shape is not the source's rows x columns.
     """
-    from cxr_ai.dicom.heatmap import _heat, _patient_orientation, _valid_spacing
+    from cxr_ai.dicom.heat import heat_of, patient_orientation, valid_spacing
 
     check_source(source_ds)
-    heat = _heat(source_ds, finding)
+    heat = heat_of(source_ds, finding)
     concept = codes.finding_code(finding.key)
     description = hd.seg.SegmentDescription(
         segment_number=1,
@@ -90,9 +90,9 @@ def build_segmentation(
     )
     shared = seg.SharedFunctionalGroupsSequence[0]
     measures = shared.get("PixelMeasuresSequence")
-    if measures and not _valid_spacing(measures[0].get("PixelSpacing")):
+    if measures and not valid_spacing(measures[0].get("PixelSpacing")):
         del shared.PixelMeasuresSequence  # never copy an invalid spacing into an output
-    orientation = _patient_orientation(source_ds)
+    orientation = patient_orientation(source_ds)
     seg.PatientOrientation = list(orientation) if orientation else None  # Type 2C: empty = unknown
     headers.finish(seg, source_ds, model, description=f"{finding.display} saliency segmentation by {model.label}")
     logger.debug("built Segmentation %s (%s) for instance %s", seg.SOPInstanceUID, finding.key,

@@ -62,7 +62,7 @@ def radiograph_png(path: str | Path, *, max_side: int) -> bytes:
 
 
 def pm_finding(path: Path) -> str:
-    """The finding key of a Parametric Map written by :mod:`cxr_ai.dicom.heatmap` (from its label)."""
+    """The finding key of a Parametric Map written by :mod:`cxr_ai.dicom.parametric_map` (from its label)."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     return str(ds.get("ContentLabel", "")).removesuffix("_MAP").lower()
 
@@ -78,7 +78,7 @@ def heatmap_png(path: Path, *, size: tuple[int, int]) -> bytes:
     over the displayed radiograph (alpha follows the value)."""
     from matplotlib import colormaps
 
-    from cxr_ai.dicom.heatmap import PM_SCALE
+    from cxr_ai.dicom.parametric_map import PM_SCALE
 
     ds = pydicom.dcmread(path)
     heat = np.asarray(ds.pixel_array, dtype=np.float32)
