@@ -35,7 +35,7 @@ import enum
 import logging
 import os
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,7 +54,7 @@ from cxr_ai import fhir
 from cxr_ai.dicom import heatmap, parametric_map
 from cxr_ai.dicom.sr import build_sr
 from cxr_ai.errors import ConfigError
-from cxr_ai.results import OUTPUT_PARTS, ImageResult
+from cxr_ai.results import OUTPUT_PARTS, FindingResult, ImageResult, ModelInfo
 
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time to keep import cheap
     from fhir.resources.R4B.bundle import Bundle
@@ -238,6 +238,32 @@ class ImageOutputs:
         return paths
 
 
+def _heatmap_scs(source_ds: Dataset, with_maps: list[FindingResult], model: ModelInfo,
+                 display_image: np.ndarray | heatmap.ScDisplay | None, out_cfg: Mapping[str, Any], *,
+                 instance_number: int) -> list[hd.sc.SCImage]:
+    """One heatmap SC per finding in ``with_maps``, over one background made once per image."""
+    if display_image is None:
+        from cxr_ai.imaging import display_array
+
+        display_image, _ = display_array(source_ds, source_ds.pixel_array)
+    if not isinstance(display_image, heatmap.ScDisplay) and np.shape(display_image) == (
+            int(source_ds.Rows), int(source_ds.Columns)):  # resized once for every finding
+        display_image = heatmap.sc_display(display_image, max_side=int(out_cfg["sc_max_side"]))
+    return [
+        heatmap.build_heatmap_sc(
+            source_ds, f, model,
+            display_image=display_image,
+            max_side=int(out_cfg["sc_max_side"]),
+            colormap=str(out_cfg["sc_colormap"]),
+            max_alpha=float(out_cfg["sc_max_alpha"]),
+            min_heat=float(out_cfg["sc_min_heat"]),
+            series_number=int(out_cfg["sc_series_number"]),
+            instance_number=instance_number + i,
+        )
+        for i, f in enumerate(with_maps)
+    ]
+
+
 def outputs_for(
     result: ImageResult,
     source_ds: Dataset,
@@ -307,26 +333,8 @@ def outputs_for(
     # finding, Absent with its probability); "all" adds maps of the negative findings too.
     with_maps = [f for f in findings if f.heatmap is not None and (heatmaps_for == "all" or f.positive)]
     if with_maps and out_cfg["heatmap_sc"] and "heatmap_sc" in include:
-        if display_image is None:
-            from cxr_ai.imaging import display_array
-
-            display_image, _ = display_array(source_ds, source_ds.pixel_array)
-        if not isinstance(display_image, heatmap.ScDisplay) and np.shape(display_image) == (
-                int(source_ds.Rows), int(source_ds.Columns)):  # resized once for every finding
-            display_image = heatmap.sc_display(display_image, max_side=int(out_cfg["sc_max_side"]))
-        outputs.heatmap_scs = [
-            heatmap.build_heatmap_sc(
-                source_ds, f, model,
-                display_image=display_image,
-                max_side=int(out_cfg["sc_max_side"]),
-                colormap=str(out_cfg["sc_colormap"]),
-                max_alpha=float(out_cfg["sc_max_alpha"]),
-                min_heat=float(out_cfg["sc_min_heat"]),
-                series_number=int(out_cfg["sc_series_number"]),
-                instance_number=instance_number + i,
-            )
-            for i, f in enumerate(with_maps)
-        ]
+        outputs.heatmap_scs = _heatmap_scs(source_ds, with_maps, result.model, display_image, out_cfg,
+                                           instance_number=instance_number)
     if with_maps and out_cfg["parametric_map"] and "parametric_map" in include:
         outputs.parametric_maps = parametric_map.build_parametric_maps(
             source_ds, with_maps, model,

@@ -221,6 +221,50 @@ def _display_for(display_image: np.ndarray | ScDisplay, source_ds: Dataset, *, m
     return sc_display(display_image, max_side=max_side)
 
 
+def _sc_pixels(source_ds: Dataset, finding: FindingResult, model: ModelInfo, display_image: np.ndarray | ScDisplay,
+               *, max_side: int, colormap: str, max_alpha: float, min_heat: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """The capture's RGB pixels (the blended image over the text band) and the image's size."""
+    if max_side < 64:
+        raise ValueError(MSG_OPTIONS.format(name="max_side", bounds=">= 64", value=max_side))
+    rows, cols = int(source_ds.Rows), int(source_ds.Columns)
+    heat = heat_of(source_ds, finding)
+    if not 0.0 <= max_alpha <= 1.0:
+        raise ValueError(MSG_OPTIONS.format(name="max_alpha", bounds="[0, 1]", value=max_alpha))
+    if not 0.0 <= min_heat < 1.0:
+        raise ValueError(MSG_OPTIONS.format(name="min_heat", bounds="[0, 1)", value=min_heat))
+    small = _display_for(display_image, source_ds, max_side=max_side)
+    size = sc_size((rows, cols), max_side)
+    # what overlay_rgb(_resize(display, size), _resize(heat, size)) gives, with the display
+    # resized and quantised once per image (ScDisplay) rather than once per finding
+    image = _blend(small.gray, _resize(heat, size), colormap=colormap, max_alpha=max_alpha, min_heat=min_heat)
+    return np.concatenate([image, _banner(size[1], sc_text_lines(finding, model))], axis=0), size
+
+
+def _describe_sc(sc: hd.sc.SCImage, source_ds: Dataset, finding: FindingResult, model: ModelInfo, *,
+                 colormap: str, max_alpha: float, size: tuple[int, int]) -> None:
+    """The capture's own attributes: what it shows, where it came from, the source's lossy history."""
+    rows, cols = int(source_ds.Rows), int(source_ds.Columns)
+    sc.BodyPartExamined = str(source_ds.get("BodyPartExamined", "") or "CHEST")
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source_ds.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source_ds.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    sc.DerivationDescription = (
+        f"Grad-CAM saliency of {finding.display} by {model.label} ({colormap}, max opacity "
+        f"{max_alpha:g}) over the source as displayed (VOI window, MONOCHROME1 inverted), "
+        f"downsampled {rows}x{cols} to {size[0]}x{size[1]}, text band below"
+    )[:1024]
+    sc.ImageComments = DIAGNOSTIC_WARNING + (
+        f"; {NOT_FOR_CLINICAL_USE}" if model.not_for_clinical_use else ""
+    )
+    if str(source_ds.get("LossyImageCompression", "")) == "01":
+        for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in source_ds:
+                setattr(sc, keyword, source_ds[keyword].value)
+
+
 def build_heatmap_sc(
     source_ds: Dataset,
     finding: FindingResult,
@@ -260,20 +304,8 @@ def build_heatmap_sc(
         Missing heatmap, shapes that do not match the source, or bad overlay options.
     """
     check_source(source_ds)
-    if max_side < 64:
-        raise ValueError(MSG_OPTIONS.format(name="max_side", bounds=">= 64", value=max_side))
-    rows, cols = int(source_ds.Rows), int(source_ds.Columns)
-    heat = heat_of(source_ds, finding)
-    if not 0.0 <= max_alpha <= 1.0:
-        raise ValueError(MSG_OPTIONS.format(name="max_alpha", bounds="[0, 1]", value=max_alpha))
-    if not 0.0 <= min_heat < 1.0:
-        raise ValueError(MSG_OPTIONS.format(name="min_heat", bounds="[0, 1)", value=min_heat))
-    small = _display_for(display_image, source_ds, max_side=max_side)
-    size = sc_size((rows, cols), max_side)
-    # what overlay_rgb(_resize(display, size), _resize(heat, size)) gives, with the display
-    # resized and quantised once per image (ScDisplay) rather than once per finding
-    image = _blend(small.gray, _resize(heat, size), colormap=colormap, max_alpha=max_alpha, min_heat=min_heat)
-    pixels = np.concatenate([image, _banner(size[1], sc_text_lines(finding, model))], axis=0)
+    pixels, size = _sc_pixels(source_ds, finding, model, display_image, max_side=max_side, colormap=colormap,
+                              max_alpha=max_alpha, min_heat=min_heat)
 
     orientation = patient_orientation(source_ds)
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -297,25 +329,7 @@ def build_heatmap_sc(
     )
     if orientation is None:
         sc.PatientOrientation = None  # Type 2C: present, empty = unknown
-    sc.BodyPartExamined = str(source_ds.get("BodyPartExamined", "") or "CHEST")
-    sc.BurnedInAnnotation = "YES"
-    sc.RecognizableVisualFeatures = "NO"
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source_ds.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source_ds.SOPInstanceUID
-    sc.SourceImageSequence = [reference]
-    sc.DerivationDescription = (
-        f"Grad-CAM saliency of {finding.display} by {model.label} ({colormap}, max opacity "
-        f"{max_alpha:g}) over the source as displayed (VOI window, MONOCHROME1 inverted), "
-        f"downsampled {rows}x{cols} to {size[0]}x{size[1]}, text band below"
-    )[:1024]
-    sc.ImageComments = DIAGNOSTIC_WARNING + (
-        f"; {NOT_FOR_CLINICAL_USE}" if model.not_for_clinical_use else ""
-    )
-    if str(source_ds.get("LossyImageCompression", "")) == "01":
-        for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
-            if keyword in source_ds:
-                setattr(sc, keyword, source_ds[keyword].value)
+    _describe_sc(sc, source_ds, finding, model, colormap=colormap, max_alpha=max_alpha, size=size)
     headers.finish(sc, source_ds, model, description=f"{finding.display} heatmap (Grad-CAM) by {model.label}")
     logger.debug(
         "built heatmap SC %s (%s) for instance %s", sc.SOPInstanceUID, finding.key, source_ds.SOPInstanceUID

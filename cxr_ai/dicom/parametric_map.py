@@ -148,6 +148,26 @@ def _geometry_source(source_ds: Dataset, geometry: MapGeometry) -> Dataset:
     return meta
 
 
+def _stored_values(heat: np.ndarray) -> np.ndarray:
+    """``round(heat * PM_SCALE)`` as uint16, with one temporary."""
+    stored = np.multiply(heat, np.float32(PM_SCALE))
+    np.rint(stored, out=stored)
+    return stored.astype(np.uint16)
+
+
+def _value_mapping(finding: FindingResult) -> hd.pm.RealWorldValueMapping:
+    """Stored values 0-PM_SCALE as saliency 0-1 (unitless)."""
+    return hd.pm.RealWorldValueMapping(
+        lut_label=finding.key[:16],
+        lut_explanation=sanitize_lo(f"{finding.display} Grad-CAM saliency (0-1)"),
+        unit=codes.UNITLESS,
+        value_range=(0, PM_SCALE),
+        slope=1.0 / PM_SCALE,
+        intercept=0.0,
+        quantity_definition=codes.SALIENCY,
+    )
+
+
 def build_parametric_map(
     source_ds: Dataset,
     finding: FindingResult,
@@ -168,19 +188,9 @@ def build_parametric_map(
     """
     check_source(source_ds)
     heat = heat_of(source_ds, finding)
-    stored = np.multiply(heat, np.float32(PM_SCALE))  # round(heat * PM_SCALE), one temporary
-    np.rint(stored, out=stored)
-    stored = stored.astype(np.uint16)
+    stored = _stored_values(heat)
     label = f"{finding.key.upper()}_MAP"[:16]
-    mapping = hd.pm.RealWorldValueMapping(
-        lut_label=finding.key[:16],
-        lut_explanation=sanitize_lo(f"{finding.display} Grad-CAM saliency (0-1)"),
-        unit=codes.UNITLESS,
-        value_range=(0, PM_SCALE),
-        slope=1.0 / PM_SCALE,
-        intercept=0.0,
-        quantity_definition=codes.SALIENCY,
-    )
+    mapping = _value_mapping(finding)
     qualification = (
         hd.ContentQualificationValues.RESEARCH if model.not_for_clinical_use
         else hd.ContentQualificationValues.PRODUCT
