@@ -268,12 +268,13 @@ class Pipeline:
         rg = outcome.radiograph
         assert outcome.result is not None and rg is not None
         source, notes = sanitized_for_outputs(rg.dataset)
+        captures_due = bool(set(parts) & set(HEATMAP_PARTS)) and any(
+            f.heatmap is not None for f in outcome.result.findings)
         if notes:
             logger.info("source attributes blanked for the result objects: %s", "; ".join(notes))
         try:
             display = outcome.sc_display
-            if (display is None and any(f.heatmap is not None for f in outcome.result.findings)
-                    and set(parts) & set(HEATMAP_PARTS)):
+            if display is None and captures_due:
                 display, _ = display_array(rg.dataset, rg.pixels())  # already decoded: no re-decode
             objects = outputs_for(outcome.result, source, display_image=display, config=self.config,
                                   include=parts)
@@ -286,7 +287,7 @@ class Pipeline:
             logger.warning("result objects failed: %s", type(exc).__name__)
             return
         outcome.timings["outputs_s"] = outcome.timings.get("outputs_s", 0.0) + time.perf_counter() - t0
-        if set(parts) & set(HEATMAP_PARTS):
+        if captures_due:
             outcome.sc_display = None  # the captures are made
         outcome.status, outcome.reason = InstanceStatus.PROCESSED, ""
         outcome.message = f"{outcome.source}: processed"

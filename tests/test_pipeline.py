@@ -10,6 +10,7 @@ import pytest
 
 from cxr_ai.dicom.sr import read_sr_findings
 from cxr_ai.pipeline import InstanceStatus, Pipeline
+from cxr_ai.results import HEATMAP_PARTS
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +94,11 @@ def test_heatmap_captures_over_the_stage_one_display_equal_those_from_the_source
 
     outcome, pre = pipeline.prepare(rg1_paths["RG1_UNCR"])
     assert isinstance(outcome.sc_display, ScDisplay)
-    pipeline.infer([(outcome, pre)])
-    pipeline.build_outputs(outcome)
+    pipeline.infer([(outcome, pre)], source_maps=False)
+    pipeline.build_outputs(outcome)  # no heatmap yet: the SR and FHIR only, the background is kept
+    assert isinstance(outcome.sc_display, ScDisplay)
+    pipeline.add_heatmaps([(outcome, pre)])
+    pipeline.build_outputs(outcome, parts=HEATMAP_PARTS)
     assert outcome.sc_display is None  # dropped once the captures are made
     got = [ds for ds in outcome.datasets if ds.Modality == "OT" and "PixelData" in ds and ds.SamplesPerPixel == 3]
     source = pydicom.dcmread(rg1_paths["RG1_UNCR"])
