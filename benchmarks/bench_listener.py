@@ -302,7 +302,8 @@ def _latency_run(svc_factory, orthanc, src: Path, trials: int, work: Path, tag: 
 LATENCY_SETTINGS = [("defaults", {}), ("idle_start = false", {"workers": {"idle_start": False}})]
 
 
-def bench_latency(trials: int, work: Path, *, bundle: str | None, quiet_values: list[float | None]) -> dict:
+def bench_latency(trials: int, work: Path, *, bundle: str | None, quiet_values: list[float | None],
+                  heatmaps_for: str = "positive") -> dict:
     from helpers_orthanc import start_orthanc
 
     from cxr_ai.config import load_config
@@ -312,6 +313,7 @@ def bench_latency(trials: int, work: Path, *, bundle: str | None, quiet_values: 
     base = load_config(env={})
     if bundle:
         base["models"]["bundle"] = bundle
+    base["outputs"]["heatmaps_for"] = heatmaps_for
     try:
         from cxr_ai.pipeline import Pipeline
 
@@ -359,7 +361,8 @@ def bench_latency(trials: int, work: Path, *, bundle: str | None, quiet_values: 
     finally:
         orthanc.stop()
     return {"trials": trials, "runs": runs, "goal_p50_s": 1.0, "bundle": bundle or "(default demo bundle)",
-            "model": pipeline.model_info.label,
+            "model": pipeline.model_info.label, "heatmaps_for": heatmaps_for,
+            "result_objects_per_study": len(objects),
             "note": "C-STORE response from Orthanc -> Orthanc Lua routing job -> cxr-ai (quiet period, pipeline: "
                     "read, model, SR + FHIR built and queued = received_to_sr_queued_s; then Grad-CAM, SC, PM) -> "
                     "C-STORE of the SR back -> SR found by /tools/find (10 ms polls)"}
@@ -373,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-receive", action="store_true", help="latency only (keeps the receive numbers on file)")
     p.add_argument("--bundle", default=None, help="model bundle directory (default: the demo bundle)")
+    p.add_argument("--heatmaps-for", choices=("positive", "all"), default="positive",
+                   help="[outputs] heatmaps_for of the latency runs (all: an SC and a PM for every finding)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"result file (default {RESULTS.relative_to(REPO)})")
     p.add_argument("--quiet", type=float, action="append", default=None,
                    help="quiet period(s) to measure latency with (default: the configured one)")
     args = p.parse_args(argv)
@@ -405,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(f"{x:.2f}" for x in r.get("round_ratios", [])))
         if not args.skip_latency:
             quiet_values = args.quiet or [None]
-            out["latency"] = bench_latency(args.trials, work, bundle=args.bundle, quiet_values=quiet_values)
+            out["latency"] = bench_latency(args.trials, work, bundle=args.bundle, quiet_values=quiet_values,
+                                           heatmaps_for=args.heatmaps_for)
             lat = out["latency"]
             if "skipped" in lat:
                 print(f"latency: skipped ({lat['skipped']})")
@@ -417,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                       + ", ".join(f"{k} {v:.2f}" for k, v in run["median_stages_s"].items() if v is not None))
                 if run.get("heatmaps_in_orthanc_p50_s") is not None:
                     print(f"  last C-STORE -> every heatmap object in Orthanc: p50 {run['heatmaps_in_orthanc_p50_s']:.2f} s")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
     return 0
 
 
