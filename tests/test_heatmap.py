@@ -326,7 +326,7 @@ def test_sc_over_a_display_made_once_equals_the_sc_over_the_display_image(images
     rows, cols = display.shape
     heats = [_blob(rows, cols), _blob(rows, cols, centre=(0.3, 0.3), width=(0.1, 0.1))]
     small = sc_display(display, max_side=512)
-    assert small.source_shape == (rows, cols) and max(small.gray.size) == 512
+    assert small.source_shape == (rows, cols) and max(small.gray.shape) == 512
     for heat in heats:
         finding = _finding(ds, heat=heat)
         want = build_heatmap_sc(ds, finding, DEMO, display_image=display, max_side=512)
@@ -372,6 +372,26 @@ def test_resize_is_the_box_average_whole_factor_or_not(shape, size):
     if shape == (size[0] * fy, size[1] * fx):  # the mean of each block, computed independently
         blocks = img.reshape(size[0], fy, size[1], fx).mean(axis=(1, 3), dtype=np.float64)
         np.testing.assert_allclose(got, blocks, rtol=0, atol=1e-6)
+
+
+def test_blend_lookup_equals_pillows_composite_pixel_for_pixel():
+    """The blend is looked up in a table made once per look; it must be exactly Pillow's
+    palette + opacity + composite run on the image itself."""
+    from cxr_ai.dicom.heatmap import _overlay_luts, _to_u8, overlay_rgb
+
+    rng = np.random.default_rng(7)
+    display = rng.random((300, 211), dtype=np.float32)
+    heat = rng.random((300, 211), dtype=np.float32)
+    for colormap, max_alpha, min_heat in (("inferno", 0.6, 0.2), ("viridis", 1.0, 0.0), ("magma", 0.35, 0.5)):
+        palette, opacity = _overlay_luts(colormap, max_alpha, min_heat)
+        heat_u8 = Image.fromarray(_to_u8(heat))
+        colour = heat_u8.copy()
+        colour.putpalette(palette)
+        gray = Image.fromarray(_to_u8(display)).convert("RGB")
+        want = np.asarray(Image.composite(colour.convert("RGB"), gray, heat_u8.point(opacity)))
+        got = overlay_rgb(display, heat, colormap=colormap, max_alpha=max_alpha, min_heat=min_heat)
+        assert got.shape == (300, 211, 3) and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, want)
 
 
 def test_heat_clipping_matches_nan_to_num_then_clip():

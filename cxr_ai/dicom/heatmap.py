@@ -119,8 +119,25 @@ def _overlay_luts(colormap: str, max_alpha: float, min_heat: float) -> tuple[lis
     return palette, opacity
 
 
-def _gray_rgb(display_image: np.ndarray) -> Image.Image:
-    return Image.fromarray(_to_u8(np.asarray(display_image, dtype=np.float32))).convert("RGB")
+def _gray_u8(display_image: np.ndarray) -> np.ndarray:
+    return _to_u8(np.asarray(display_image, dtype=np.float32))
+
+
+@functools.lru_cache(maxsize=16)
+def _blend_table(colormap: str, max_alpha: float, min_heat: float) -> np.ndarray:
+    """The overlay of every 8-bit heat over every 8-bit grey, as packed RGBX (uint32, index
+    ``grey * 256 + heat``): Pillow's composite of the palette colour over the grey, through
+    the opacity table, run once on the 256 x 256 grid of all pairs. Blending an image is then
+    one lookup per pixel, pixel for pixel what the composite gives."""
+    palette, opacity = _overlay_luts(colormap, max_alpha, min_heat)
+    heat = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (256, 1)))  # row: grey, column: heat
+    grey = Image.fromarray(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 256, axis=1)).convert("RGB")
+    colour = heat.copy()
+    colour.putpalette(palette)  # an "L" image with a palette becomes "P"
+    rgb = np.asarray(Image.composite(colour.convert("RGB"), grey, heat.point(opacity)), dtype=np.uint8)
+    rgbx = np.zeros((256, 256, 4), dtype=np.uint8)
+    rgbx[..., :3] = rgb
+    return rgbx.view(np.uint32).reshape(65536)
 
 
 def sc_size(source_shape: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -143,7 +160,7 @@ class ScDisplay:
 
     source_shape: tuple[int, int]
     max_side: int
-    gray: Image.Image  # mode "RGB", sc_size(source_shape, max_side)
+    gray: np.ndarray  # uint8, sc_size(source_shape, max_side)
 
 
 def sc_display(display_image: np.ndarray, *, max_side: int = 1024) -> ScDisplay:
@@ -153,7 +170,7 @@ def sc_display(display_image: np.ndarray, *, max_side: int = 1024) -> ScDisplay:
         raise ValueError(MSG_OPTIONS.format(name="max_side", bounds=">= 64", value=max_side))
     display = np.asarray(display_image, dtype=np.float32)
     shape = (int(display.shape[0]), int(display.shape[1]))
-    return ScDisplay(source_shape=shape, max_side=max_side, gray=_gray_rgb(_resize(display, sc_size(shape, max_side))))
+    return ScDisplay(source_shape=shape, max_side=max_side, gray=_gray_u8(_resize(display, sc_size(shape, max_side))))
 
 
 def overlay_rgb(
@@ -167,25 +184,23 @@ def overlay_rgb(
     """Blend ``heat`` (0-1) over the grayscale ``display_image`` (0-1); uint8 RGB.
 
     Opacity is ``max_alpha`` at heat 1, falls linearly to 0 at ``min_heat`` and stays 0 below.
-    Both images are quantised to 8 bits first (the output's depth), and the blend runs in
-    Pillow's C code: the colormap as a palette, the opacity as a lookup table, then
-    ``Image.composite``.
+    Both images are quantised to 8 bits first (the output's depth). The blend is Pillow's
+    (the colormap as a palette, the opacity as a lookup table, ``Image.composite``), run once
+    per look on every pair of 8-bit grey and heat and then looked up per pixel.
     """
     if not 0.0 <= max_alpha <= 1.0:
         raise ValueError(MSG_OPTIONS.format(name="max_alpha", bounds="[0, 1]", value=max_alpha))
     if not 0.0 <= min_heat < 1.0:
         raise ValueError(MSG_OPTIONS.format(name="min_heat", bounds="[0, 1)", value=min_heat))
-    return _blend(_gray_rgb(display_image), heat, colormap=colormap, max_alpha=max_alpha, min_heat=min_heat)
+    return _blend(_gray_u8(display_image), heat, colormap=colormap, max_alpha=max_alpha, min_heat=min_heat)
 
 
-def _blend(gray: Image.Image, heat: np.ndarray, *, colormap: str, max_alpha: float, min_heat: float) -> np.ndarray:
-    """:func:`overlay_rgb` over an already quantised grey RGB image (options checked)."""
-    palette, opacity = _overlay_luts(colormap, float(max_alpha), float(min_heat))
-    heat_u8 = Image.fromarray(_to_u8(np.asarray(heat, dtype=np.float32)))  # mode "L"
-    colour = heat_u8.copy()
-    colour.putpalette(palette)  # an "L" image with a palette becomes "P"
-    blended = Image.composite(colour.convert("RGB"), gray, heat_u8.point(opacity))
-    return np.asarray(blended, dtype=np.uint8)
+def _blend(gray: np.ndarray, heat: np.ndarray, *, colormap: str, max_alpha: float, min_heat: float) -> np.ndarray:
+    """:func:`overlay_rgb` over an already quantised 8-bit grey image (options checked)."""
+    table = _blend_table(colormap, float(max_alpha), float(min_heat))
+    index = gray.astype(np.uint16) << 8
+    index |= _to_u8(np.asarray(heat, dtype=np.float32))
+    return np.take(table, index).view(np.uint8).reshape(*gray.shape, 4)[..., :3]
 
 
 def _p_text(p: float) -> str:
