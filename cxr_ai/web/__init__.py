@@ -13,8 +13,24 @@ module's ``routes()`` to its list; a handler gets :class:`~cxr_ai.web.context.Pa
 audit what a user sees or changes (``ctx.audit.write``), and give every error a page.
 """
 
-from cxr_ai.web.app import PageTools, WebContext, create_app
-from cxr_ai.web.server import WebServer, context_for
-from cxr_ai.web.settings import WebSettings
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cxr_ai.web.app import PageTools, WebContext, create_app
+    from cxr_ai.web.server import WebServer, context_for
+    from cxr_ai.web.settings import WebSettings
+
+#: Where each name lives: imported on first use, so that a command that needs one light module
+#: (``cxr-ai users`` needs ``web.auth``) does not load Starlette, Jinja2 and the pages.
+_HOMES = {"PageTools": "app", "WebContext": "app", "create_app": "app", "WebServer": "server",
+          "context_for": "server", "WebSettings": "settings"}
 __all__ = ["PageTools", "WebContext", "WebServer", "WebSettings", "context_for", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"cxr_ai.web.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'cxr_ai.web' has no attribute {name!r}")
