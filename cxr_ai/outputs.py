@@ -264,6 +264,28 @@ def _heatmap_scs(source_ds: Dataset, with_maps: list[FindingResult], model: Mode
     ]
 
 
+def _findings_with_maps(findings: list[FindingResult], out_cfg: Mapping[str, Any]) -> list[FindingResult]:
+    """The findings that get heatmap objects: those the model called present (the SR still
+    reports every finding, Absent with its probability); ``heatmaps_for = "all"`` adds the
+    negative ones."""
+    heatmaps_for = str(out_cfg.get("heatmaps_for", "positive"))
+    if heatmaps_for not in HEATMAPS_FOR:
+        raise ConfigError(MSG_HEATMAPS_FOR.format(value=heatmaps_for))
+    return [f for f in findings if f.heatmap is not None and (heatmaps_for == "all" or f.positive)]
+
+
+def _segmentations(source_ds: Dataset, with_maps: list[FindingResult], model: ModelInfo,
+                   out_cfg: Mapping[str, Any], *, instance_number: int) -> list[hd.seg.Segmentation]:
+    from cxr_ai.dicom.segmentation import SEG_SERIES_NUMBER, build_segmentation
+
+    return [
+        build_segmentation(source_ds, f, model,
+                           series_number=int(out_cfg.get("seg_series_number", SEG_SERIES_NUMBER)),
+                           instance_number=instance_number + i)
+        for i, f in enumerate(with_maps)
+    ]
+
+
 def outputs_for(
     result: ImageResult,
     source_ds: Dataset,
@@ -326,12 +348,7 @@ def outputs_for(
             source_ds, model, findings,
             series_number=int(out_cfg["sr_series_number"]), instance_number=instance_number,
         )
-    heatmaps_for = str(out_cfg.get("heatmaps_for", "positive"))
-    if heatmaps_for not in HEATMAPS_FOR:
-        raise ConfigError(MSG_HEATMAPS_FOR.format(value=heatmaps_for))
-    # Localisation for the findings the model called present (the SR still reports every
-    # finding, Absent with its probability); "all" adds maps of the negative findings too.
-    with_maps = [f for f in findings if f.heatmap is not None and (heatmaps_for == "all" or f.positive)]
+    with_maps = _findings_with_maps(findings, out_cfg)
     if with_maps and out_cfg["heatmap_sc"] and "heatmap_sc" in include:
         outputs.heatmap_scs = _heatmap_scs(source_ds, with_maps, result.model, display_image, out_cfg,
                                            instance_number=instance_number)
@@ -343,14 +360,7 @@ def outputs_for(
             transfer_syntax_uid=str(out_cfg["pm_transfer_syntax"]),
         )
     if with_maps and out_cfg.get("segmentation", False) and "segmentation" in include:
-        from cxr_ai.dicom.segmentation import SEG_SERIES_NUMBER, build_segmentation
-
-        outputs.segmentations = [
-            build_segmentation(source_ds, f, model,
-                               series_number=int(out_cfg.get("seg_series_number", SEG_SERIES_NUMBER)),
-                               instance_number=instance_number + i)
-            for i, f in enumerate(with_maps)
-        ]
+        outputs.segmentations = _segmentations(source_ds, with_maps, model, out_cfg, instance_number=instance_number)
     if "fhir" in include:
         outputs.fhir_bundle = fhir.build_bundle(
             source_ds, model, findings, options=fhir.FhirOptions.from_config(cfg)

@@ -436,63 +436,61 @@ def run_items(
     plan = plan or model_plan(pipeline)
     bs = int(batch_size or getattr(pipeline.engine, "batch_size", 8) or 8)
     size = max(1, int(threads))
-    lookahead = max(2 * bs, 2 * size)
-    results: dict[str, Finished] = {}
-    pending: deque[tuple[cf.Future, int]] = deque()  # stage 3 tasks in submission order, instances
-    waiting = 0  # instances in stage 3
-    inferring: deque[tuple[cf.Future, list[Prepared]]] = deque()  # model calls, in batch order
-
     _settle_torch_threads()  # before any stage or model thread exists
     stages = _stage_pool(pipeline, kind, size, out_dir=out_dir, pkey=pkey, write=write, start_method=method)
     logger.info("batch: %d instances, model batches of %d in %d lane(s)%s, stages in %d %s", len(items), bs,
                 plan.lanes, f" of {plan.torch_threads} thread(s)" if plan.torch_threads else "", size, stages.kind)
-
+    restore = _set_torch_threads(plan.torch_threads)
+    lanes = cf.ThreadPoolExecutor(plan.lanes, thread_name_prefix="cxr-model")
     # Heatmaps are made only when result objects are, always from the driver's forward; they
     # are mapped to the source geometry in the worker processes when there are some (only the
     # small model-geometry maps cross), else in the driver's model call.
     explain = bool(pipeline.explain) and write
-    heatmaps_in_pool = explain and stages.maps_in_pool
-
-    def deliver(fin: Finished) -> None:
-        results[fin.key] = fin
-        if on_finished is not None:
-            on_finished(fin)
-
-    def drain(block_until: int) -> None:
-        """Deliver finished instances; wait while more than ``block_until`` are in stage 3."""
-        nonlocal waiting
-        while pending and (waiting > block_until or pending[0][0].done()):
-            fut, n = pending.popleft()
-            waiting -= n
-            for fin in _result(fut):
-                deliver(fin)
-
-    def to_stage3(done: list[Prepared]) -> None:
-        nonlocal waiting
-        tasks = stages.finish(done, heatmaps=True) if heatmaps_in_pool else stages.finish(done)
-        pending.extend(tasks)
-        waiting += sum(n for _, n in tasks)
-
-    def harvest(block_until: int) -> None:
-        """Hand inferred batches (oldest first) to stage 3."""
-        while inferring and (len(inferring) > block_until or inferring[0][0].done()):
-            fut, done = inferring.popleft()
-            fut.result()
-            to_stage3(done)
-
-    restore: int | None = None
-    if plan.torch_threads:
-        import torch
-
-        restore = torch.get_num_threads()
-        torch.set_num_threads(int(plan.torch_threads))
-    lanes = cf.ThreadPoolExecutor(plan.lanes, thread_name_prefix="cxr-model")
+    flow = _Flow(pipeline, stages, lanes, n_lanes=plan.lanes, batch_size=bs, explain=explain,
+                 heatmaps_in_pool=explain and stages.maps_in_pool, on_finished=on_finished)
     ok = False
     try:
+        flow.run(items, lookahead=max(2 * bs, 2 * size))
+        ok = True
+    finally:
+        lanes.shutdown(wait=True, cancel_futures=not ok)
+        stages.close(cancel=not ok)
+        _set_torch_threads(restore)
+    return [flow.results[i.key] for i in items if i.key in flow.results]
+
+
+def _set_torch_threads(n: int | None) -> int | None:
+    """Set PyTorch's thread count to ``n`` (nothing when ``n`` is None or 0); return the count before."""
+    if not n:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    return before
+
+
+class _Flow:
+    """The instances' way through :func:`run_items`: stage 1 in the pool, model batches in
+    the lanes (in the order of the items), stage 3 in the pool, each finished instance
+    delivered to ``on_finished`` in this thread."""
+
+    def __init__(self, pipeline: StagedPipeline, stages: Any, lanes: cf.ThreadPoolExecutor, *, n_lanes: int,
+                 batch_size: int, explain: bool, heatmaps_in_pool: bool,
+                 on_finished: Callable[[Finished], None] | None) -> None:
+        self.pipeline, self.stages, self.lanes, self.n_lanes = pipeline, stages, lanes, n_lanes
+        self.bs, self.explain, self.heatmaps_in_pool = batch_size, explain, heatmaps_in_pool
+        self.on_finished = on_finished
+        self.results: dict[str, Finished] = {}
+        self.pending: deque[tuple[cf.Future, int]] = deque()  # stage 3 tasks in submission order, instances
+        self.waiting = 0  # instances in stage 3
+        self.inferring: deque[tuple[cf.Future, list[Prepared]]] = deque()  # model calls, in batch order
+
+    def run(self, items: Sequence[WorkItem], *, lookahead: int) -> None:
         it = iter(enumerate(items))
         queue: deque[cf.Future] = deque()
         for ticket, item in it:
-            queue.append(stages.prepare(item, ticket))
+            queue.append(self.stages.prepare(item, ticket))
             if len(queue) >= lookahead:
                 break
         batch: list[Prepared] = []
@@ -500,29 +498,42 @@ def run_items(
             got = _result(queue.popleft())
             nxt = next(it, None)
             if nxt is not None:
-                queue.append(stages.prepare(nxt[1], nxt[0]))
+                queue.append(self.stages.prepare(nxt[1], nxt[0]))
             if isinstance(got, Finished):  # not applicable / failed: finished by the pool
-                deliver(got)
+                self.deliver(got)
             else:
                 batch.append(got)
-            if batch and (len(batch) >= bs or not queue):
-                harvest(block_until=plan.lanes - 1)  # a free lane
-                inferring.append((lanes.submit(infer, pipeline, batch, explain=explain,
-                                               source_maps=not heatmaps_in_pool), batch))
+            if batch and (len(batch) >= self.bs or not queue):
+                self.harvest(block_until=self.n_lanes - 1)  # a free lane
+                self.inferring.append((self.lanes.submit(infer, self.pipeline, batch, explain=self.explain,
+                                                         source_maps=not self.heatmaps_in_pool), batch))
                 batch = []
-            harvest(block_until=plan.lanes)
-            drain(block_until=2 * bs)  # bounded memory: prepared outcomes wait for their outputs
-        harvest(block_until=0)
-        drain(block_until=0)
-        ok = True
-    finally:
-        lanes.shutdown(wait=True, cancel_futures=not ok)
-        stages.close(cancel=not ok)
-        if restore is not None:
-            import torch
+            self.harvest(block_until=self.n_lanes)
+            self.drain(block_until=2 * self.bs)  # bounded memory: prepared outcomes wait for their outputs
+        self.harvest(block_until=0)
+        self.drain(block_until=0)
 
-            torch.set_num_threads(restore)
-    return [results[i.key] for i in items if i.key in results]
+    def deliver(self, fin: Finished) -> None:
+        self.results[fin.key] = fin
+        if self.on_finished is not None:
+            self.on_finished(fin)
+
+    def drain(self, block_until: int) -> None:
+        """Deliver finished instances; wait while more than ``block_until`` are in stage 3."""
+        while self.pending and (self.waiting > block_until or self.pending[0][0].done()):
+            fut, n = self.pending.popleft()
+            self.waiting -= n
+            for fin in _result(fut):
+                self.deliver(fin)
+
+    def harvest(self, block_until: int) -> None:
+        """Hand inferred batches (oldest first) to stage 3."""
+        while self.inferring and (len(self.inferring) > block_until or self.inferring[0][0].done()):
+            fut, done = self.inferring.popleft()
+            fut.result()
+            tasks = self.stages.finish(done, heatmaps=True) if self.heatmaps_in_pool else self.stages.finish(done)
+            self.pending.extend(tasks)
+            self.waiting += sum(n for _, n in tasks)
 
 
 def _result(fut: cf.Future) -> Any:

@@ -198,6 +198,59 @@ def _clean_tmp(out_dir: Path) -> int:
     return n
 
 
+def _run_settings(cfg: Mapping[str, Any], options: BatchOptions) -> tuple[int, str, bool]:
+    """Stage pool size, pool kind and whether Dask runs it; bad settings fail here, before any work."""
+    bcfg = batch_section(cfg)
+    threads = options.threads or int(bcfg.get("threads", 0) or 0) or max(2, usable_cores())
+    pool = str(options.pool or bcfg.get("pool", "auto") or "auto")
+    pool_kind(pool, write=options.write_outputs)  # a typo fails here, before any work
+    if options.write_outputs and not options.dry_run and not str(
+            cfg.get("fhir", {}).get("default_patient_identifier_system", "") or "").strip():
+        logger.warning("the FHIR bundles written next to the results carry no patient identifier system for "
+                       "issuers that are not mapped: set [fhir] default_patient_identifier_system before "
+                       "delivering them to a FHIR server")
+    if options.workers and options.scheduler:
+        raise ConfigError(MSG_WORKERS_AND_SCHEDULER)
+    return threads, pool, bool(options.workers or options.scheduler)
+
+
+def _recorder(state: BatchState, summary: BatchSummary, *, options: BatchOptions, out_dir: Path, run_id: str,
+              plog: Any, bar: Any) -> Callable[[Finished], None]:
+    """What happens to each finished instance, in the driver's thread: its state row, the
+    prediction log, the summary's counts, sending its results (``--send-to``), the progress bar."""
+    sent_lock = threading.Lock()
+
+    def on_finished(fin: Finished) -> None:
+        state.record(key=fin.key, row=fin.row, outputs=fin.outputs, run_id=run_id)
+        if plog is not None and fin.row.get("sop_uid"):
+            plog.append(plog.record_from_row(fin.row, source="batch"))
+        status = fin.row["status"]
+        if status == "processed":
+            summary.processed += 1
+        elif status == "not_applicable":
+            summary.not_applicable[fin.row["reason"] or "unknown"] += 1
+        else:
+            summary.failed[fin.row["reason"] or "unknown"] += 1
+        if options.send_to is not None and fin.outputs:
+            _send(fin, out_dir, options.send_to, summary, sent_lock)
+        bar.update(1)
+
+    return on_finished
+
+
+def _write_tables(state: BatchState, summary: BatchSummary, *, model: Any, finding_keys: list[str],
+                  out_dir: Path) -> None:
+    """The results table (CSV and Parquet) of every recorded instance of this model, and the
+    skipped-inputs report."""
+    rows = [r["row"] for r in state.records(model.name, model.version)]
+    keys = sorted({k[2:] for r in rows for k in r if k.startswith("p_")} | set(finding_keys),
+                  key=lambda k: (finding_keys.index(k) if k in finding_keys else 99, k))
+    csv_path, pq_path = write_table(rows, out_dir, finding_keys=keys)
+    summary.table_csv, summary.table_parquet = str(csv_path), str(pq_path)
+    summary.skipped_report = str(write_skipped_inputs(out_dir, ignored=summary.ignored,
+                                                      duplicates=summary.duplicates))
+
+
 def run_batch(
     worklist: BatchInputs,
     *,
@@ -230,17 +283,7 @@ def run_batch(
                            duplicates=list(worklist.duplicates), uid_reused=list(worklist.uid_reused),
                            dry_run=options.dry_run)
     bcfg = batch_section(cfg)
-    threads = options.threads or int(bcfg.get("threads", 0) or 0) or max(2, usable_cores())
-    pool = str(options.pool or bcfg.get("pool", "auto") or "auto")
-    pool_kind(pool, write=options.write_outputs)  # a typo fails here, before any work
-    if options.write_outputs and not options.dry_run and not str(
-            cfg.get("fhir", {}).get("default_patient_identifier_system", "") or "").strip():
-        logger.warning("the FHIR bundles written next to the results carry no patient identifier system for "
-                       "issuers that are not mapped: set [fhir] default_patient_identifier_system before "
-                       "delivering them to a FHIR server")
-    use_dask = bool(options.workers or options.scheduler)
-    if options.workers and options.scheduler:
-        raise ConfigError(MSG_WORKERS_AND_SCHEDULER)
+    threads, pool, use_dask = _run_settings(cfg, options)
     if options.batch_size:
         cfg.setdefault("models", {})
         cfg["models"] = {**cfg["models"], "batch_size": int(options.batch_size)}
@@ -266,25 +309,8 @@ def run_batch(
         pkey = _pseudonym_key(cfg, out_dir)
         run_id = options.run_id or time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
         bar = _progress(total=len(todo), enabled=options.progress)
-        sent_lock = threading.Lock()
-
-        plog = _prediction_log(cfg)
-
-        def on_finished(fin: Finished) -> None:
-            state.record(key=fin.key, row=fin.row, outputs=fin.outputs, run_id=run_id)
-            if plog is not None and fin.row.get("sop_uid"):
-                plog.append(plog.record_from_row(fin.row, source="batch"))
-            status = fin.row["status"]
-            if status == "processed":
-                summary.processed += 1
-            elif status == "not_applicable":
-                summary.not_applicable[fin.row["reason"] or "unknown"] += 1
-            else:
-                summary.failed[fin.row["reason"] or "unknown"] += 1
-            if options.send_to is not None and fin.outputs:
-                _send(fin, out_dir, options.send_to, summary, sent_lock)
-            bar.update(1)
-
+        on_finished = _recorder(state, summary, options=options, out_dir=out_dir, run_id=run_id,
+                                plog=_prediction_log(cfg), bar=bar)
         try:
             if use_dask:
                 _run_dask(todo, cfg=cfg, options=options, out_dir=out_dir, pkey=pkey, threads=threads,
@@ -297,14 +323,7 @@ def run_batch(
                           plan=model_plan(pipeline, config=cfg))
         finally:
             bar.close()
-        records = state.records(model.name, model.version)
-        rows = [r["row"] for r in records]
-        keys = sorted({k[2:] for r in rows for k in r if k.startswith("p_")} | set(finding_keys),
-                      key=lambda k: (finding_keys.index(k) if k in finding_keys else 99, k))
-        csv_path, pq_path = write_table(rows, out_dir, finding_keys=keys)
-        summary.table_csv, summary.table_parquet = str(csv_path), str(pq_path)
-        summary.skipped_report = str(write_skipped_inputs(out_dir, ignored=summary.ignored,
-                                                          duplicates=summary.duplicates))
+        _write_tables(state, summary, model=model, finding_keys=finding_keys, out_dir=out_dir)
     finally:
         state.close()
     summary.elapsed_s = time.perf_counter() - t_start
