@@ -30,8 +30,8 @@ from _common import machine_info, write_result  # noqa: E402
 def build(root: Path, n: int, *, seed: int = 0):
     from cxr_ai.store.jobs import JobStore
     from cxr_ai.store.spool import Spool
-    from cxr_ai.web.app import WebContext
-    from cxr_ai.web.settings import WebSettings
+    from cxr_ai.service.web.app import WebContext
+    from cxr_ai.service.web.settings import WebSettings
     from cxr_ai.worklist import Worklist
 
     rng = random.Random(seed)
@@ -200,7 +200,7 @@ def bench_receive(n: int, rounds: int, work: Path, *, page: str = "worklist") ->
 def bench_pages(studies: int, reps: int) -> dict:
     from starlette.testclient import TestClient
 
-    from cxr_ai.web.app import create_app
+    from cxr_ai.service.web.app import create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         ctx = build(Path(tmp), studies)

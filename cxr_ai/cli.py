@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cxr_ai.monitoring.cli import add_monitoring_parsers
     from cxr_ai.ops_cli import add_ops_parsers
     from cxr_ai.service.cli import add_service_parsers
-    from cxr_ai.web.users_cli import add_users_parser
+    from cxr_ai.service.web.users_cli import add_users_parser
     from cxr_ai.worklist_cli import add_worklist_parser
 
     add_service_parsers(sub)

@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "cxr_ai"
 
 #: part (module or package prefix) -> the parts it must never import.
-NO_DRIVERS = ("cxr_ai.net", "cxr_ai.store", "cxr_ai.service", "cxr_ai.web", "cxr_ai.batch",
+NO_DRIVERS = ("cxr_ai.net", "cxr_ai.store", "cxr_ai.service", "cxr_ai.batch",
               "cxr_ai.cli", "cxr_ai.ops_cli", "cxr_ai.worklist_cli")
 NEVER: dict[str, tuple[str, ...]] = {
     "cxr_ai.pipeline": NO_DRIVERS,
@@ -28,12 +28,12 @@ NEVER: dict[str, tuple[str, ...]] = {
     "cxr_ai.imaging": NO_DRIVERS + ("cxr_ai.models", "cxr_ai.pipeline"),
     "cxr_ai.dicom": NO_DRIVERS + ("cxr_ai.pipeline", "cxr_ai.outputs", "cxr_ai.fhir"),
     "cxr_ai.fhir": NO_DRIVERS + ("cxr_ai.pipeline", "cxr_ai.outputs"),
-    "cxr_ai.net": ("cxr_ai.models", "cxr_ai.pipeline", "cxr_ai.outputs", "cxr_ai.web", "cxr_ai.batch",
+    "cxr_ai.net": ("cxr_ai.models", "cxr_ai.pipeline", "cxr_ai.outputs", "cxr_ai.service.web", "cxr_ai.batch",
                    "cxr_ai.service.wiring", "cxr_ai.service.workers", "cxr_ai.service.routing",
                    "cxr_ai.service.cli"),
-    "cxr_ai.store": ("cxr_ai.net", "cxr_ai.service", "cxr_ai.web", "cxr_ai.batch", "cxr_ai.models",
+    "cxr_ai.store": ("cxr_ai.net", "cxr_ai.service", "cxr_ai.batch", "cxr_ai.models",
                      "cxr_ai.pipeline"),
-    "cxr_ai.batch": ("cxr_ai.service", "cxr_ai.web", "cxr_ai.cli"),
+    "cxr_ai.batch": ("cxr_ai.service", "cxr_ai.cli"),
 }
 
 
@@ -158,7 +158,7 @@ def test_the_checker_sees_function_level_imports_and_skips_type_checking(tmp_pat
 #: The edge: the modules that read the environment and the configuration file (through
 #: cxr_ai.config.load_settings) and pass settings down as arguments. Any ``__main__`` too.
 EDGE = frozenset({"cxr_ai.config", "cxr_ai.cli", "cxr_ai.ops_cli", "cxr_ai.worklist_cli", "cxr_ai.service.cli",
-                  "cxr_ai.batch.cli", "cxr_ai.monitoring.cli", "cxr_ai.evaluation.cli", "cxr_ai.web.users_cli"})
+                  "cxr_ai.batch.cli", "cxr_ai.monitoring.cli", "cxr_ai.evaluation.cli", "cxr_ai.service.web.users_cli"})
 #: What reads the environment (``os.<name>`` or ``from os import <name>``).
 ENV_READERS = frozenset({"environ", "environb", "getenv", "getenvb"})
 #: What loads the configuration file and the environment.

@@ -12,9 +12,9 @@ from starlette.testclient import TestClient
 
 from cxr_ai.store.jobs import JobStore
 from cxr_ai.store.spool import Spool
-from cxr_ai.web.app import MSG_UNKNOWN_STUDY, WebContext, create_app
-from cxr_ai.web.auth import UserStore
-from cxr_ai.web.settings import WebSettings
+from cxr_ai.service.web.app import MSG_UNKNOWN_STUDY, WebContext, create_app
+from cxr_ai.service.web.auth import UserStore
+from cxr_ai.service.web.settings import WebSettings
 from cxr_ai.worklist import Worklist
 
 PASSWORD = "a long enough password"
@@ -138,7 +138,7 @@ def test_https_on_the_web_port_with_secure_cookies(tmp_path: Path) -> None:
     import ssl
     import subprocess
 
-    from cxr_ai.web.server import WebServer
+    from cxr_ai.service.web.server import WebServer
 
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True, timeout=60)

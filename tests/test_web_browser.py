@@ -23,7 +23,7 @@ from cxr_ai.net.scu import Peer, send_files
 from cxr_ai.phantoms import PhantomConfig, generate_studies
 from cxr_ai.service import Service
 from cxr_ai.store.jobs import StudyState
-from cxr_ai.web.auth import UserStore
+from cxr_ai.service.web.auth import UserStore
 from cxr_ai.worklist import TriagePolicy
 
 REPO = Path(__file__).resolve().parents[1]

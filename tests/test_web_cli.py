@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr_ai.web.auth import UserStore
-from cxr_ai.web.users_cli import users_main
+from cxr_ai.service.web.auth import UserStore
+from cxr_ai.service.web.users_cli import users_main
 
 REPO = Path(__file__).resolve().parents[1]
 

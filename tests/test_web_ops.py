@@ -22,7 +22,7 @@ from cxr_ai.config import load_config
 from cxr_ai.net.scu import Peer, send_files
 from cxr_ai.phantoms import PhantomConfig, generate_studies
 from cxr_ai.service import Service
-from cxr_ai.web.auth import UserStore
+from cxr_ai.service.web.auth import UserStore
 from test_service import write_toml
 from test_web_browser import browser, settled, shot, wait_for  # noqa: F401 - the shared chromium fixture
 from test_web_second_opinion import PASSWORD, sign_in_browser

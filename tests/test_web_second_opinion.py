@@ -24,8 +24,8 @@ from cxr_ai.config import load_config
 from cxr_ai.dicom.reader import read_radiograph
 from cxr_ai.imaging import display_array
 from cxr_ai.service import Service
-from cxr_ai.web.auth import UserStore
-from cxr_ai.web.second_opinion_page import DownloadStore, RateLimit
+from cxr_ai.service.web.auth import UserStore
+from cxr_ai.service.web.second_opinion_page import DownloadStore, RateLimit
 from test_web_browser import browser, shot, wait_for  # noqa: F401 - the shared chromium fixture
 
 pytestmark = pytest.mark.slow
@@ -331,8 +331,8 @@ def test_open_workstation_api_and_keep_uploads(tmp_path: Path, rg1_png) -> None:
 
     from cxr_ai.store.jobs import JobStore
     from cxr_ai.store.spool import Spool
-    from cxr_ai.web.app import WebContext, create_app
-    from cxr_ai.web.settings import WebSettings
+    from cxr_ai.service.web.app import WebContext, create_app
+    from cxr_ai.service.web.settings import WebSettings
     from cxr_ai.worklist import Worklist
 
     cfg = load_config(env={})

@@ -11,7 +11,7 @@
   router with its retries.
 - :mod:`~cxr_ai.service.metrics`: the service's Prometheus metrics.
 - :mod:`~cxr_ai.service.cli`: ``cxr-ai serve``, ``jobs``, ``demo``; ``python -m cxr_ai.service``.
-- The HTTP side (pages, API) is :mod:`cxr_ai.web`, started by :class:`Service`.
+- The HTTP side (pages, API) is :mod:`cxr_ai.service.web`, started by :class:`Service`.
 
 The names of :mod:`~cxr_ai.service.wiring` are available here (``from cxr_ai.service import
 Service``); they load on first use, so that importing :mod:`cxr_ai.service.metrics` (as the DICOM

@@ -125,7 +125,7 @@ class Service:
 
         self.metrics.registry.register(OpsCollector(db_path=s.db_path, config=config,
                                                     min_free_bytes=s.listener.min_free_bytes))
-        self._http: Any = None  # cxr_ai.web.server.WebServer (pages, /healthz, /metrics, /status)
+        self._http: Any = None  # cxr_ai.service.web.server.WebServer (pages, /healthz, /metrics, /status)
         self._janitor: threading.Thread | None = None
         self._stopped = threading.Event()
         self.started_at: float | None = None
@@ -189,7 +189,7 @@ class Service:
         if self.monitor_runner is not None:
             self.monitor_runner.start()
         if self.settings.http_enabled:
-            from cxr_ai.web import WebServer, context_for, create_app
+            from cxr_ai.service.web import WebServer, context_for, create_app
 
             web = context_for(self)
             self._http = WebServer(create_app(web), host=self.settings.http_host, port=self.settings.http_port,

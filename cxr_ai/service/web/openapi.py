@@ -1,5 +1,5 @@
 """The OpenAPI 3 document of the JSON API (served at ``/api/v1/openapi.json``), kept by hand
-beside the handlers in :mod:`cxr_ai.web.second_opinion_page` (the tests validate it with
+beside the handlers in :mod:`cxr_ai.service.web.second_opinion_page` (the tests validate it with
 ``openapi-spec-validator`` and check the live answers against its schemas)."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_ai.errors import ConfigError
-from cxr_ai.web.auth import ROLES, UserStore
+from cxr_ai.service.web.auth import ROLES, UserStore
 
 
 def add_users_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def _users_file(args: argparse.Namespace) -> Path:
         return Path(args.users_file)
     from cxr_ai.config import load_settings
     from cxr_ai.service import validate_config
-    from cxr_ai.web.settings import WebSettings
+    from cxr_ai.service.web.settings import WebSettings
 
     loaded = load_settings(args.config)
     cfg = loaded.config

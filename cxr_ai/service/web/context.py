@@ -1,6 +1,6 @@
 """What every page reads and writes (:class:`WebContext`, built by
-:func:`cxr_ai.web.server.context_for`) and what every page handler gets on
-``request.app.state.pages`` (:class:`PageTools`, built by :func:`cxr_ai.web.access.page_tools`).
+:func:`cxr_ai.service.web.server.context_for`) and what every page handler gets on
+``request.app.state.pages`` (:class:`PageTools`, built by :func:`cxr_ai.service.web.access.page_tools`).
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from starlette.responses import HTMLResponse
 from cxr_ai.monitoring.truth import TruthStore
 from cxr_ai.store.jobs import JobStore
 from cxr_ai.store.spool import Spool
-from cxr_ai.web.audit import AuditLog
-from cxr_ai.web.auth import Lockout, User, UserStore
-from cxr_ai.web.data import RowCache
-from cxr_ai.web.feedback import FeedbackStore
-from cxr_ai.web.images import ImageCache
-from cxr_ai.web.settings import WebSettings
+from cxr_ai.service.web.audit import AuditLog
+from cxr_ai.service.web.auth import Lockout, User, UserStore
+from cxr_ai.service.web.data import RowCache
+from cxr_ai.service.web.feedback import FeedbackStore
+from cxr_ai.service.web.images import ImageCache
+from cxr_ai.service.web.settings import WebSettings
 from cxr_ai.worklist import Worklist
 
 
 @dataclass
 class WebContext:
-    """What the pages read and write; built by :func:`cxr_ai.web.server.context_for`."""
+    """What the pages read and write; built by :func:`cxr_ai.service.web.server.context_for`."""
 
     settings: WebSettings
     store: JobStore
@@ -73,7 +73,7 @@ class PageTools:
     ``create_app(extra_routes=...)``): ``require_user(request)`` → :class:`User` (or the
     sign-in redirect / 401), ``await check_csrf(request)`` → the form (or 403),
     ``render(request, template, status=200, user=..., **values)`` → HTML (templates from
-    ``cxr_ai/web/templates``, extending ``base.html``), and the :class:`WebContext`."""
+    ``cxr_ai/service/web/templates``, extending ``base.html``), and the :class:`WebContext`."""
 
     ctx: WebContext
     require_user: Callable[[Request], User]

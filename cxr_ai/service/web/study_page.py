@@ -14,11 +14,11 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from cxr_ai.monitoring.truth import VERDICTS, truth_from_feedback
-from cxr_ai.web.access import client_of
-from cxr_ai.web.auth import reader_pseudonym
-from cxr_ai.web.context import WebContext
-from cxr_ai.web.data import study_view
-from cxr_ai.web.images import display_size, heatmap_png, pm_finding, radiograph_png
+from cxr_ai.service.web.access import client_of
+from cxr_ai.service.web.auth import reader_pseudonym
+from cxr_ai.service.web.context import WebContext
+from cxr_ai.service.web.data import study_view
+from cxr_ai.service.web.images import display_size, heatmap_png, pm_finding, radiograph_png
 
 MSG_UNKNOWN_STUDY = ("There is no study with this link. It may have been removed by retention, or the link "
                      "was mistyped. Go back to the worklist to find the study.")

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from cxr_ai.web.access import MSG_EXPIRED, client_of
+from cxr_ai.service.web.access import MSG_EXPIRED, client_of
 
 MSG_LOCKED = "Too many failed sign-ins for this user. Wait {minutes:.0f} minutes, or ask an administrator."
 MSG_BAD_SIGNIN = "The user name or password is wrong, or the account is disabled."

@@ -9,8 +9,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from cxr_ai.web.context import WebContext
-from cxr_ai.web.data import STATES, Filters, all_rows, filter_rows, finding_keys, page_of
+from cxr_ai.service.web.context import WebContext
+from cxr_ai.service.web.data import STATES, Filters, all_rows, filter_rows, finding_keys, page_of
 
 
 def _page(request: Request) -> int:

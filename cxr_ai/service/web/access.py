@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from cxr_ai.results import format_probability
-from cxr_ai.web.auth import User
-from cxr_ai.web.context import PageTools, WebContext
-from cxr_ai.web.data import DISPLAY
+from cxr_ai.service.web.auth import User
+from cxr_ai.service.web.context import PageTools, WebContext
+from cxr_ai.service.web.data import DISPLAY
 
 OPEN_USER = User(name="workstation", role="radiologist")
 
@@ -30,8 +30,8 @@ MSG_SIGNIN_REQUIRED = "Sign in to see this page."
 
 
 def templates() -> Environment:
-    """The page templates (``cxr_ai/web/templates``) with the pages' filters."""
-    env = Environment(loader=PackageLoader("cxr_ai.web", "templates"), autoescape=select_autoescape(["html"]))
+    """The page templates (``cxr_ai/service/web/templates``) with the pages' filters."""
+    env = Environment(loader=PackageLoader("cxr_ai.service.web", "templates"), autoescape=select_autoescape(["html"]))
 
     def minutes(value: float) -> str:
         m = int(value)

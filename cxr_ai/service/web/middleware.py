@@ -8,7 +8,7 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cxr_ai.web.access import templates
+from cxr_ai.service.web.access import templates
 
 MSG_TOO_LARGE = "The request was larger than this server accepts ({limit} bytes). Nothing was changed."
 

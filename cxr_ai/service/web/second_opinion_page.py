@@ -10,7 +10,7 @@ only when ``[web] keep_uploads`` is true). The answer's downloads (SR, SC, PM, F
 overlay PNG) are held in memory for ``[web] download_ttl_seconds`` under opaque random ids
 (never a UID or a file name in a URL), for the user who uploaded, then dropped. Each user may
 upload ``[web] second_opinion_per_minute`` files a minute (429 past it). The size limit is
-enforced while the body is read (413), by :class:`cxr_ai.web.middleware.BodyLimit`.
+enforced while the body is read (413), by :class:`cxr_ai.service.web.middleware.BodyLimit`.
 
 CSRF: the page's form carries the session's token; API clients send it in the
 ``X-CSRF-Token`` header (a cross-site form cannot set a header), or authenticate through the
@@ -309,7 +309,7 @@ async def csrf_endpoint(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    from cxr_ai.web.openapi import openapi_document
+    from cxr_ai.service.web.openapi import openapi_document
 
     return JSONResponse(openapi_document())
 

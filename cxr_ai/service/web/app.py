@@ -21,19 +21,19 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
-from cxr_ai.web.access import page_tools, templates
-from cxr_ai.web.context import PageTools, WebContext
-from cxr_ai.web.errors import exception_handlers
-from cxr_ai.web.middleware import BodyLimit, SecurityHeaders
-from cxr_ai.web.ops_page import routes as ops_routes
-from cxr_ai.web.second_opinion_page import MSG_UPLOAD_TOO_LARGE, MULTIPART_OVERHEAD, UPLOAD_PATHS
-from cxr_ai.web.second_opinion_page import routes as second_opinion_routes
-from cxr_ai.web.service_endpoints import routes as service_routes
-from cxr_ai.web.signin_page import routes as signin_routes
-from cxr_ai.web.settings import session_secret
-from cxr_ai.web.study_page import MSG_UNKNOWN_STUDY
-from cxr_ai.web.study_page import routes as study_routes
-from cxr_ai.web.worklist_page import routes as worklist_routes
+from cxr_ai.service.web.access import page_tools, templates
+from cxr_ai.service.web.context import PageTools, WebContext
+from cxr_ai.service.web.errors import exception_handlers
+from cxr_ai.service.web.middleware import BodyLimit, SecurityHeaders
+from cxr_ai.service.web.ops_page import routes as ops_routes
+from cxr_ai.service.web.second_opinion_page import MSG_UPLOAD_TOO_LARGE, MULTIPART_OVERHEAD, UPLOAD_PATHS
+from cxr_ai.service.web.second_opinion_page import routes as second_opinion_routes
+from cxr_ai.service.web.service_endpoints import routes as service_routes
+from cxr_ai.service.web.signin_page import routes as signin_routes
+from cxr_ai.service.web.settings import session_secret
+from cxr_ai.service.web.study_page import MSG_UNKNOWN_STUDY
+from cxr_ai.service.web.study_page import routes as study_routes
+from cxr_ai.service.web.worklist_page import routes as worklist_routes
 
 __all__ = ["MSG_UNKNOWN_STUDY", "BodyLimit", "PageTools", "SecurityHeaders", "WebContext", "create_app"]
 

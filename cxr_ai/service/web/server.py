@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from cxr_ai.web.settings import WebSettings
+from cxr_ai.service.web.settings import WebSettings
 
 if TYPE_CHECKING:
     from cxr_ai.service import Service
-    from cxr_ai.web.context import WebContext
+    from cxr_ai.service.web.context import WebContext
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def context_for(service: Service) -> WebContext:
     """The pages' view of a running service (own database connections for the pages)."""
     from cxr_ai.monitoring.log import monitoring_dir, resolve_pseudonym_key
     from cxr_ai.monitoring.truth import TruthStore
-    from cxr_ai.web.context import WebContext
+    from cxr_ai.service.web.context import WebContext
     from cxr_ai.worklist import Worklist
 
     import copy
@@ -39,7 +39,7 @@ def context_for(service: Service) -> WebContext:
     settings = WebSettings.from_config(cfg, store_root=service.settings.store_root, host=service.settings.http_host,
                                        base_dir=service.settings.store_root.parent)
     if settings.enabled and not settings.loopback and not settings.trusted_proxy_header:
-        from cxr_ai.web.auth import UserStore
+        from cxr_ai.service.web.auth import UserStore
 
         if not UserStore(settings.users_file).any_users():
             logger.warning("the web pages listen beyond loopback and need sign-in, but %s has no users yet: "
@@ -52,7 +52,7 @@ def context_for(service: Service) -> WebContext:
         truth = TruthStore(monitoring_dir(cfg) / mon.get("truth_log", "truth.jsonl"))
         key = resolve_pseudonym_key(cfg)
     else:
-        from cxr_ai.web.settings import session_secret
+        from cxr_ai.service.web.settings import session_secret
 
         key = session_secret(settings.secret_file).encode()
     return WebContext(settings=settings, store=service.store, spool=service.spool,

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from cxr_ai.errors import ConfigError
-from cxr_ai.web.access import MSG_EXPIRED, wants_json
+from cxr_ai.service.web.access import MSG_EXPIRED, wants_json
 
 logger = logging.getLogger(__name__)
 
