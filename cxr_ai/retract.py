@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 #: Series number of the rejection notes (beside the SR 990, SC 991, PM 992 series).
 KOS_SERIES_NUMBER = 993
 #: The kinds of result object a rejection note references.
-RETRACTED_KINDS = frozenset({OutputKind.SR, OutputKind.SC, OutputKind.PM})
+RETRACTED_KINDS = frozenset({OutputKind.SR, OutputKind.SC, OutputKind.PM, OutputKind.SEG})
 #: FHIR resources cxr-ai creates per result that carry a result identity (the Device is shared).
 FHIR_RETRACTED_TYPES = ("Observation", "DiagnosticReport")
 ENTERED_IN_ERROR = "entered-in-error"
@@ -60,7 +60,8 @@ ENTERED_IN_ERROR = "entered-in-error"
 MSG_NO_STUDY = "no study in the job store matches {what}; check it with cxr-ai jobs --state done"
 MSG_NO_RESULTS = ("job {job}: its result objects are no longer in the spool ({folder}; removed by retention, "
                   "[store] keep_hours), so cxr-ai cannot name them; reject them at the PACS by hand")
-MSG_NOTHING_SENT = "job {job}: cxr-ai made no SR, SC or Parametric Map for this study; nothing to retract at a PACS"
+MSG_NOTHING_SENT = ("job {job}: cxr-ai made no SR, SC, Parametric Map or Segmentation for this study; nothing "
+                    "to retract at a PACS")
 MSG_FHIR_HTTP = "FHIR server {url} answered HTTP {status} to {action}"
 
 
@@ -85,7 +86,7 @@ class Retraction:
 
 
 def result_objects(spool: Spool, job_id: str) -> list[Dataset]:
-    """Headers of the SR / SC / PM objects in a job's result folder (no pixel data)."""
+    """Headers of the SR / SC / PM / SEG objects in a job's result folder (no pixel data)."""
     folder = spool.results / job_id
     if not folder.is_dir():
         raise FileNotFoundError(MSG_NO_RESULTS.format(job=job_id, folder=folder))

@@ -141,3 +141,42 @@ def _retract(tmp_path: Path, rg1: Path, dciodvfy) -> None:
 @pytest.mark.slow
 def test_retract_withdraws_results_at_orthanc_and_fhir(request, tmp_path: Path, rg1_paths, dciodvfy) -> None:
     _netns_or_run(request, lambda: _retract(tmp_path, rg1_paths["RG1_J2KI"], dciodvfy))
+
+
+def test_rejection_note_names_every_result_object_kind_segmentations_included(tmp_path: Path, rg1_paths,
+                                                                             dciodvfy) -> None:
+    """A withdrawn study's Segmentations ([outputs] segmentation = true) must be rejected with
+    its SR, SCs and PMs: a SEG left at the PACS would still outline the withdrawn finding."""
+    import numpy as np
+
+    from cxr_ai.config import default_config
+    from cxr_ai.outputs import OutputKind, listener_name, outputs_for, stored_kind
+    from cxr_ai.results import FindingResult, ImageResult, ModelInfo
+    from cxr_ai.retract import build_rejection_note, result_objects
+    from cxr_ai.store.spool import Spool
+    from cxr_ai.dicom.gate import check_applicability
+
+    decision, rg = check_applicability(rg1_paths["RG1_UNCR"])
+    ds = pydicom.dcmread(rg1_paths["RG1_UNCR"])
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    heat = np.exp(-(((yy - 0.6 * rows) / (0.15 * rows)) ** 2 + ((xx - 0.55 * cols) / (0.17 * cols)) ** 2))
+    model = ModelInfo(name="cxr-ai-test", version="0.0.1", device_uid="2.25.314159265358979323846")
+    result = ImageResult(rg.sop_instance_uid, rg.study_instance_uid, decision, model=model,
+                         findings=[FindingResult("cardiomegaly", "Cardiomegaly", 0.9, 0.5, heatmap=heat)])
+    cfg = default_config()
+    cfg["outputs"]["segmentation"] = True
+    objects = outputs_for(result, ds, config=cfg)
+    spool = Spool(tmp_path / "spool")
+    for kind, obj in objects.objects():
+        obj.save_as(spool.results_dir("J1") / listener_name(kind, str(obj.SOPInstanceUID)), enforce_file_format=True)
+    found = result_objects(spool, "J1")
+    assert sorted(stored_kind(o).name for o in found) == ["PM", "SC", "SEG", "SR"]
+    note = build_rejection_note(found)
+    referenced = {str(item.ReferencedSOPInstanceUID) for series in note.CurrentRequestedProcedureEvidenceSequence[0]
+                  .ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    assert referenced == {str(o.SOPInstanceUID) for o in found}
+    assert str(objects.segmentations[0].SOPInstanceUID) in referenced
+    path = tmp_path / "kos.dcm"
+    note.save_as(path, enforce_file_format=True)
+    assert dciodvfy(path).errors == []
