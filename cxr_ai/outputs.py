@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -50,14 +49,17 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
-from cxr_ai import fhir
-from cxr_ai.dicom import heatmap, parametric_map
-from cxr_ai.dicom.sr import build_sr
 from cxr_ai.errors import ConfigError
 from cxr_ai.results import OUTPUT_PARTS, FindingResult, ImageResult, ModelInfo
 
-if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time to keep import cheap
+if TYPE_CHECKING:  # pragma: no cover
+    import highdicom as hd
     from fhir.resources.R4B.bundle import Bundle
+
+    from cxr_ai.dicom.heatmap import ScDisplay
+
+# The writers (highdicom, fhir.resources, matplotlib) are imported by outputs_for, when objects
+# are built: the names and ImageOutputs here are read by every driver and command line.
 
 logger = logging.getLogger(__name__)
 
@@ -239,9 +241,11 @@ class ImageOutputs:
 
 
 def _heatmap_scs(source_ds: Dataset, with_maps: list[FindingResult], model: ModelInfo,
-                 display_image: np.ndarray | heatmap.ScDisplay | None, out_cfg: Mapping[str, Any], *,
+                 display_image: np.ndarray | ScDisplay | None, out_cfg: Mapping[str, Any], *,
                  instance_number: int) -> list[hd.sc.SCImage]:
     """One heatmap SC per finding in ``with_maps``, over one background made once per image."""
+    from cxr_ai.dicom import heatmap
+
     if display_image is None:
         from cxr_ai.imaging import display_array
 
@@ -290,7 +294,7 @@ def outputs_for(
     result: ImageResult,
     source_ds: Dataset,
     *,
-    display_image: np.ndarray | heatmap.ScDisplay | None = None,
+    display_image: np.ndarray | ScDisplay | None = None,
     config: dict[str, Any] | None = None,
     instance_number: int = 1,
     include: Collection[str] = OUTPUT_PARTS,
@@ -322,7 +326,10 @@ def outputs_for(
         ``RESULT_PARTS`` (SR, FHIR) first and sends them while the heatmaps are computed,
         then the ``HEATMAP_PARTS``. Each part is also subject to the ``[outputs]`` switches.
     """
+    from cxr_ai import fhir
     from cxr_ai.config import default_config
+    from cxr_ai.dicom import parametric_map
+    from cxr_ai.dicom.sr import build_sr
 
     if not result.applicable:
         logger.debug(
