@@ -343,8 +343,8 @@ def test_sc_over_a_display_made_once_equals_the_sc_over_the_display_image(images
 
 
 def test_a_map_out_of_range_is_clipped_after_maps_in_range_were_written(images):
-    """The range check of a map is remembered (the SC and the PM of a finding read the same
-    map); another map, out of range, must still be clipped."""
+    """A map out of range is clipped, also after maps in range were written (the SC and the PM
+    of a finding read the same map)."""
     ds, _, display = images["phantom_DX_M1"]
     heat = _blob(int(ds.Rows), int(ds.Columns))
     build_heatmap_sc(ds, _finding(ds, heat=heat), DEMO, display_image=display)

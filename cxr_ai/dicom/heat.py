@@ -3,14 +3,12 @@
 
 The heatmap Secondary Capture (:mod:`cxr_ai.dicom.heatmap`), the Parametric Map
 (:mod:`cxr_ai.dicom.parametric_map`) and the Segmentation (:mod:`cxr_ai.dicom.segmentation`)
-of one finding read the same map; its range is checked once.
+of one finding read the same map.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-import weakref
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -43,23 +41,7 @@ def heat_of(source_ds: Dataset, finding: FindingResult) -> np.ndarray:
                 key=finding.key, shape=heat.shape, sop=source_ds.SOPInstanceUID, rows=rows, cols=cols
             )
         )
-    return heat if _known_in_range(heat) else _clipped(heat)
-
-
-_IN_RANGE = threading.local()
-
-
-def _known_in_range(heat: np.ndarray) -> bool:
-    """Whether ``heat`` is a map already seen in [0, 1] by this thread (the SC, the Parametric
-    Map and the Segmentation of one finding read the same map; it is checked once). Keyed on
-    the array object, which callers do not modify."""
-    refs = getattr(_IN_RANGE, "refs", ())
-    if any(ref() is heat for ref in refs):
-        return True
-    if not (0.0 <= float(heat.min()) and float(heat.max()) <= 1.0):  # NaN fails both
-        return False
-    _IN_RANGE.refs = tuple(ref for ref in refs if ref() is not None)[-7:] + (weakref.ref(heat),)
-    return True
+    return clip01(heat)
 
 
 def clip01(heat: np.ndarray) -> np.ndarray:
@@ -70,10 +52,6 @@ def clip01(heat: np.ndarray) -> np.ndarray:
     """
     if 0.0 <= float(heat.min()) and float(heat.max()) <= 1.0:
         return heat
-    return _clipped(heat)
-
-
-def _clipped(heat: np.ndarray) -> np.ndarray:
     out = np.fmax(heat, np.float32(0.0))  # NaN -> 0 (fmax ignores NaN), -inf -> 0
     np.fmin(out, np.float32(1.0), out=out)  # +inf -> 1
     return out

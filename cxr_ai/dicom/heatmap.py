@@ -173,6 +173,13 @@ def sc_display(display_image: np.ndarray, *, max_side: int = 1024) -> ScDisplay:
     return ScDisplay(source_shape=shape, max_side=max_side, gray=_gray_u8(_resize(display, sc_size(shape, max_side))))
 
 
+def _check_look(max_alpha: float, min_heat: float) -> None:
+    if not 0.0 <= max_alpha <= 1.0:
+        raise ValueError(MSG_OPTIONS.format(name="max_alpha", bounds="[0, 1]", value=max_alpha))
+    if not 0.0 <= min_heat < 1.0:
+        raise ValueError(MSG_OPTIONS.format(name="min_heat", bounds="[0, 1)", value=min_heat))
+
+
 def overlay_rgb(
     display_image: np.ndarray,
     heat: np.ndarray,
@@ -188,10 +195,7 @@ def overlay_rgb(
     (the colormap as a palette, the opacity as a lookup table, ``Image.composite``), run once
     per look on every pair of 8-bit grey and heat and then looked up per pixel.
     """
-    if not 0.0 <= max_alpha <= 1.0:
-        raise ValueError(MSG_OPTIONS.format(name="max_alpha", bounds="[0, 1]", value=max_alpha))
-    if not 0.0 <= min_heat < 1.0:
-        raise ValueError(MSG_OPTIONS.format(name="min_heat", bounds="[0, 1)", value=min_heat))
+    _check_look(max_alpha, min_heat)
     return _blend(_gray_u8(display_image), heat, colormap=colormap, max_alpha=max_alpha, min_heat=min_heat)
 
 
@@ -222,18 +226,16 @@ def sc_text_lines(finding: FindingResult, model: ModelInfo) -> list[str]:
 
 def _display_for(display_image: np.ndarray | ScDisplay, source_ds: Dataset, *, max_side: int) -> ScDisplay:
     """``display_image`` as the :class:`ScDisplay` of this source and ``max_side``."""
+    rows, cols = int(source_ds.Rows), int(source_ds.Columns)
     if isinstance(display_image, ScDisplay):
         if display_image.max_side != max_side:
             raise ValueError(MSG_SC_DISPLAY_SIDE.format(made=display_image.max_side, wanted=max_side))
-        shape = display_image.source_shape
+        small, shape = display_image, display_image.source_shape
     else:
-        shape = np.shape(display_image)
-    rows, cols = int(source_ds.Rows), int(source_ds.Columns)
-    if tuple(shape) != (rows, cols):
-        raise ValueError(MSG_DISPLAY_SHAPE.format(shape=tuple(shape), sop=source_ds.SOPInstanceUID, rows=rows, cols=cols))
-    if isinstance(display_image, ScDisplay):
-        return display_image
-    return sc_display(display_image, max_side=max_side)
+        small, shape = None, tuple(np.shape(display_image))
+    if shape != (rows, cols):
+        raise ValueError(MSG_DISPLAY_SHAPE.format(shape=shape, sop=source_ds.SOPInstanceUID, rows=rows, cols=cols))
+    return small if small is not None else sc_display(display_image, max_side=max_side)
 
 
 def _sc_pixels(source_ds: Dataset, finding: FindingResult, model: ModelInfo, display_image: np.ndarray | ScDisplay,
@@ -243,10 +245,7 @@ def _sc_pixels(source_ds: Dataset, finding: FindingResult, model: ModelInfo, dis
         raise ValueError(MSG_OPTIONS.format(name="max_side", bounds=">= 64", value=max_side))
     rows, cols = int(source_ds.Rows), int(source_ds.Columns)
     heat = heat_of(source_ds, finding)
-    if not 0.0 <= max_alpha <= 1.0:
-        raise ValueError(MSG_OPTIONS.format(name="max_alpha", bounds="[0, 1]", value=max_alpha))
-    if not 0.0 <= min_heat < 1.0:
-        raise ValueError(MSG_OPTIONS.format(name="min_heat", bounds="[0, 1)", value=min_heat))
+    _check_look(max_alpha, min_heat)
     small = _display_for(display_image, source_ds, max_side=max_side)
     size = sc_size((rows, cols), max_side)
     # what overlay_rgb(_resize(display, size), _resize(heat, size)) gives, with the display
@@ -323,16 +322,16 @@ def build_heatmap_sc(
                               max_alpha=max_alpha, min_heat=min_heat)
 
     orientation = patient_orientation(source_ds)
+    identity = identity_of(source_ds, model.device_uid)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source_ds,
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_instance_uid or identity_of(source_ds, model.device_uid).series_uid("sc"),
+        series_instance_uid=series_instance_uid or identity.series_uid("sc"),
         series_number=series_number,
-        sop_instance_uid=sop_instance_uid
-        or identity_of(source_ds, model.device_uid).sc_uid(finding.key),
+        sop_instance_uid=sop_instance_uid or identity.sc_uid(finding.key),
         instance_number=instance_number,
         manufacturer=sanitize_lo(model.manufacturer),
         # highdicom requires an orientation on the PATIENT path; an unknown one is emptied below.

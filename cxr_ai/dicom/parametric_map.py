@@ -196,13 +196,13 @@ def build_parametric_map(
         else hd.ContentQualificationValues.PRODUCT
     )
     geometry = map_geometry(source_ds)
+    identity = identity_of(source_ds, model.device_uid)
     pm = hd.pm.ParametricMap(
         source_images=[_geometry_source(source_ds, geometry)],
         pixel_array=stored,
-        series_instance_uid=series_instance_uid or identity_of(source_ds, model.device_uid).series_uid("pm"),
+        series_instance_uid=series_instance_uid or identity.series_uid("pm"),
         series_number=series_number,
-        sop_instance_uid=sop_instance_uid
-        or identity_of(source_ds, model.device_uid).pm_uid(finding.key),
+        sop_instance_uid=sop_instance_uid or identity.pm_uid(finding.key),
         instance_number=instance_number,
         manufacturer=sanitize_lo(model.manufacturer),
         manufacturer_model_name=sanitize_lo(model.name),
