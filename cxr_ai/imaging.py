@@ -61,6 +61,12 @@ class PixelPipelineSpec:
             if not 0 <= lo < hi <= 100:
                 raise ValueError(f"percentiles ({lo}, {hi}) must satisfy 0 <= low < high <= 100")
 
+    @property
+    def display_steps(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The fields :func:`display_array` reads: two specs with equal steps display an image
+        alike (the model-input fields, size and padding, come after)."""
+        return self.norm_percentiles, self.fallback_window_percentiles
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["norm_percentiles"] = list(self.norm_percentiles)

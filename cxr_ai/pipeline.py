@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -29,6 +29,9 @@ from cxr_ai.errors import ReadError
 from cxr_ai.imaging import PixelPipelineSpec, Preprocessed, display_array, letterbox
 from cxr_ai.outputs import ImageOutputs, outputs_for
 from cxr_ai.results import HEATMAP_PARTS, OUTPUT_PARTS, RESULT_PARTS, ImageResult, ModelInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cxr_ai.dicom.heatmap import ScDisplay
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class InstanceOutcome:
     #: The source as displayed at the heatmap capture's size (:class:`cxr_ai.dicom.heatmap.ScDisplay`),
     #: made by :meth:`Pipeline.prepare` when heatmaps are due, from the display image it computes
     #: for the model anyway; :meth:`Pipeline.build_outputs` blends the heatmaps over it.
-    sc_display: Any = field(default=None, repr=False)
+    sc_display: ScDisplay | None = field(default=None, repr=False)
 
     @property
     def processed(self) -> bool:
@@ -192,17 +195,16 @@ class Pipeline:
         outcome.timings["read_preprocess_s"] = time.perf_counter() - t0
         return outcome, pre
 
-    def _sc_display(self, display: np.ndarray, spec: PixelPipelineSpec) -> Any:
+    def _sc_display(self, display: np.ndarray, spec: PixelPipelineSpec) -> ScDisplay | None:
         """The heatmap captures' background from stage 1's display image, when heatmap SCs are
         due and the model's pixel pipeline displays as the captures do (the default display
         steps); else None, and :meth:`build_outputs` computes it."""
         out_cfg = self.config["outputs"]
-        default = PixelPipelineSpec()
-        if not (self.explain and out_cfg["heatmap_sc"]) or (
-                spec.norm_percentiles, spec.fallback_window_percentiles) != (
-                default.norm_percentiles, default.fallback_window_percentiles):
+        if not (self.explain and out_cfg["heatmap_sc"]):
             return None
-        from cxr_ai.dicom.heatmap import sc_display
+        if spec.display_steps != PixelPipelineSpec().display_steps:
+            return None
+        from cxr_ai.dicom.heatmap import sc_display  # highdicom and matplotlib load only for heatmaps
 
         return sc_display(display, max_side=int(out_cfg["sc_max_side"]))
 
@@ -268,7 +270,7 @@ class Pipeline:
         rg = outcome.radiograph
         assert outcome.result is not None and rg is not None
         source, notes = sanitized_for_outputs(rg.dataset)
-        captures_due = bool(set(parts) & set(HEATMAP_PARTS)) and any(
+        captures_due = "heatmap_sc" in parts and bool(self.config["outputs"]["heatmap_sc"]) and any(
             f.heatmap is not None for f in outcome.result.findings)
         if notes:
             logger.info("source attributes blanked for the result objects: %s", "; ".join(notes))
