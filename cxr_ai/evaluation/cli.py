@@ -179,9 +179,7 @@ def _load(what: str, path: str, fn: Callable[[], T]) -> T:
         return fn()
     except InputError:
         raise
-    except FileNotFoundError as exc:
-        raise InputError(MSG_INPUT.format(what=what, path=path, error=_one_line(exc))) from exc
-    except (ValueError, KeyError, OSError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, OSError) as exc:  # a missing file is an OSError, bad text a ValueError
         raise InputError(MSG_INPUT.format(what=what, path=path, error=_one_line(exc))) from exc
 
 

@@ -195,10 +195,9 @@ def _prevalence(n_pos: int, n: int) -> str:
     return f"{n_pos / n:.3f}" if n else ""
 
 
-def _group_table(result: Mapping[str, Any], flag_metrics: Sequence[str] = DEFAULT_FLAG_METRICS,
-                 flagged: Sequence[Mapping[str, Any]] = ()) -> str:
-    """Groups × metrics; a red cell is a flagged gap. PPV/NPV sit beside the prevalence they
-    follow and are red only when asked for (``flag_metrics``)."""
+def _group_table(result: Mapping[str, Any], flagged: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Groups × metrics; a red cell is a flagged gap (``flagged``: only the metrics asked for,
+    so PPV/NPV, beside the prevalence they follow, are red only when asked for)."""
     head = "".join(f'<th{" class=prev" if m in PREVALENCE_DEPENDENT else ""}>{METRIC_HEADINGS.get(m, m)}</th>'
                    for m in METRICS)
     rows = [f'<tr><td class="l"><b>overall</b></td><td>{result["n"]}</td><td>{result["n_pos"]}</td>'
@@ -410,7 +409,7 @@ def _test_set_html(ts: Mapping[str, Any], *, flag_metrics: tuple[str, ...],
         confusion_attr = "race" if "race" in plotted else (plotted[0] if plotted else None)
         for attr, r in res["attributes"].items():
             body.append(f"<h4>{html.escape(finding)} by {html.escape(attr)}</h4>")
-            body.append(_group_table(r, flag_metrics, r.get("flagged", ())))
+            body.append(_group_table(r, r.get("flagged", ())))
             body.append("<details><summary>gaps (difference, ratio) to overall and to the best group"
                         "</summary>" + _gap_table(r, flag_metrics) + "</details>")
             if (attr not in plot_attributes) if plot_attributes is not None else (" × " in attr):

@@ -33,7 +33,7 @@ from cxr_ai.evaluation.evaluate import (
     attribute_column,
     evaluate_joined,
 )
-from cxr_ai.evaluation.metrics import DEFAULT_FLAG_METRICS, METRICS, MetricSettings, flagged_gaps, resolve_metrics
+from cxr_ai.evaluation.metrics import DEFAULT_FLAG_METRICS, METRICS, MetricSettings, resolve_metrics
 from cxr_ai.evaluation.report import strip_frames
 from cxr_ai.monitoring.log import PredictionLog, monitoring_dir
 from cxr_ai.monitoring.truth import FEEDBACK_SOURCE, TruthStore, match_truth
@@ -145,7 +145,7 @@ class PerformanceMonitor:
             record["result"] = strip_frames(result)
             for f, res in result["findings"].items():
                 for r in res.get("attributes", {}).values():
-                    for flag in flagged_gaps(r, metrics=s.gap_metrics, min_abs_gap=s.gap_bound):
+                    for flag in r.get("flagged", ()):  # evaluate_joined flagged them with flag_metrics=gap_metrics
                         record["alerts"].append({"kind": "gap", "finding": f, **flag})
         record["alerts"] += self._drift(accepted, reference)
         record["truth"] = "independent (radiologist feedback given with the AI shown is reported apart)"

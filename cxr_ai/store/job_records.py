@@ -37,8 +37,6 @@ class DeliveryState(str, enum.Enum):
     DEAD = "dead"
 
 
-#: States in which a study needs no more work from workers or routing.
-FINAL_STATES = (StudyState.DONE, StudyState.NOT_APPLICABLE, StudyState.FAILED)
 
 
 class ReasonCode(str, enum.Enum):
@@ -165,4 +163,3 @@ class InstanceResult:
 class NewDelivery:
     destination: str
     items: list[str] = field(default_factory=list)
-

@@ -37,15 +37,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cxr_ai.store.job_records import (FINAL_STATES, ClaimedStudy, Delivery, DeliveryState, InstanceRecord,
+from cxr_ai.store.job_records import (ClaimedStudy, Delivery, DeliveryState, InstanceRecord,
                                       InstanceResult, InstanceState, NewDelivery, ReasonCode, StudyRecord, StudyState)
 from cxr_ai.store.job_queries import JobQueries
-from cxr_ai.store.job_schema import MSG_NEWER_SCHEMA, SCHEMA_VERSION, connect, init_schema
+from cxr_ai.store.job_schema import SCHEMA_VERSION, connect, init_schema
 
 #: The states, records and schema version live in :mod:`cxr_ai.store.job_records` and
 #: :mod:`cxr_ai.store.job_schema`; they are imported from here throughout the code.
 __all__ = [
-    "FINAL_STATES", "MSG_NEWER_SCHEMA", "SCHEMA_VERSION", "ClaimedStudy", "Delivery", "DeliveryState",
+    "SCHEMA_VERSION", "ClaimedStudy", "Delivery", "DeliveryState",
     "InstanceRecord", "InstanceResult", "InstanceState", "JobStore", "NewDelivery", "ReasonCode", "StudyRecord",
     "StudyState",
 ]

@@ -65,6 +65,5 @@ def create_app(ctx: WebContext, *, extra_routes: Sequence[BaseRoute] = ()) -> St
                    max_age=None, same_site="strict", https_only=s.https),
     ]
     app = Starlette(routes=routes, middleware=middleware, debug=False, exception_handlers=exception_handlers(env))
-    app.state.ctx = ctx
     app.state.pages = page_tools(ctx, env)
     return app

@@ -7,7 +7,6 @@ studies received but not processed yet come after the ranked ones (state from th
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Mapping
@@ -135,12 +134,6 @@ def filter_rows(rows: list[Row], filters: Filters) -> list[Row]:
     return [r for r in rows if keep(r)]
 
 
-def worklist_rows(worklist: Worklist, store: JobStore, filters: Filters, *, now: float | None = None
-                  ) -> list[Row]:
-    """Every row the filters let through, in reading order."""
-    return filter_rows(all_rows(worklist, store, now=now), filters)
-
-
 class RowCache:
     """:func:`all_rows` shared by every open page: computed again when the data changed
     (``version``), but at most once per ``min_interval`` seconds (ranking 10,000 studies takes
@@ -241,7 +234,3 @@ def study_view(*, job_id: str, store: JobStore, worklist: Worklist, results_dir:
                      ranked=ranked, instances=instances, findings=findings, model=model,
                      not_for_clinical_use=nfcu, intended_use=intended, results=results, deliveries=deliveries,
                      frontal_sop_key=frontal, heatmaps=heatmaps, files_removed=study.files_removed)
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))

@@ -20,7 +20,6 @@ are ``SameSite=Strict`` as well.
 
 from __future__ import annotations
 
-import base64
 import collections
 import logging
 import secrets
@@ -318,7 +317,3 @@ def routes() -> list[BaseRoute]:
     return [Route(PAGE, page), Route(PAGE, page_upload, methods=["POST"]), Route(API, api, methods=["POST"]),
             Route("/second-opinion/download/{ident}", download), Route("/api/v1/csrf", csrf_endpoint),
             Route("/api/v1/openapi.json", openapi)]
-
-
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
