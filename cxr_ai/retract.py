@@ -125,18 +125,11 @@ def build_rejection_note(objects: Sequence[Dataset], *, description: str = "") -
     return note
 
 
-def _fhir_headers(dest: FhirDestination) -> dict[str, str]:
-    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-    if dest.token:
-        headers["Authorization"] = f"Bearer {dest.token}"
-    return headers
-
-
 def mark_entered_in_error(dest: FhirDestination, bundles: Sequence[dict[str, Any]]) -> int:
     """Set every Observation / DiagnosticReport of ``bundles`` to ``entered-in-error`` on the
     server (found by identifier). Returns how many resources were updated."""
     base = dest.url.rstrip("/")
-    headers = _fhir_headers(dest)
+    headers = dest.headers()
     n = 0
     for bundle in bundles:
         for entry in bundle.get("entry", []):

@@ -116,12 +116,17 @@ class FhirDestination:
     def accepts(self, path: Path) -> bool:
         return _is_fhir(path)
 
-    def deliver(self, items: Sequence[Path], *, job_id: str) -> None:
-        import requests
-
+    def headers(self) -> dict[str, str]:
+        """FHIR JSON in and out, with the bearer token when there is one."""
         headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def deliver(self, items: Sequence[Path], *, job_id: str) -> None:
+        import requests
+
+        headers = self.headers()
         for p in items:
             body = p.read_bytes()
             try:
