@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_ai import __version__
+from cxr_ai.store.job_schema import stored_version
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +84,9 @@ def _copy_db(src: Path, dest: Path) -> None:
 
 def _user_version(path: Path) -> int:
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    con.row_factory = sqlite3.Row
     try:
-        version = int(con.execute("PRAGMA user_version").fetchone()[0])
-        if not version:
-            row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-        return version
+        return stored_version(con)
     except sqlite3.DatabaseError:
         return 0
     finally:
