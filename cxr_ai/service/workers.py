@@ -317,8 +317,7 @@ class WorkerPool:
         if paths:
             self.metrics.stage_seconds.labels("process_per_instance").observe(elapsed / len(paths))
         for c, pairs in _pair(claims, outcomes):
-            self._finish_study(c, pairs, skip=early.get(c.study.job_id, set()))
-        self.router.wake()
+            self._finish_study(c, pairs, skip=early.get(c.study.job_id, set()))  # wakes the router
 
     def _result_files(self, job: str, inst_key: str, outcome: OutcomeLike, skip: Collection[str]) -> list[Path]:
         """Write an outcome's result objects into the job's result folder (names not in ``skip``),
