@@ -25,7 +25,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +136,9 @@ class SecondOpinionService:
     def __init__(self, ctx: Any) -> None:
         s = ctx.settings
         self.ctx = ctx
-        self.settings = SecondOpinionSettings.from_config(ctx.config) if ctx.config else SecondOpinionSettings()
-        self.settings = SecondOpinionSettings(max_bytes=s.max_upload_bytes, max_side=self.settings.max_side,
-                                              min_side=self.settings.min_side, rgb_tolerance=s.rgb_tolerance)
+        base = SecondOpinionSettings.from_config(ctx.config) if ctx.config else SecondOpinionSettings()
+        # the upload limits as the web settings resolved them
+        self.settings = replace(base, max_bytes=s.max_upload_bytes, rgb_tolerance=s.rgb_tolerance)
         self.downloads = DownloadStore(ttl=s.download_ttl_seconds)
         self.rate = RateLimit(per_minute=s.second_opinion_per_minute)
         self._pipeline: Any = None
