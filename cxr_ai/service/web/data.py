@@ -195,6 +195,7 @@ class StudyView:
     frontal_sop_key: str
     heatmaps: list[str]
     files_removed: bool
+    frontal_path: str = ""  # the spooled file of the frontal image
 
 
 _KIND_NAMES = {"SR": "Structured Report (SR)", "SC": "Heatmap capture (SC)", "PM": "Parametric Map (PM)",
@@ -207,12 +208,12 @@ def study_view(*, job_id: str, store: JobStore, worklist: Worklist, results_dir:
         return None
     ranked = worklist.by_job(job_id)
     instances, findings = [], []
-    model, nfcu, intended, frontal = "", True, "", ""
+    model, nfcu, intended, frontal, frontal_path = "", True, "", "", ""
     for inst in store.instances(study.study_key):
         res = inst.result or {}
         instances.append({"sop_key": inst.sop_key, "state": inst.state.value, "reason": inst.reason})
         if res.get("findings") and not frontal:
-            frontal = inst.sop_key
+            frontal, frontal_path = inst.sop_key, inst.path
             model = str(res.get("model", ""))
             nfcu = bool(res.get("not_for_clinical_use", True))
             intended = str(res.get("intended_use", ""))
@@ -233,4 +234,5 @@ def study_view(*, job_id: str, store: JobStore, worklist: Worklist, results_dir:
     return StudyView(job_id=job_id, study_uid=study.study_uid, state=study.state.value, reason=study.reason,
                      ranked=ranked, instances=instances, findings=findings, model=model,
                      not_for_clinical_use=nfcu, intended_use=intended, results=results, deliveries=deliveries,
-                     frontal_sop_key=frontal, heatmaps=heatmaps, files_removed=study.files_removed)
+                     frontal_sop_key=frontal, heatmaps=heatmaps, files_removed=study.files_removed,
+                     frontal_path=frontal_path)

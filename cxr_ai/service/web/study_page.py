@@ -36,11 +36,9 @@ def load_study(ctx: WebContext, job_id: str):  # noqa: ANN201
 
 def _frontal_path(ctx: WebContext, job_id: str) -> Path:
     view = load_study(ctx, job_id)
-    inst = next((i for i in ctx.store.instances() if i.sop_key == view.frontal_sop_key), None) \
-        if view.frontal_sop_key else None
-    if inst is None or view.files_removed or not Path(inst.path).is_file():
+    if not view.frontal_path or view.files_removed or not Path(view.frontal_path).is_file():
         raise HTTPException(404, MSG_NO_IMAGE)
-    return Path(inst.path)
+    return Path(view.frontal_path)
 
 
 def _viewer_url(template: str, *, study_uid: str, accession: str) -> str:
