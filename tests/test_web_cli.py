@@ -92,3 +92,20 @@ def test_demo_serve_keeps_pages_running_with_the_demo_studies(tmp_path: Path) ->
             proc.kill()
             proc.wait(10)
     assert proc.returncode == 0
+
+
+def test_a_running_service_sees_users_changed_by_another_process(tmp_path: Path) -> None:
+    """The service keeps the parsed users file; `cxr-ai users` (another process, another
+    store) changing it must show at the service's next look-up."""
+    from cxr_ai.service.web.auth import UserStore
+
+    path = tmp_path / "users.toml"
+    service, command_line = UserStore(path), UserStore(path)
+    assert service.users() == []
+    command_line.add("drwho", password="correct horse battery", role="radiologist")
+    assert [u.name for u in service.users()] == ["drwho"]
+    assert service.get("drwho") is not None and not service.get("drwho").disabled
+    command_line.set_disabled("drwho")
+    assert service.get("drwho").disabled
+    command_line.add("admin1", password="another long password", role="admin")
+    assert sorted(u.name for u in service.users()) == ["admin1", "drwho"]

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 import re
+import stat
 import threading
 import time
 import tomllib
@@ -60,15 +61,28 @@ def _toml_string(value: str) -> str:
 
 
 class UserStore:
-    """The users file: read on every sign-in (so `cxr-ai users` changes apply at once)."""
+    """The users file: parsed again whenever it changed on disk (so `cxr-ai users` changes
+    apply at once), not on every look-up of a request."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._parsed: tuple[tuple[int, int, int], list[User]] | None = None
 
     def users(self) -> list[User]:
-        if not self.path.is_file():
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
             return []
+        if not stat.S_ISREG(st.st_mode):
+            return []
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)  # a rewrite replaces the file: a new inode
+        parsed = self._parsed
+        if parsed is None or parsed[0] != key:
+            parsed = self._parsed = (key, self._read())
+        return list(parsed[1])
+
+    def _read(self) -> list[User]:
         try:
             data = tomllib.loads(self.path.read_text(encoding="utf-8"))
             out = [User(name=str(u["name"]), role=str(u["role"]), hash=str(u["hash"]),
