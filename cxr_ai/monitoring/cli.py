@@ -87,8 +87,7 @@ def _cmd_truth_load(args: argparse.Namespace) -> int:
 
 def _cmd_truth_poll(args: argparse.Namespace) -> int:
     from cxr_ai.config import load_settings
-    from cxr_ai.monitoring.log import resolve_pseudonym_key
-    from cxr_ai.monitoring.runner import FhirTruthPoller
+    from cxr_ai.monitoring.runner import poller_from_config
 
     settings = load_settings(args.config)
     config = settings.config
@@ -98,8 +97,7 @@ def _cmd_truth_poll(args: argparse.Namespace) -> int:
         print(MSG_NO_URL, file=sys.stderr)
         return 2
     token = settings.secrets.get(str(mon["fhir_truth_token_env"]), "") if mon.get("fhir_truth_token_env") else ""
-    poller = FhirTruthPoller(url=url, store=_truth_store(config), key=resolve_pseudonym_key(config), token=token,
-                             lvef_cutoff=float(mon.get("lvef_cutoff", 40.0)))
+    poller = poller_from_config(config, url=url, store=_truth_store(config), token=token)
     import requests
 
     try:

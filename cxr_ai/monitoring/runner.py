@@ -307,15 +307,21 @@ class MonitorCollector(Collector):
 def runner_from_config(config: Mapping[str, Any], *, token: str = "") -> MonitorRunner:
     """The service's runner: monitor, truth store and FHIR feed from ``[monitoring]`` (paths
     already resolved by the caller; ``token`` is the FHIR bearer token, read at the edge)."""
-    from cxr_ai.monitoring.log import resolve_pseudonym_key
-
     monitor = PerformanceMonitor.from_config(config)
     settings = RunnerSettings.from_config(config, token=token)
     poller = None
     if settings.fhir_truth_url:
-        issuers = {m["system"]: m["issuer"] for m in config.get("fhir", {}).get("patient_identifier_systems", [])
-                   if "system" in m and "issuer" in m}
-        poller = FhirTruthPoller(url=settings.fhir_truth_url, store=monitor.truth_store,
-                                 key=resolve_pseudonym_key(config), token=token,
-                                 lvef_cutoff=settings.lvef_cutoff, issuer_for_system=issuers)
+        poller = poller_from_config(config, url=settings.fhir_truth_url, store=monitor.truth_store, token=token)
     return MonitorRunner(monitor, settings=settings, poller=poller)
+
+
+def poller_from_config(config: Mapping[str, Any], *, url: str, store: Any, token: str = "") -> FhirTruthPoller:
+    """The FHIR truth feed as the service and ``cxr-ai truth poll-fhir`` both poll it: the same
+    pseudonym key, LVEF cut-off and issuers of the configured patient identifier systems, so
+    both make the same patient keys."""
+    from cxr_ai.monitoring.log import resolve_pseudonym_key
+
+    issuers = {m["system"]: m["issuer"] for m in config.get("fhir", {}).get("patient_identifier_systems", [])
+               if "system" in m and "issuer" in m}
+    return FhirTruthPoller(url=url, store=store, key=resolve_pseudonym_key(config), token=token,
+                           lvef_cutoff=RunnerSettings.from_config(config).lvef_cutoff, issuer_for_system=issuers)
