@@ -18,7 +18,7 @@ from cxr_ai.errors import ConfigError
 from cxr_ai.results import format_probability
 from cxr_ai.service.wiring import JsonLogFormatter, Service, configure_logging, run_service, validate_config
 from cxr_ai.store.jobs import DeliveryState, InstanceState, JobStore, StudyState
-from cxr_ai.store.listing import study_listing
+from cxr_ai.store.listing import reused_uid_counts, study_listing
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +143,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         print(json.dumps(store.counts(), indent=1))
         for d in store.deliveries(state=DeliveryState.DEAD):
             print(f"DEAD job {d.job_id} -> {d.destination}: {d.attempts} attempts; last error: {d.last_error}")
-        reused: dict[str, int] = {}
-        for inst in store.reused_uid_instances():
-            reused[inst.study_key] = reused.get(inst.study_key, 0) + 1
+        reused = reused_uid_counts(store)
         if args.state or args.since is not None:
             states = [StudyState(s) for s in args.state] if args.state else None
             for study in store.studies(state=states, since=args.since):

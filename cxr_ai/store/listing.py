@@ -5,6 +5,7 @@ UID for the operator)."""
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from typing import Any
 
 from cxr_ai.store.jobs import JobStore, StudyRecord, StudyState
@@ -28,12 +29,15 @@ def study_listing(study: StudyRecord, *, reused: int = 0) -> dict[str, Any]:
 STATUS_RECENT = 20
 
 
+def reused_uid_counts(store: JobStore) -> dict[str, int]:
+    """Study key -> how many of its instances carry a SOP Instance UID reused elsewhere."""
+    return dict(Counter(inst.study_key for inst in store.reused_uid_instances()))
+
+
 def recent_problems(store: JobStore, *, limit: int = STATUS_RECENT) -> dict[str, Any]:
     """The ``/status`` lists: recent failed and not-applicable studies with reason codes, and
     the jobs holding instances whose SOP Instance UID was reused (no patient data)."""
-    reused: dict[str, int] = {}
-    for inst in store.reused_uid_instances():
-        reused[inst.study_key] = reused.get(inst.study_key, 0) + 1
+    reused = reused_uid_counts(store)
     recent = store.studies(state=(StudyState.FAILED, StudyState.NOT_APPLICABLE), newest_first=True, limit=limit)
     jobs = {s.study_key: s.job_id for s in store.studies()} if reused else {}
     return {"recent_problems": [study_listing(s, reused=reused.get(s.study_key, 0)) for s in recent],
