@@ -12,7 +12,6 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from cxr_ai.config import load_settings
@@ -28,14 +27,11 @@ AUDIT_LOG_NAME = "audit.jsonl"
 
 def state_paths(config: Mapping[str, Any], settings: ServiceSettings) -> StatePaths:
     """Where the service keeps its job store, worklist and pseudonym key (as the service resolves them)."""
-    from cxr_ai.monitoring.log import monitoring_dir
+    from cxr_ai.monitoring.log import pseudonym_key_path
 
     cfg = copy.deepcopy(dict(config))
     cfg.setdefault("store", {})["root"] = str(settings.store_root)
-    worklist = Path(cfg.get("worklist", {}).get("path") or settings.store_root / "worklist.sqlite3")
-    mon = cfg.get("monitoring", {})
-    key = None if mon.get("pseudonym_key") else Path(mon.get("key_file") or monitoring_dir(cfg) / "pseudonym.key")
-    return StatePaths(jobs=settings.db_path, worklist=worklist, pseudonym_key=key)
+    return StatePaths(jobs=settings.db_path, worklist=settings.worklist_path, pseudonym_key=pseudonym_key_path(cfg))
 
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], ServiceSettings]:

@@ -51,17 +51,26 @@ def monitoring_dir(config: Mapping[str, Any]) -> Path:
     return Path(config.get("store", {}).get("root", "var")) / "monitoring"
 
 
+def pseudonym_key_path(config: Mapping[str, Any]) -> Path | None:
+    """The pseudonym key file (``[monitoring] key_file``, default ``<dir>/pseudonym.key``);
+    None when the key is given in the configuration itself (``pseudonym_key``)."""
+    mon = config.get("monitoring", {})
+    if mon.get("pseudonym_key"):
+        return None
+    return Path(mon.get("key_file") or monitoring_dir(config) / "pseudonym.key")
+
+
 def resolve_pseudonym_key(config: Mapping[str, Any]) -> bytes:
     """The HMAC key: ``[monitoring] pseudonym_key`` when set, else the key file (default
     ``<dir>/pseudonym.key``), generated with :func:`secrets.token_hex` and written mode 0600 on
     first use. The key is never logged."""
     mon = config.get("monitoring", {})
-    if mon.get("pseudonym_key"):
+    path = pseudonym_key_path(config)
+    if path is None:
         key = str(mon["pseudonym_key"])
         if len(key) < 16:
             raise ConfigError(MSG_SHORT_KEY)
         return key.encode("utf-8")
-    path = Path(mon.get("key_file") or monitoring_dir(config) / "pseudonym.key")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -205,6 +205,8 @@ class ServiceSettings:
     shutdown_grace_seconds: float
     routing_policy: RetryPolicy
     routing_poll_seconds: float
+    #: The triage worklist's SQLite file: ``[worklist] path``, else ``<store root>/worklist.sqlite3``.
+    worklist_path: Path
     destinations: list[Destination] = field(repr=False, default_factory=list)
     http_enabled: bool = True
     http_host: str = "127.0.0.1"
@@ -277,4 +279,5 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
         http_host=ht.host,
         http_port=ht.port,
         stale_temp_seconds=li.stale_temp_minutes * 60.0,
+        worklist_path=Path(config.get("worklist", {}).get("path") or root / "worklist.sqlite3"),
     )

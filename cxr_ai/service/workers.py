@@ -99,8 +99,7 @@ class ResultRecorder:
             folder = Path(mon.get("dir") or settings.store_root / "monitoring")
             self.log = PredictionLog(folder / mon.get("prediction_log", "predictions.jsonl"),
                                      key=resolve_pseudonym_key(cfg))
-        wl_path = Path(cfg.get("worklist", {}).get("path") or settings.store_root / "worklist.sqlite3")
-        self.worklist = Worklist(wl_path, policy=TriagePolicy.from_config(cfg))
+        self.worklist = Worklist(settings.worklist_path, policy=TriagePolicy.from_config(cfg))
         keep = float(cfg.get("worklist", {}).get("demographics_keep_hours", 720))
         self.demographics_keep_seconds = None if keep < 0 else keep * 3600.0
         self.errors = 0
