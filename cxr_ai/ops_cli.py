@@ -21,9 +21,6 @@ from cxr_ai.store.backup import StatePaths, backup, restore
 
 logger = logging.getLogger(__name__)
 
-#: The audit log of operator actions on results (JSON lines), under ``[store] root``.
-AUDIT_LOG_NAME = "audit.jsonl"
-
 
 def state_paths(config: Mapping[str, Any], settings: ServiceSettings) -> StatePaths:
     """Where the service keeps its job store, worklist and pseudonym key (as the service resolves them)."""
@@ -73,6 +70,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 def _cmd_retract(args: argparse.Namespace) -> int:
     from cxr_ai.retract import MSG_NO_STUDY, find_studies, retract_study
+    from cxr_ai.service.web.settings import WebSettings
     from cxr_ai.store.jobs import JobStore
     from cxr_ai.store.spool import Spool
     from cxr_ai.worklist import Worklist
@@ -98,7 +96,8 @@ def _cmd_retract(args: argparse.Namespace) -> int:
         for study in studies:
             try:
                 result = retract_study(study, store=store, spool=spool, destinations=dests, worklist=worklist,
-                                       audit_log=settings.store_root / AUDIT_LOG_NAME, reason=args.reason)
+                                       audit_log=WebSettings.for_service(config, settings).audit_log,
+                                       reason=args.reason)
             except FileNotFoundError as exc:
                 print(f"cxr-ai retract: {exc}", file=sys.stderr)
                 rc = 2

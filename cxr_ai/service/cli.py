@@ -137,8 +137,10 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     try:
         if args.retry_dead:
             from cxr_ai.ops import requeue_dead
+            from cxr_ai.service.web.settings import WebSettings
 
-            n = requeue_dead(store, audit_path=settings.store_root / "audit.jsonl", destination=args.destination)
+            n = requeue_dead(store, audit_path=WebSettings.for_service(loaded.config, settings).audit_log,
+                             destination=args.destination)
             print(f"{n} dead-lettered deliveries queued again")
         print(json.dumps(store.counts(), indent=1))
         for d in store.deliveries(state=DeliveryState.DEAD):

@@ -36,8 +36,7 @@ def context_for(service: Service) -> WebContext:
 
     cfg = copy.deepcopy(dict(service.config))
     cfg.setdefault("store", {})["root"] = str(service.settings.store_root)
-    settings = WebSettings.from_config(cfg, store_root=service.settings.store_root, host=service.settings.http_host,
-                                       base_dir=service.settings.store_root.parent)
+    settings = WebSettings.for_service(cfg, service.settings)
     if settings.enabled and not settings.loopback and not settings.trusted_proxy_header:
         from cxr_ai.service.web.auth import UserStore
 

@@ -65,6 +65,14 @@ class WebSettings:
         return bool(self.tls_cert and self.tls_key)
 
     @classmethod
+    def for_service(cls, config: Mapping[str, Any], settings: Any) -> WebSettings:
+        """The web settings as the service resolves them (``settings``: its
+        :class:`~cxr_ai.service.settings.ServiceSettings`): relative paths under the store
+        root's folder. The command lines that touch the same files (users, audit log) use this."""
+        return cls.from_config(config, store_root=settings.store_root, host=settings.http_host,
+                               base_dir=settings.store_root.parent)
+
+    @classmethod
     def from_config(cls, config: Mapping[str, Any], *, store_root: Path, host: str = "127.0.0.1",
                     base_dir: Path | None = None) -> WebSettings:
         web = dict(config.get("web") or {})

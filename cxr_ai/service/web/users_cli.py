@@ -54,7 +54,7 @@ def _users_file(args: argparse.Namespace) -> Path:
     loaded = load_settings(args.config)
     cfg = loaded.config
     settings = validate_config(cfg, base_dir=loaded.base_dir, secrets=loaded.secrets)
-    return WebSettings.from_config(cfg, store_root=settings.store_root, host=settings.http_host).users_file
+    return WebSettings.for_service(cfg, settings).users_file
 
 
 def _password(args: argparse.Namespace) -> str:
