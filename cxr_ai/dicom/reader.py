@@ -25,6 +25,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 
 from cxr_ai.errors import ReadError
 
@@ -108,7 +109,9 @@ class Radiograph:
             if not self.has_pixel_data:
                 raise ReadError("no_pixel_data", MSG_NO_PIXELS.format(source=self.source))
             try:
-                arr = self.dataset.pixel_array
+                # decoded without pydicom's own cache on the dataset: this object keeps the one copy,
+                # and dropping it (the batch after preprocessing) frees the memory
+                arr = pixel_array(self.dataset)
             except Exception as exc:  # decoder plugins raise many types; report them all alike
                 raise ReadError(
                     "decode_failed",
