@@ -94,7 +94,11 @@ class StowDestination:
         from dicomweb_client.api import DICOMwebClient
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        client = DICOMwebClient(url=self.url, headers=headers)
+        # The destination's timeout for connecting and for each read (the client's own default
+        # is 20 s), and one request per attempt: the outbox retries with its own backoff and
+        # max_attempts, where the client would otherwise try up to 5 times with backoff itself.
+        client = DICOMwebClient(url=self.url, headers=headers, timeout=self.timeout)
+        client.set_http_retry_params(retry=False)
         datasets = [pydicom.dcmread(p) for p in items]
         try:
             response = client.store_instances(datasets=datasets)
