@@ -614,6 +614,26 @@ def test_retention_removes_spool_files_of_done_studies(tmp_path: Path, rg1_paths
         svc.stop(grace=2)
 
 
+def test_an_idle_service_blanks_worklist_demographics_past_their_retention(tmp_path: Path, monkeypatch) -> None:
+    import cxr_ai.service.wiring as wiring
+
+    monkeypatch.setattr(wiring, "SWEEP_SECONDS", 0.5)  # the janitor's once-a-minute sweep, sooner
+    cfg = base_config(tmp_path, [{"name": "files", "kind": "folder", "path": "out"}])
+    svc = Service(cfg, pipeline_factory=StubPipeline, base_dir=tmp_path).start()
+    try:
+        worklist = svc.workers.recorder.worklist
+        person = {"name": "DOE^JANE", "id": "PID9", "age": 50.0, "sex": "F"}
+        for job, keep in (("J0001", 0.0), ("J0002", 3600.0)):  # retention over at once / in an hour
+            worklist.upsert_study(f"2.25.{job[1:]}", [{"key": "cardiomegaly", "probability": 0.9, "threshold": 0.5}],
+                                  received_at=time.time(), job_id=job, demographics=person,
+                                  demographics_keep_seconds=keep)
+        # no study arrives after these: only the service's own sweep can blank the first
+        wait_for(lambda: not worklist.by_job("J0001").demographics, timeout=30, what="the sweep to blank them")
+        assert worklist.by_job("J0002").demographics == person
+    finally:
+        svc.stop(grace=2)
+
+
 def test_no_phi_or_uids_in_service_logs_at_info(tmp_path: Path, rg1_paths, caplog) -> None:
     import logging
 

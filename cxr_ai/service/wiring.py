@@ -261,11 +261,20 @@ class Service:
                 self.housekeeping()
                 if time.monotonic() - last_sweep >= SWEEP_SECONDS:
                     last_sweep = time.monotonic()
-                    n = self.spool.clear_incoming(older_than=self.settings.stale_temp_seconds)
-                    if n:
-                        logger.warning("removed %d stale temporary files from the spool", n)
+                    self.sweep()
             except Exception:  # broad on purpose: housekeeping retries on its next round
                 logger.exception("housekeeping failed; will retry")
+
+    def sweep(self) -> None:
+        """Once a minute, whether studies arrive or not: remove stale temporary files from the
+        spool, and blank worklist demographics whose ``[worklist] demographics_keep_hours``
+        have passed (an idle service keeps none past their time)."""
+        n = self.spool.clear_incoming(older_than=self.settings.stale_temp_seconds)
+        if n:
+            logger.warning("removed %d stale temporary files from the spool", n)
+        purged = self.workers.recorder.purge_demographics()
+        if purged:
+            logger.info("blanked the demographics of %d worklist studies past their retention", purged)
 
     def housekeeping(self) -> None:
         """Release stale studies, finish sent ones, apply spool retention."""

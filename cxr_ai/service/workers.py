@@ -104,6 +104,16 @@ class ResultRecorder:
         self.demographics_keep_seconds = None if keep < 0 else keep * 3600.0
         self.errors = 0
 
+    def purge_demographics(self) -> int:
+        """Blank worklist demographics past their retention (the service's sweep calls this
+        whether studies arrive or not). Returns how many studies were blanked."""
+        try:
+            return self.worklist.purge_demographics()
+        except (OSError, sqlite3.Error) as exc:
+            self.errors += 1
+            logger.error("worklist demographics purge failed (%s); will retry", type(exc).__name__)
+            return 0
+
     def record(self, outcomes: Sequence[OutcomeLike], received_at: float | None, *, job_id: str = "",
                study_uid: str = "") -> None:
         """Log the predictions and put the study on the worklist (a study without findings
