@@ -467,7 +467,7 @@ def source_kind(source: str | None) -> str:
 class TruthCoverage:
     finding: str
     n_predictions: int  # accepted predictions in the window
-    n_with_truth: int
+    n_with_truth: int  # with independent truth (radiologist feedback is not)
     by_source: dict[str, int]  # source kind -> predictions its records matched
     truth_records: dict[str, int]  # source kind -> records in the truth log
 
@@ -477,9 +477,12 @@ class TruthCoverage:
 
 
 def truth_coverage(monitor: Any, *, now: dt.datetime | None = None) -> list[TruthCoverage]:
-    """How many predictions of the monitor's current window have ground truth, and from where
-    (each source kind matched on its own, so a prediction with truth from two sources counts
-    once in ``n_with_truth`` and in both sources)."""
+    """How many predictions of the monitor's current window have ground truth, and from where.
+
+    ``n_with_truth`` counts the predictions with independent truth, the truth the performance
+    figures use; radiologist feedback (the reader saw the model's answer) is counted in
+    ``by_source["feedback"]`` only. Each source kind is matched on its own, so a prediction with
+    truth from two sources counts once in ``n_with_truth`` and in both sources."""
     from cxr_ai.monitoring.truth import match_truth
 
     s = monitor.settings

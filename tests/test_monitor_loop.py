@@ -27,10 +27,10 @@ from cxr_ai.monitoring.runner import (
     FhirTruthPoller,
     MonitorRunner,
     RunnerSettings,
-    feedback_record,
     metric_families,
     split_metric_key,
 )
+from cxr_ai.monitoring.truth import FEEDBACK_SOURCE, truth_from_feedback
 from cxr_ai.net.scu import Peer, send_files
 from cxr_ai.phantoms import PhantomConfig, generate_studies
 from test_monitoring import _fhir_lvef, _synthetic_log
@@ -171,12 +171,12 @@ def test_runner_updates_on_schedule_and_after_truth(tmp_path: Path) -> None:
         assert any(a["kind"] == "gap" and a["group"] == "Black" for a in runner.last_record["alerts"])
         n = runner.updates
         uid = truth[0]["study_uid"]
-        assert runner.add_truth([feedback_record(study_uid=uid, finding="cardiomegaly",
-                                                 value=not truth[0]["value"])]) == 1  # radiologist feedback
+        feedback = truth_from_feedback(finding="cardiomegaly", verdict="disagree",
+                                       model_positive=bool(truth[0]["value"]), study_uid=uid,
+                                       patient_key=None, reader="r1", observed_at=T0.isoformat())
+        assert runner.add_truth(feedback) == 1  # radiologist feedback, as the study page gives it
         _wait(lambda: runner.updates > n)
-        assert store.records()[-1]["source"] == "feedback:radiologist"
-        with pytest.raises(ValueError, match="unknown finding"):
-            feedback_record(study_uid=uid, finding="pneumonia", value=True)
+        assert store.records()[-1]["source"] == FEEDBACK_SOURCE
     finally:
         runner.stop()
     scheduled = MonitorRunner(monitor, settings=RunnerSettings(update_minutes=0.01, truth_check_seconds=0.05),

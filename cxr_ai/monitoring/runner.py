@@ -159,20 +159,6 @@ class FhirTruthPoller:
         return len(new)
 
 
-FEEDBACK_SOURCE = "feedback:radiologist"
-
-
-def feedback_record(*, study_uid: str, finding: str, value: bool,
-                    observed_at: dt.datetime | None = None) -> dict[str, Any]:
-    """A radiologist's confirmation or rejection of a finding on a study, as a truth record
-    (source ``feedback:radiologist``; who gave it belongs in the audit log, not here)."""
-    if finding not in ("cardiomegaly", "low_ef"):
-        raise ValueError(f"feedback for unknown finding {finding!r}; expected cardiomegaly or low_ef")
-    when = observed_at or dt.datetime.now(dt.timezone.utc)
-    return {"finding": finding, "value": int(bool(value)), "study_uid": study_uid, "patient_key": None,
-            "observed_at": when.isoformat(), "source": FEEDBACK_SOURCE}
-
-
 class MonitorRunner:
     """Runs a :class:`PerformanceMonitor` in a thread: on a schedule, after new truth, on demand.
 
@@ -226,7 +212,8 @@ class MonitorRunner:
             return record
 
     def add_truth(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Append truth records (e.g. :func:`feedback_record` from the worklist page) and
+        """Append truth records (e.g. :func:`cxr_ai.monitoring.truth.truth_from_feedback`
+        from the worklist page) and
         update soon. Returns how many were added."""
         n = self.monitor.truth_store.add(records)
         if n:
