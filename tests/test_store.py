@@ -65,9 +65,11 @@ def test_spool_commit_is_atomic_rename_and_validates_names(tmp_path: Path) -> No
     other.write_bytes(b"abc")
     dest2 = spool.commit_file(other, study_uid="1.2.3", sop_uid="1.2.3.4")
     assert dest2.read_bytes() == b"abc" and not list(spool.incoming.glob("*.part"))
-    assert spool.remove_study_files("1.2.3") == 2 and not dest2.exists()
-    with pytest.raises(ValueError, match="not a study key"):
-        spool.remove_study_files("../x")
+    # retention removes the files named (a Study UID's folder may hold another patient's study)
+    assert spool.remove_instance_files([dest2]) == 1 and not dest2.exists() and dest.exists()
+    assert spool.remove_instance_files([dest, dest2]) == 1 and not dest.parent.exists()
+    with pytest.raises(ValueError, match="not an instance file of the spool"):
+        spool.remove_instance_files([spool.incoming / "x.dcm"])
     with pytest.raises(ValueError, match="not a safe folder name"):
         spool.results_dir("../J1")
 

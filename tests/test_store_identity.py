@@ -37,7 +37,7 @@ def test_a_first_release_store_is_migrated_and_keeps_its_rows(tmp_path):
         assert "patient_fp" not in {r[1] for r in con.execute("PRAGMA table_info(instances)")}
     store = JobStore(db)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.schema_version() == SCHEMA_VERSION == 3
         studies = {s.study_uid: s for s in store.studies()}
         assert set(studies) == {"1.2.3.1", "1.2.3.2"}
         assert studies["1.2.3.1"].state is StudyState.SENDING
@@ -61,9 +61,12 @@ def test_a_first_release_store_is_migrated_and_keeps_its_rows(tmp_path):
 
 
 def _record(store: JobStore, *, study: str, sop: str, fp: str) -> str:
-    key, _ = store.instance_key(study_key=study, sop_key=sop, sop_uid=sop, patient_fp=fp)
-    store.record_instance(study_key=study, study_uid=study, sop_key=key, sop_uid=sop, sop_class_uid=CT,
-                          path=f"/spool/{study}/{key}.dcm", size=10, patient_fp=fp)
+    """As the listener records a received instance: its study's key, its key, then the record."""
+    study_key, _ = store.study_key(study_uid=study, patient_fp=fp, proposed=study)
+    key, _ = store.instance_key(study_key=study_key, sop_key=sop, sop_uid=sop, patient_fp=fp)
+    record = store.record_instance(study_key=study_key, study_uid=study, sop_key=key, sop_uid=sop,
+                                   sop_class_uid=CT, path=f"/spool/{study}/{key}.dcm", size=10, patient_fp=fp)
+    assert record.study_key == study_key
     return key
 
 
@@ -77,12 +80,53 @@ def test_a_reused_sop_uid_keeps_both_instances(tmp_path, second):
         assert first == "1.2.9.0.7" and other != first and other.startswith("h")
         rows = store.instances()
         assert len(rows) == 2 and all(r.uid_reused for r in rows)
-        assert {(r.study_key, r.patient_fp) for r in rows} == {("1.2.9.1", "fp-a"), second}
+        # the same Study UID for another patient is a study of its own (a derived key)
+        uid_of = {s.study_key: s.study_uid for s in store.studies()}
+        assert {(uid_of[r.study_key], r.patient_fp) for r in rows} == {("1.2.9.1", "fp-a"), second}
+        assert len({r.study_key for r in rows}) == 2
         assert store.counts()["identity"] == {"sop_uid_reused_instances": 2, "sop_uid_reused_uids": 1}
         # a re-send of either replaces it (same key), and adds no instance
         assert _record(store, study=second[0], sop="1.2.9.0.7", fp=second[1]) == other
         assert _record(store, study="1.2.9.1", sop="1.2.9.0.7", fp="fp-a") == first
         assert len(store.instances()) == 2
+    finally:
+        store.close()
+
+
+def test_a_study_uid_shared_by_two_patients_makes_two_studies_that_never_merge(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        _record(store, study="1.2.7.1", sop="1.2.7.1.1", fp="fp-a")
+        assert store.study_key(study_uid="1.2.7.1", patient_fp="fp-b", proposed="1.2.7.1")[1] is True
+        _record(store, study="1.2.7.1", sop="1.2.7.1.2", fp="fp-b")
+        _record(store, study="1.2.7.1", sop="1.2.7.1.3", fp="fp-a")  # more of the first patient's images
+        studies = store.find_studies(study_uid="1.2.7.1")
+        assert len(studies) == 2 and len({s.job_id for s in studies}) == 2
+        by_key = {s.study_key: sorted(i.sop_uid for i in store.instances(s.study_key)) for s in studies}
+        assert by_key == {"1.2.7.1": ["1.2.7.1.1", "1.2.7.1.3"],
+                          next(k for k in by_key if k != "1.2.7.1"): ["1.2.7.1.2"]}
+        assert all(i.patient_fp == ("fp-a" if i.study_key == "1.2.7.1" else "fp-b") for i in store.instances())
+        # two senders asking for the plain key before either recorded: the second still gets its own study
+        s1, _ = store.study_key(study_uid="1.2.7.2", patient_fp="fp-a", proposed="1.2.7.2")
+        s2, _ = store.study_key(study_uid="1.2.7.2", patient_fp="fp-b", proposed="1.2.7.2")
+        assert s1 == s2 == "1.2.7.2"
+        got = [store.record_instance(study_key=s1, study_uid="1.2.7.2", sop_key=f"1.2.7.2.{n}", sop_uid=f"1.2.7.2.{n}",
+                                     sop_class_uid=CT, path=f"/spool/1.2.7.2/{n}.dcm", size=1, patient_fp=fp).study_key
+               for n, fp in ((1, "fp-a"), (2, "fp-b"))]
+        assert got[0] == "1.2.7.2" and got[1].startswith("h") and len(got[1]) == 41
+    finally:
+        store.close()
+
+
+def test_a_study_recorded_before_fingerprints_becomes_its_next_patients(tmp_path):
+    db = _v1_store(tmp_path / "jobs.sqlite3")
+    store = JobStore(db)
+    try:
+        # 1.2.3.1 was recorded by the first release, without a patient fingerprint
+        assert _record(store, study="1.2.3.1", sop="1.2.3.1.5", fp="fp-a") == "1.2.3.1.5"
+        assert [s.study_key for s in store.find_studies(study_uid="1.2.3.1")] == ["1.2.3.1"]
+        _record(store, study="1.2.3.1", sop="1.2.3.1.6", fp="fp-b")  # now another patient's: a study of its own
+        assert len(store.find_studies(study_uid="1.2.3.1")) == 2
     finally:
         store.close()
 

@@ -77,6 +77,8 @@ MSG_REJECT_LIMIT = ("A-ASSOCIATE-RJ rejected-transient, service-provider, local 
                     "already open; the sender should retry, or raise [listener] max_associations")
 
 
+MSG_STUDY_UID_SHARED = ("C-STORE from %s: its Study Instance UID was already received for another patient; "
+                        "each patient's images are a study (a job) of their own, never merged (see cxr-ai jobs)")
 MSG_UID_REUSED = ("C-STORE from %s: its SOP Instance UID was already received for another study or patient; "
                   "both instances are kept and processed, with results of their own (see cxr-ai jobs)")
 
@@ -517,6 +519,10 @@ class StorageSCP:
         fingerprint = patient_study_fingerprint(study_instance_uid=info.study_instance_uid,
                                                 patient_id=info.patient_id,
                                                 issuer_of_patient_id=info.issuer_of_patient_id)
+        study_key, shared = self.store.study_key(study_uid=info.study_instance_uid, patient_fp=fingerprint,
+                                                 proposed=study_key)
+        if shared:
+            logger.warning(MSG_STUDY_UID_SHARED, calling)
         sop_key, reused = self.store.instance_key(study_key=study_key, sop_key=sop_key,
                                                   sop_uid=info.sop_instance_uid, patient_fp=fingerprint)
         if reused:
@@ -534,7 +540,7 @@ class StorageSCP:
             logger.exception("job store could not record an instance from %s; answered out of resources", calling)
             return Status.OUT_OF_RESOURCES
         with self._lock:
-            self._assoc_studies.setdefault(id(event.assoc), set()).add(study_key)
+            self._assoc_studies.setdefault(id(event.assoc), set()).add(study.study_key)
             self._assoc_counts[id(event.assoc)] = self._assoc_counts.get(id(event.assoc), 0) + 1
         if self.metrics is not None:
             self.metrics.received_bytes.inc(info.size)

@@ -241,14 +241,15 @@ class Service:
             except (DatasetProblem, OSError, ValueError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
                 logger.error("spool file %s is unreadable (%s); left in place for inspection", path, exc)
                 continue
-            study_key = safe_key(info.study_instance_uid)
-            self.store.record_instance(study_key=study_key, study_uid=info.study_instance_uid,
-                                       sop_key=Path(path).stem, sop_uid=info.sop_instance_uid,
-                                       sop_class_uid=info.sop_class_uid, path=path, size=info.size,
-                                       patient_fp=patient_study_fingerprint(
-                                           study_instance_uid=info.study_instance_uid, patient_id=info.patient_id,
-                                           issuer_of_patient_id=info.issuer_of_patient_id))
-            keys.append(study_key)
+            fingerprint = patient_study_fingerprint(study_instance_uid=info.study_instance_uid,
+                                                    patient_id=info.patient_id,
+                                                    issuer_of_patient_id=info.issuer_of_patient_id)
+            # the study (one patient's) is found or made as on receipt; the file stays where it is
+            study = self.store.record_instance(study_key=safe_key(info.study_instance_uid),
+                                               study_uid=info.study_instance_uid, sop_key=Path(path).stem,
+                                               sop_uid=info.sop_instance_uid, sop_class_uid=info.sop_class_uid,
+                                               path=path, size=info.size, patient_fp=fingerprint)
+            keys.append(study.study_key)
         if keys:
             self.store.association_closed(keys, quiet_seconds=self.settings.quiet_seconds)
             logger.warning("re-recorded %d spooled instances the job store had lost", len(keys))
@@ -286,7 +287,7 @@ class Service:
             logger.info("job %s: results sent; done", study.job_id)
         if s.keep_seconds is not None:
             for study in self.store.expired_files(keep_seconds=s.keep_seconds):
-                self.spool.remove_study_files(study.study_key)
+                self.spool.remove_instance_files(i.path for i in self.store.instances(study.study_key))
                 self.spool.remove_results(study.job_id)
                 self.store.mark_files_removed(study.study_key)
 

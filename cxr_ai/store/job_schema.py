@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 #: Version of the database layout, kept in ``PRAGMA user_version`` (and, for the first
 #: release, which did not set it, in ``meta.schema_version``). Opening an older store migrates
 #: it step by step (:data:`MIGRATIONS`) in one transaction.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MSG_NEWER_SCHEMA = (
     "job store {path} has schema version {found}, newer than this cxr-ai understands "
@@ -37,9 +37,11 @@ CREATE TABLE IF NOT EXISTS studies (
     results_sent_at  REAL,
     files_removed    INTEGER NOT NULL DEFAULT 0,
     reason_code      TEXT NOT NULL DEFAULT '',
-    retracted_at     REAL
+    retracted_at     REAL,
+    patient_fp       TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies(state, ready_at);
+CREATE INDEX IF NOT EXISTS studies_uid ON studies(study_uid);
 CREATE TABLE IF NOT EXISTS instances (
     sop_key       TEXT PRIMARY KEY,
     sop_uid       TEXT NOT NULL,
@@ -85,6 +87,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX IF NOT EXISTS instances_sop_uid ON instances(sop_uid)",
         "ALTER TABLE studies ADD COLUMN reason_code TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE studies ADD COLUMN retracted_at REAL",
+    ),
+    # 3: a study is one patient's: the patient/study fingerprint on studies, so a Study
+    # Instance UID shared by two patients makes two studies (two jobs) that never merge.
+    3: (
+        "ALTER TABLE studies ADD COLUMN patient_fp TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX IF NOT EXISTS studies_uid ON studies(study_uid)",
     ),
 }
 

@@ -153,6 +153,32 @@ class JobStore(JobQueries):
         digest = hashlib.sha256("\x1f".join((sop_uid, study_key, patient_fp)).encode("utf-8", "surrogateescape"))
         return "h" + digest.hexdigest()[:40], True
 
+    def study_key(self, *, study_uid: str, patient_fp: str, proposed: str) -> tuple[str, bool]:
+        """The key of the study (one patient's) an instance of ``study_uid`` belongs to, and
+        whether that Study Instance UID was already received for another patient.
+
+        The key of the study recorded for this UID and patient when there is one; else
+        ``proposed`` (the safe form of the UID) unless another patient's study has it: then
+        a key derived from the UID and the patient, so the two patients' studies are two
+        jobs whose results, worklist entries and pages never merge.
+        """
+        return self._study_key(self._conn(), study_uid=study_uid, patient_fp=patient_fp, proposed=proposed)
+
+    @staticmethod
+    def _study_key(conn: sqlite3.Connection, *, study_uid: str, patient_fp: str, proposed: str) -> tuple[str, bool]:
+        rows = conn.execute("SELECT study_key, study_uid, patient_fp FROM studies WHERE study_uid=? OR study_key=?",
+                            (study_uid, proposed)).fetchall()
+        # a study recorded before fingerprints existed (patient_fp '') matches any patient
+        same = sorted((r for r in rows if r["study_uid"] == study_uid and r["patient_fp"] in (patient_fp, "")),
+                      key=lambda r: r["patient_fp"] != patient_fp)
+        shared = any(r["study_uid"] == study_uid and r["patient_fp"] not in (patient_fp, "") for r in rows)
+        if same:
+            return same[0]["study_key"], shared
+        if not any(r["study_key"] == proposed for r in rows):
+            return proposed, shared
+        digest = hashlib.sha256("\x1f".join(("study", study_uid, patient_fp)).encode("utf-8", "surrogateescape"))
+        return "h" + digest.hexdigest()[:40], True
+
     def record_instance(
         self, *, study_key: str, study_uid: str, sop_key: str, sop_uid: str, sop_class_uid: str,
         path: str | os.PathLike, size: int, calling_ae: str = "", patient_fp: str = "",
@@ -164,21 +190,27 @@ class JobStore(JobQueries):
         leaves the new instance for the next round. Its readiness clock restarts: the study
         is not ready until :meth:`association_closed` (or the open-association timeout).
 
-        ``sop_key`` should come from :meth:`instance_key`; should another instance of another
-        study or patient have taken it meanwhile, the instance is recorded under a derived
-        key instead (never over the other one). Instances whose SOP Instance UID is shared
-        with another study or patient are marked ``uid_reused`` (both of them).
+        ``study_key`` should come from :meth:`study_key` and ``sop_key`` from
+        :meth:`instance_key`; should another patient's study or instance have taken them
+        meanwhile, the instance is recorded under derived keys instead (never in another
+        patient's study, never over another instance). The returned record has the study's key.
+        Instances whose SOP Instance UID is shared with another study or patient are marked
+        ``uid_reused`` (both of them).
         """
         now = self._clock()
         with self._tx() as conn:
+            study_key, _ = self._study_key(conn, study_uid=study_uid, patient_fp=patient_fp, proposed=study_key)
             sop_key, reused = self._instance_key(conn, study_key=study_key, sop_key=sop_key, sop_uid=sop_uid,
                                                  patient_fp=patient_fp)
             row = conn.execute("SELECT * FROM studies WHERE study_key=?", (study_key,)).fetchone()
+            if row is not None and not row["patient_fp"] and patient_fp:
+                # recorded before studies had fingerprints: from now on it is this patient's
+                conn.execute("UPDATE studies SET patient_fp=? WHERE study_key=?", (patient_fp, study_key))
             if row is None:
                 conn.execute(
                     "INSERT INTO studies(study_key, study_uid, job_id, state, created_at, updated_at,"
-                    " last_received_at, ready_at) VALUES (?,?,?,?,?,?,?,NULL)",
-                    (study_key, study_uid, _new_job_id(), StudyState.RECEIVED.value, now, now, now),
+                    " last_received_at, ready_at, patient_fp) VALUES (?,?,?,?,?,?,?,NULL,?)",
+                    (study_key, study_uid, _new_job_id(), StudyState.RECEIVED.value, now, now, now, patient_fp),
                 )
             elif row["state"] == StudyState.PROCESSING.value:
                 conn.execute("UPDATE studies SET last_received_at=?, updated_at=?, ready_at=NULL WHERE study_key=?",

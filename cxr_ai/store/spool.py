@@ -15,6 +15,7 @@ Layout under ``root``::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -22,6 +23,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from cxr_ai.dicom.uids import is_valid_uid
@@ -149,15 +151,25 @@ class Spool:
         """Every instance file in the spool (for reconciliation with the job store)."""
         return sorted(self.instances.glob("*/*.dcm"))
 
-    def remove_study_files(self, study_key: str) -> int:
-        """Delete a study's instance files (retention). Returns the number removed."""
-        if not (is_valid_uid(study_key) or _HASH_KEY_RE.match(study_key)):
-            raise ValueError(f"{study_key!r} is not a study key made by safe_key()")
-        folder = self.instances / study_key
-        if not folder.is_dir():
-            return 0
-        n = sum(1 for _ in folder.glob("*.dcm"))
-        shutil.rmtree(folder, ignore_errors=True)
+    def remove_instance_files(self, paths: Iterable[str | os.PathLike]) -> int:
+        """Delete these instance files (a study's, for retention), and their folders once
+        empty. A folder holds a Study Instance UID's files, which two patients' studies may
+        share: only the files named go. Returns the number removed."""
+        n, folders = 0, set()
+        root = self.instances.resolve()
+        for p in paths:
+            path = Path(p).resolve()
+            if path.parent.parent != root or path.suffix != ".dcm":
+                raise ValueError(f"{p} is not an instance file of the spool {self.instances}")
+            try:
+                path.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+            folders.add(path.parent)
+        for folder in folders:
+            with contextlib.suppress(OSError):  # not empty: another study's files are in it
+                folder.rmdir()
         return n
 
     # -- results ---------------------------------------------------------------------------
