@@ -45,6 +45,7 @@ from cxr_ai.second_opinion import (
     safe_filename,
     second_opinion,
 )
+from cxr_ai.service.web.access import client_of
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ async def _run(request: Request, user_name: str) -> tuple[SecondOpinion | None, 
 
 def _audit(request: Request, *, user: str, outcome: str, **detail: Any) -> None:
     ctx = request.app.state.pages.ctx
-    ctx.audit.write("second-opinion", user=user, client=request.client.host if request.client else "",
+    ctx.audit.write("second-opinion", user=user, client=client_of(request),
                     outcome=outcome, **detail)
 
 
@@ -264,7 +265,7 @@ def check_api_csrf(request: Request, *, user: str) -> None:
     expected = request.session.get("csrf", "") if request.session.get("user") else ""
     if not sent or (expected and not secrets.compare_digest(sent, expected)):
         ctx = request.app.state.pages.ctx
-        ctx.audit.write("csrf-refused", user=user, client=request.client.host if request.client else "",
+        ctx.audit.write("csrf-refused", user=user, client=client_of(request),
                         outcome="refused", path=request.url.path)
         raise HTTPException(403, MSG_API_CSRF)
 
