@@ -486,8 +486,9 @@ def truth_coverage(monitor: Any, *, now: dt.datetime | None = None) -> list[Trut
     from cxr_ai.monitoring.truth import match_truth
 
     s = monitor.settings
-    joined, _, _ = monitor.window_frame(now=now)
-    records = monitor.truth_store.records()
+    logs = monitor.read_logs()
+    joined, _, _ = monitor.window_frame(now=now, logs=logs)
+    records = logs[1]
     kinds = {k: [r for r in records if source_kind(r.get("source")) == k] for k in (*TRUTH_SOURCES, "other")}
     out = []
     accepted = joined[joined["gate_accepted"].astype(bool)] if len(joined) else joined

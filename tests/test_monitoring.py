@@ -256,3 +256,30 @@ def test_gap_and_drift_alerts_are_logged_and_exposed(tmp_path, caplog):
     # the reference window alone: no alerts
     quiet = monitor.update(now=T0 - dt.timedelta(days=9) + dt.timedelta(hours=23))
     assert quiet["alerts"] == [] and quiet["n_predictions"] == 900
+
+
+def test_an_update_reads_each_log_once(tmp_path, monkeypatch):
+    """The independent and the feedback figures of one update come from one read of the
+    prediction log and of the truth log (both grow without bound on a live service)."""
+    store = TruthStore(tmp_path / "truth.jsonl")
+    log, truth = _synthetic_log(tmp_path, n=200, noisy_group=None, start=T0, seed=4)
+    store.add(truth)
+    settings = MonitorSettings(findings=("cardiomegaly",), attributes=("race",), intersections=(), window_days=7,
+                               metrics=MetricSettings(n_boot=20, random_state=0))
+    monitor = PerformanceMonitor(log, store, performance_log=tmp_path / "perf.jsonl", settings=settings)
+    reads = {"predictions": 0, "truth": 0}
+    to_frame, records = log.to_frame, store.records
+
+    def counted_frame(*args, **kw):
+        reads["predictions"] += 1
+        return to_frame(*args, **kw)
+
+    def counted_records(*args, **kw):
+        reads["truth"] += 1
+        return records(*args, **kw)
+
+    monkeypatch.setattr(log, "to_frame", counted_frame)
+    monkeypatch.setattr(store, "records", counted_records)
+    record = monitor.update(now=T0 + dt.timedelta(days=1))
+    assert record["n_predictions"] == 200 and "result" in record and "feedback" in record
+    assert reads == {"predictions": 1, "truth": 1}

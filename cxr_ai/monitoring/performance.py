@@ -101,18 +101,25 @@ class PerformanceMonitor:
                    performance_log=d / m.get("performance_log", "performance.jsonl"),
                    settings=MonitorSettings.from_config(config))
 
-    def window_frame(self, *, now: dt.datetime | None = None,
-                     truth: str = "independent") -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    def read_logs(self) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+        """(the prediction log as a frame, every truth record): one read of each file, for
+        every window and truth kind computed from them (:meth:`window_frame` ``logs=``)."""
+        return self.prediction_log.to_frame(findings=self.settings.findings), self.truth_store.records()
+
+    def window_frame(self, *, now: dt.datetime | None = None, truth: str = "independent",
+                     logs: tuple[pd.DataFrame, list[dict[str, Any]]] | None = None,
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
         """(current window joined with truth, reference window, truth match report).
 
         ``truth`` is ``"independent"`` (echocardiography, reports, CSV: every record not made
         from feedback on the pages) or ``"feedback"`` (radiologists' verdicts given with the
-        model's answer shown, :data:`~cxr_ai.monitoring.truth.FEEDBACK_SOURCE`).
+        model's answer shown, :data:`~cxr_ai.monitoring.truth.FEEDBACK_SOURCE`). ``logs`` is
+        what :meth:`read_logs` returned (read now when omitted).
         """
         now = pd.Timestamp(now or dt.datetime.now(dt.timezone.utc))
         if now.tzinfo is None:
             now = now.tz_localize("UTC")
-        preds = self.prediction_log.to_frame(findings=self.settings.findings)
+        preds, truth_records = logs if logs is not None else self.read_logs()
         if preds.empty:
             return preds, preds, {}
         w = pd.Timedelta(days=self.settings.window_days)
@@ -120,8 +127,7 @@ class PerformanceMonitor:
         # the offline evaluator's canonical order (by SOP Instance UID): same rows, same CIs
         current = current.sort_values("sop_uid", kind="stable")
         reference = preds[(preds["logged_at"] > now - 2 * w) & (preds["logged_at"] <= now - w)]
-        records = [r for r in self.truth_store.records()
-                   if (r.get("source") == FEEDBACK_SOURCE) == (truth == "feedback")]
+        records = [r for r in truth_records if (r.get("source") == FEEDBACK_SOURCE) == (truth == "feedback")]
         joined, report = match_truth(current.reset_index(drop=True), records,
                                      findings=self.settings.findings,
                                      window_days=self.settings.truth_window_days)
@@ -130,7 +136,8 @@ class PerformanceMonitor:
     def update(self, *, now: dt.datetime | None = None) -> dict[str, Any]:
         """Evaluate the current window, check alerts, append to the performance log."""
         s = self.settings
-        joined, reference, match = self.window_frame(now=now)
+        logs = self.read_logs()
+        joined, reference, match = self.window_frame(now=now, logs=logs)
         computed_at = (now or dt.datetime.now(dt.timezone.utc)).isoformat()
         record: dict[str, Any] = {"computed_at": computed_at, "window_days": s.window_days,
                                   "n_predictions": len(joined), "truth_match": match, "alerts": []}
@@ -149,7 +156,7 @@ class PerformanceMonitor:
                         record["alerts"].append({"kind": "gap", "finding": f, **flag})
         record["alerts"] += self._drift(accepted, reference)
         record["truth"] = "independent (radiologist feedback given with the AI shown is reported apart)"
-        record["feedback"] = self._feedback_figures(now=now)
+        record["feedback"] = self._feedback_figures(now=now, logs=logs)
         for alert in record["alerts"]:
             logger.warning("monitoring alert: %s", json.dumps(alert))
         with self._lock, open(self.performance_log, "a", encoding="utf-8") as fh:
@@ -157,10 +164,11 @@ class PerformanceMonitor:
         self._values = self._flatten(record)
         return record
 
-    def _feedback_figures(self, *, now: dt.datetime | None) -> dict[str, Any]:
+    def _feedback_figures(self, *, now: dt.datetime | None,
+                          logs: tuple[pd.DataFrame, list[dict[str, Any]]]) -> dict[str, Any]:
         """The same figures on feedback-based truth only (no alerts: the readers saw the model)."""
         s = self.settings
-        joined, _, match = self.window_frame(now=now, truth="feedback")
+        joined, _, match = self.window_frame(now=now, truth="feedback", logs=logs)
         out: dict[str, Any] = {"truth": FEEDBACK_SOURCE + " (not independent of the model)", "truth_match": match}
         accepted = joined[joined["gate_accepted"].astype(bool)] if len(joined) else joined
         findings = tuple(f for f in s.findings if len(accepted) and f in accepted and accepted[f].notna().any())
