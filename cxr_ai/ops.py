@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,7 +48,6 @@ SAME_QUANTITY: dict[str, tuple[str, ...]] = {
 MSG_NOT_RECORDED = ("{attribute}: not recorded in the prediction log (DICOM headers carry no {attribute}); "
                     "nothing to show")
 MSG_NOT_CONFIGURED = "{attribute}: not among [monitoring] attributes / intersections; add it to see it"
-_audit_lock = threading.Lock()
 
 
 # -- health -----------------------------------------------------------------------------------
@@ -189,24 +187,17 @@ def dead_letters(db_path: str | os.PathLike) -> list[DeadLetter]:
                        items=len(json.loads(r["items"]))) for r in rows]
 
 
-def audit(path: str | os.PathLike, *, actor: str, action: str, **details: Any) -> dict[str, Any]:
-    """Append one JSON line to the audit log (who, what, when; no patient data)."""
-    entry = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "actor": actor,
-             "action": action, **details}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with _audit_lock, open(p, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry, separators=(",", ":")) + "\n")
-    return entry
-
-
-def requeue_dead(store: JobStore, *, audit_path: str | os.PathLike, actor: str | None = None,
+def requeue_dead(store: JobStore, *, audit_path: str | os.PathLike, actor: str | None = None, client: str = "",
                  destination: str | None = None, delivery_ids: Sequence[int] | None = None) -> int:
     """Put dead letters back in the queue (all, one destination's, or the given ids) and audit
-    it: the action of ``cxr-ai jobs --retry-dead`` and of the page's re-queue button."""
+    it: the action of ``cxr-ai jobs --retry-dead`` (``actor`` the OS user) and of the page's
+    re-queue button (the signed-in user and the page's ``client`` address)."""
+    from cxr_ai.audit import AuditLog
+
     n = store.retry_dead(destination=destination, ids=delivery_ids)
-    audit(audit_path, actor=actor or getpass.getuser(), action="requeue_dead", destination=destination,
-          delivery_ids=list(delivery_ids) if delivery_ids is not None else None, requeued=n)
+    AuditLog(audit_path).write("requeue-dead", user=actor or getpass.getuser(), client=client,
+                               destination=destination,
+                               delivery_ids=list(delivery_ids) if delivery_ids is not None else None, requeued=n)
     logger.info("%d dead-lettered deliveries queued again by %s", n, actor or "the operator")
     return n
 

@@ -22,7 +22,6 @@ this command; its objects must then be rejected at the PACS by hand.
 
 from __future__ import annotations
 
-import datetime as dt
 import getpass
 import json
 import logging
@@ -40,6 +39,7 @@ import requests
 from pydicom.dataset import Dataset
 
 from cxr_ai import __version__
+from cxr_ai.audit import AuditLog
 from cxr_ai.dicom import codes
 from cxr_ai.dicom.uids import rejection_note_uids
 from cxr_ai.outputs import LISTENER_FHIR_GLOB, OutputKind, listener_glob, stored_kind
@@ -58,6 +58,8 @@ FHIR_RETRACTED_TYPES = ("Observation", "DiagnosticReport")
 ENTERED_IN_ERROR = "entered-in-error"
 
 MSG_NO_STUDY = "no study in the job store matches {what}; check it with cxr-ai jobs --state done"
+MSG_STUDY_SHARED = ("Study Instance UID {uid} was received for {n} patients, each a job of its own ({jobs}); "
+                    "retract the one concerned with --job JOB (cxr-ai jobs shows them)")
 MSG_NO_RESULTS = ("job {job}: its result objects are no longer in the spool ({folder}; removed by retention, "
                   "[store] keep_hours), so cxr-ai cannot name them; reject them at the PACS by hand")
 MSG_NOTHING_SENT = ("job {job}: cxr-ai made no SR, SC, Parametric Map or Segmentation for this study; nothing "
@@ -156,18 +158,6 @@ def mark_entered_in_error(dest: FhirDestination, bundles: Sequence[dict[str, Any
     return n
 
 
-def append_audit(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to the audit log, durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, line.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def find_studies(store: JobStore, *, study_uid: str | None = None, job_id: str | None = None,
                  accession: str | None = None, worklist: Any = None, spool: Spool | None = None) -> list[StudyRecord]:
     """The studies a ``retract`` selector names (exactly one selector)."""
@@ -236,21 +226,19 @@ def retract_study(study: StudyRecord, *, store: JobStore, spool: Spool, destinat
     if worklist is not None:
         result.worklist_removed = worklist.remove_study(study.study_uid)
     store.mark_retracted(study.study_key)
-    record = {
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "action": "retract",
-        "user": user or getpass.getuser(),
-        "reason": reason,
-        "job_id": result.job_id,
-        "study_uid": result.study_uid,
-        "rejection_note_uid": result.note_uid,
-        "rejected_objects": result.rejected,
-        "pacs": result.pacs,
-        "fhir": result.fhir,
-        "worklist_removed": result.worklist_removed,
-        "cxr_ai_version": __version__,
-    }
-    append_audit(audit_log, record)
+    AuditLog(audit_log).write(
+        "retract", user=user or getpass.getuser(), durable=True,
+        outcome="success" if result.ok else "partial",  # which destinations failed: pacs / fhir below
+        reason=reason,
+        job_id=result.job_id,
+        study_uid=result.study_uid,
+        rejection_note_uid=result.note_uid,
+        rejected_objects=result.rejected,
+        pacs=result.pacs,
+        fhir=result.fhir,
+        worklist_removed=result.worklist_removed,
+        cxr_ai_version=__version__,
+    )
     logger.warning("job %s: results retracted (%d objects in a rejection note; %d FHIR resources marked %s; %s)",
                    study.job_id, len(result.rejected), result.fhir_marked, ENTERED_IN_ERROR,
                    "all destinations done" if result.ok else "SOME DESTINATIONS FAILED, see the audit log")

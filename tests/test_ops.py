@@ -79,8 +79,9 @@ def test_health_queue_dead_letters_requeue_throughput_latency(tmp_path: Path, rg
         assert ops.requeue_dead(svc.store, audit_path=audit, actor="admin", delivery_ids=[999999]) == 0
         assert ops.requeue_dead(svc.store, audit_path=audit, actor="admin", delivery_ids=[dead.delivery_id]) == 1
         entries = [json.loads(x) for x in audit.read_text().splitlines()]
-        assert [(e["actor"], e["action"], e["requeued"]) for e in entries] == [("admin", "requeue_dead", 0),
-                                                                            ("admin", "requeue_dead", 1)]
+        assert [(e["user"], e["event"], e["requeued"]) for e in entries] == [("admin", "requeue-dead", 0),
+                                                                          ("admin", "requeue-dead", 1)]
+        assert all(set(e) >= {"time", "event", "user", "client", "outcome"} for e in entries)
         assert entries[1]["delivery_ids"] == [dead.delivery_id]
     finally:
         svc.stop(grace=2)

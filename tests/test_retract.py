@@ -122,7 +122,8 @@ def _retract(tmp_path: Path, rg1: Path, dciodvfy) -> None:
         store.close()
         [line] = (root / "audit.jsonl").read_text().splitlines()
         audit = json.loads(line)
-        assert audit["action"] == "retract" and audit["reason"] == "wrong patient (test)"
+        assert audit["event"] == "retract" and audit["reason"] == "wrong patient (test)"
+        assert audit["outcome"] == "success" and audit["client"] == "" and audit["user"]
         assert audit["job_id"] == summary["job_id"] and sorted(audit["rejected_objects"]) == sorted(sent)
         assert audit["pacs"] == {"pacs": "sent"} and audit["worklist_removed"] is True
         assert str(src.PatientID) not in line and str(src.PatientName) not in line

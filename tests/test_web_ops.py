@@ -108,7 +108,8 @@ def test_ops_page_shows_the_flagged_gap_of_the_shifted_group(setup, browser) -> 
     wait_for(lambda: d.find_elements("id", "requeued"), what="the re-queued notice")
     assert "1 dead letter(s) queued again" in d.find_element("id", "requeued").text
     audit = [json.loads(x) for x in (svc.settings.store_root / "audit.jsonl").read_text().splitlines()]
-    assert [(a["actor"], a["requeued"]) for a in audit if a.get("action") == "requeue_dead"] == [(ADMIN, 1)]
+    requeues = [a for a in audit if a["event"] == "requeue-dead"]
+    assert [(a["user"], a["requeued"]) for a in requeues] == [(ADMIN, 1)] and requeues[0]["client"]
 
     # the truth by CSV from another process; the monitor updates; the open page shows the gap
     out = _cli("truth", "load", str(ph / "labels.csv"), "--config", str(config_path), cwd=config_path.parent)

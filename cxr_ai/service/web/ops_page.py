@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from cxr_ai import ops, plots
+from cxr_ai.service.web.access import client_of
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,9 @@ async def requeue(request: Request) -> Response:
         except ValueError:
             raise HTTPException(400, MSG_BAD_IDS.format(value=value[:40])) from None
     # audited by requeue_dead itself (the same record as `cxr-ai jobs --retry-dead`, with the user)
+    client = client_of(request)
     n = await run_in_threadpool(lambda: ops.requeue_dead(svc.store, audit_path=pages.ctx.settings.audit_log,
-                                                         actor=user.name, delivery_ids=ids))
+                                                         actor=user.name, client=client, delivery_ids=ids))
     _data(request).invalidate()
     return RedirectResponse(f"/ops?requeued={n}", status_code=303)
 
