@@ -313,7 +313,10 @@ class Worklist:
         ``demographics`` (patient name, ID, age, sex: shown on signed-in pages only, kept for
         ``demographics_keep_seconds``; None keeps them) are optional.
         """
-        new = {f["key"]: f for f in (_finding_dict(f, study_uid) for f in findings)}
+        new: dict[str, dict[str, Any]] = {}
+        for f in (_finding_dict(f, study_uid) for f in findings):  # several instances: the highest
+            if f["key"] not in new or f["probability"] > new[f["key"]]["probability"]:
+                new[f["key"]] = f
         ts = _ts(received_at)
         acq = None if acquired_at is None else _ts(acquired_at)
         demo_json = json.dumps(dict(demographics), sort_keys=True) if demographics else ""
