@@ -318,3 +318,89 @@ def test_cli_mark_read_marks_every_entry_of_a_uid_and_says_it_is_shared(tmp_path
     assert "DOE" not in out and "ROE" not in out and KEY_A not in out  # no patient data printed
     with Worklist(db, policy=POLICY) as wl:
         assert wl.ranked() == [] and len(wl.ranked(include_read=True)) == 3
+
+
+# the schema of the releases keyed by Study Instance UID alone (first release, then with the
+# columns added since: job_id, acquired_at, reason, demographics_json, demographics_until)
+OLD_SCHEMA_FIRST = """CREATE TABLE studies (
+    study_uid TEXT PRIMARY KEY, received_at REAL NOT NULL, accession TEXT NOT NULL,
+    patient_key TEXT NOT NULL, findings_json TEXT NOT NULL, reports_json TEXT NOT NULL,
+    read_at REAL, updated_at REAL NOT NULL)"""
+OLD_ADDED = ["job_id TEXT NOT NULL DEFAULT ''", "acquired_at REAL", "reason TEXT NOT NULL DEFAULT ''",
+             "demographics_json TEXT NOT NULL DEFAULT ''", "demographics_until REAL"]
+
+
+def old_file(path: Path, *, added: int) -> list[dict]:
+    """A worklist file as an older release wrote it (with the first ``added`` later columns),
+    holding a read entry with demographics and an unread one; returns its rows."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute(OLD_SCHEMA_FIRST)
+    for decl in OLD_ADDED[:added]:
+        con.execute(f"ALTER TABLE studies ADD COLUMN {decl}")
+    if added:
+        con.execute("CREATE INDEX studies_job ON studies(job_id)")
+    rows = [
+        {"study_uid": SHARED, "received_at": T0, "accession": "ACC1", "patient_key": KEY_A,
+         "findings_json": json.dumps({"cardiomegaly": {"key": "cardiomegaly", "probability": 0.9, "threshold": 0.5,
+                                                        "positive": True}}),
+         "reports_json": json.dumps(["2.25.71"]), "read_at": T0 + 100, "updated_at": T0 + 100,
+         "job_id": "JA", "acquired_at": T0 - 50, "reason": "",
+         "demographics_json": json.dumps(PERSON_A, sort_keys=True), "demographics_until": T0 + 10**6},
+        {"study_uid": "1.2.826.0.1.8", "received_at": T0 + 1, "accession": "", "patient_key": "",
+         "findings_json": "{}", "reports_json": "[]", "read_at": None, "updated_at": T0 + 1,
+         "job_id": "J8", "acquired_at": None, "reason": "lateral view", "demographics_json": "",
+         "demographics_until": None},
+    ]
+    cols = [c.split()[0] for c in OLD_SCHEMA_FIRST.split("(", 1)[1].split(",")] + \
+        [d.split()[0] for d in OLD_ADDED[:added]]
+    for row in rows:
+        con.execute(f"INSERT INTO studies ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    [row[c] for c in cols])
+    con.commit()
+    con.close()
+    return [{c: r[c] for c in cols} for r in rows]
+
+
+def dump(path: Path) -> tuple[list[dict], list[str], tuple[str, ...]]:
+    """(rows, sqlite_master entries, primary key columns) of a worklist file."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.row_factory = sqlite3.Row
+    rows = [dict(r) for r in con.execute("SELECT * FROM studies ORDER BY study_uid, patient_key")]
+    master = [f"{r['type']} {r['name']} {r['sql']}" for r in con.execute("SELECT * FROM sqlite_master ORDER BY name")]
+    info = con.execute("PRAGMA table_info(studies)").fetchall()
+    key = tuple(r["name"] for r in sorted((r for r in info if r["pk"]), key=lambda r: r["pk"]))
+    con.close()
+    return rows, master, key
+
+
+@pytest.mark.parametrize("added", [len(OLD_ADDED), 0], ids=["with-demographics", "first-release"])
+def test_an_older_file_keyed_by_study_uid_is_migrated_keeping_every_row(tmp_path: Path, added: int) -> None:
+    path = tmp_path / "worklist.sqlite3"
+    before = old_file(path, added=added)
+    assert dump(path)[2] == ("study_uid",)
+    Worklist(path, policy=POLICY).close()
+    rows, master, key = dump(path)
+    assert key == ("study_uid", "patient_key")
+    assert not any(" studies_by_uid " in m for m in master)  # the old table is gone
+    assert any(m.startswith("index studies_job ") for m in master)
+    defaults = {"job_id": "", "acquired_at": None, "reason": "", "demographics_json": "", "demographics_until": None}
+    assert rows == sorted(({**defaults, **r} for r in before), key=lambda r: (r["study_uid"], r["patient_key"]))
+    # opening the migrated file again changes nothing
+    Worklist(path, policy=POLICY).close()
+    assert dump(path) == (rows, master, key)
+    # the migrated entries work as today's: read state kept, another patient under the UID is its own
+    with Worklist(path, policy=POLICY) as wl:
+        (old_a,) = [r for r in wl.ranked(now=T0 + 200, include_read=True) if r.patient_key == KEY_A]
+        assert old_a.read_at == T0 + 100 and old_a.findings["cardiomegaly"]["probability"] == 0.9
+        assert old_a.demographics == (PERSON_A if added else {})
+        wl.upsert_study(SHARED, [{"key": "cardiomegaly", "probability": 0.1, "threshold": 0.5}], received_at=T0,
+                        patient_key=KEY_B, job_id="JB", demographics=PERSON_B)
+        shared = {r.patient_key: r for r in wl.ranked(now=T0 + 200, include_read=True) if r.study_uid == SHARED}
+        assert set(shared) == {KEY_A, KEY_B}
+        assert shared[KEY_A].findings["cardiomegaly"]["probability"] == 0.9 and shared[KEY_A].read_at == T0 + 100
+        assert shared[KEY_B].read_at is None and shared[KEY_B].demographics == PERSON_B
