@@ -1,5 +1,9 @@
 """The triage worklist: studies ranked for reading, kept in SQLite, exported as CSV/JSON/FHIR.
 
+An entry is one study *of one patient*: ``(study_uid, patient_key)`` (the pseudonymous
+patient key). A Study Instance UID that a sender reused for two patients gives two entries,
+each with its own findings, demographics and rank; they never merge.
+
 Ranking (``[worklist]`` config)
 -------------------------------
 A study's **score** is the largest ``weight[finding] x probability`` over its *positive*
@@ -24,6 +28,14 @@ lists the AI DiagnosticReports by identifier (the SR SOP Instance UIDs, as :mod:
 identifies them), ``authoredOn`` the arrival, ``restriction.period.end`` the ageing deadline,
 ``businessStatus`` the rank. A Task (a work item with a priority) rather than a flag on the
 DiagnosticReport: worklists and RIS integrations consume Tasks, a report stays a report.
+
+A Task is per entry, not per Study Instance UID: its uuid (the Bundle's ``fullUrl``) is a
+UUIDv5 of the study UID and the patient key, so the two entries of a UID shared by two
+patients give two Tasks with distinct ids. An entry without a patient key ('') keeps the uuid
+of the study UID alone and the identifier ``urn:oid:<StudyInstanceUID>`` (system
+``urn:ietf:rfc:3986``) that Tasks had before entries were per patient; an entry with a key is
+identified by its own ``urn:uuid:<task uuid>`` (system ``urn:ietf:rfc:3986``), since the study
+UID no longer names one Task. ``focus`` stays the ImagingStudy's UID either way.
 
 The listener calls :meth:`Worklist.upsert_study` as each study's results are made; the batch
 processor can load its results table (:func:`load_results_table`).
@@ -62,6 +74,22 @@ MSG_BAD_FINDING = (
 MSG_NO_DB = "no worklist database given: pass --db or set [worklist] path"
 MSG_BAD_WAIT_FROM = "[worklist] wait_from must be one of {choices}, got {value!r}"
 
+#: The columns of the first release. A row is one study of one patient: ``(study_uid,
+#: patient_key)`` is the primary key (a sender may reuse a Study Instance UID for another
+#: patient; their results must never merge). Files of the releases keyed by ``study_uid`` alone
+#: are migrated on open (:meth:`Worklist._migrate_schema`).
+_BASE_COLUMNS = (
+    ("study_uid", "TEXT NOT NULL"),
+    ("received_at", "REAL NOT NULL"),
+    ("accession", "TEXT NOT NULL"),
+    ("patient_key", "TEXT NOT NULL"),
+    ("findings_json", "TEXT NOT NULL"),
+    ("reports_json", "TEXT NOT NULL"),
+    ("read_at", "REAL"),
+    ("updated_at", "REAL NOT NULL"),
+)
+_PRIMARY_KEY = ("study_uid", "patient_key")
+
 #: Columns added after the first release (ALTER TABLE on an older file). ``demographics_json``
 #: holds patient name, ID, age and sex for the pages (same file protection as the job store);
 #: it is blanked once ``demographics_until`` has passed (``[worklist] demographics_keep_hours``).
@@ -72,6 +100,11 @@ _ADDED_COLUMNS = (
     ("demographics_json", "TEXT NOT NULL DEFAULT ''"),
     ("demographics_until", "REAL"),
 )
+
+
+def _create_table_sql(name: str) -> str:
+    columns = ", ".join(f"{c} {decl}" for c, decl in _BASE_COLUMNS + _ADDED_COLUMNS)
+    return f"CREATE TABLE {name} ({columns}, PRIMARY KEY ({', '.join(_PRIMARY_KEY)}))"
 
 
 class Tier(int, enum.Enum):
@@ -159,6 +192,13 @@ class RankedStudy:
         return row
 
 
+def _entry_where(study_uid: str, patient_key: str | None) -> tuple[str, tuple[str, ...]]:
+    """The SQL condition (and its arguments) for one patient's entry, or every entry of a UID."""
+    if patient_key is None:
+        return "study_uid=?", (study_uid,)
+    return "study_uid=? AND patient_key=?", (study_uid, patient_key)
+
+
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -200,21 +240,47 @@ class Worklist:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.policy = policy or TriagePolicy()
         self._lock = threading.Lock()
-        #: study UID -> (updated_at, findings, report UIDs, demographics) parsed by :meth:`ranked`;
-        #: the findings and demographics dicts are shared between calls (read them, don't change them)
-        self._parsed: dict[str, tuple[float, Any, Any, Any]] = {}
+        #: (study UID, patient key) -> (updated_at, findings, report UIDs, demographics) parsed by
+        #: :meth:`ranked`; the findings and demographics dicts are shared between calls (read them,
+        #: don't change them)
+        self._parsed: dict[tuple[str, str], tuple[float, Any, Any, Any]] = {}
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            """CREATE TABLE IF NOT EXISTS studies (
-                   study_uid TEXT PRIMARY KEY, received_at REAL NOT NULL, accession TEXT NOT NULL,
-                   patient_key TEXT NOT NULL, findings_json TEXT NOT NULL, reports_json TEXT NOT NULL,
-                   read_at REAL, updated_at REAL NOT NULL)"""
-        )
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(studies)")}
-        for name, decl in _ADDED_COLUMNS:
-            if name not in have:
-                self._db.execute(f"ALTER TABLE studies ADD COLUMN {name} {decl}")
+        self._db.execute("BEGIN IMMEDIATE")  # one writer checks and changes the schema at a time
+        try:
+            self._migrate_schema()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _migrate_schema(self) -> None:
+        """Create the table, or bring an older file to today's schema (inside the caller's
+        transaction, so a failure leaves the file as it was).
+
+        A file keyed by ``study_uid`` alone is rebuilt (SQLite cannot change a primary key):
+        the old table is renamed, the new one created, every row copied with every column it
+        has (the columns it lacks take their defaults), the old table dropped and the job index
+        recreated. On a file already at today's schema this only checks.
+        """
+        info = list(self._db.execute("PRAGMA table_info(studies)"))
+        if not info:
+            self._db.execute(_create_table_sql("studies"))
+        else:
+            key = tuple(r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5]))
+            have = {r[1] for r in info}
+            if key != _PRIMARY_KEY:
+                logger.info("worklist %s: re-keying its studies by (study_uid, patient_key)", self.path.name)
+                self._db.execute("DROP INDEX IF EXISTS studies_job")
+                self._db.execute("ALTER TABLE studies RENAME TO studies_by_uid")
+                self._db.execute(_create_table_sql("studies"))
+                cols = ", ".join(c for c, _ in _BASE_COLUMNS + _ADDED_COLUMNS if c in have)
+                self._db.execute(f"INSERT INTO studies ({cols}) SELECT {cols} FROM studies_by_uid")
+                self._db.execute("DROP TABLE studies_by_uid")
+            else:
+                for name, decl in _ADDED_COLUMNS:
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE studies ADD COLUMN {name} {decl}")
         self._db.execute("CREATE INDEX IF NOT EXISTS studies_job ON studies(job_id)")
 
     def close(self) -> None:
@@ -231,10 +297,13 @@ class Worklist:
                      acquired_at: float | dt.datetime | None = None, reason: str = "",
                      demographics: Mapping[str, Any] | None = None,
                      demographics_keep_seconds: float | None = None) -> None:
-        """Add a study, or merge more results into it (another instance, a re-run).
+        """Add a study of a patient, or merge more results into it (another instance, a re-run).
 
-        Per finding the highest probability over the study's instances is kept. The arrival
-        time is the earliest one seen, so a late instance does not reset the study's wait.
+        An entry is one ``(study_uid, patient_key)``: results merge only into the entry of the
+        same Study Instance UID *and* patient key, so a UID a sender reused for another patient
+        gives that patient an entry of their own (``patient_key`` '' is an identity too). Per
+        finding the highest probability over the entry's instances is kept. The arrival time is
+        the earliest one seen, so a late instance does not reset the study's wait.
         ``findings`` are :class:`cxr_ai.results.FindingResult` or mappings with ``key``,
         ``probability``, ``threshold``. ``report_uid`` is the SR SOP Instance UID (also the
         FHIR DiagnosticReport identifier).
@@ -244,7 +313,10 @@ class Worklist:
         ``demographics`` (patient name, ID, age, sex: shown on signed-in pages only, kept for
         ``demographics_keep_seconds``; None keeps them) are optional.
         """
-        new = {f["key"]: f for f in (_finding_dict(f, study_uid) for f in findings)}
+        new: dict[str, dict[str, Any]] = {}
+        for f in (_finding_dict(f, study_uid) for f in findings):  # several instances: the highest
+            if f["key"] not in new or f["probability"] > new[f["key"]]["probability"]:
+                new[f["key"]] = f
         ts = _ts(received_at)
         acq = None if acquired_at is None else _ts(acquired_at)
         demo_json = json.dumps(dict(demographics), sort_keys=True) if demographics else ""
@@ -255,8 +327,8 @@ class Worklist:
             try:
                 row = self._db.execute(
                     "SELECT received_at, accession, patient_key, findings_json, reports_json, job_id, acquired_at,"
-                    " reason, demographics_json, demographics_until FROM studies WHERE study_uid=?",
-                    (study_uid,)).fetchone()
+                    " reason, demographics_json, demographics_until FROM studies WHERE study_uid=? AND patient_key=?",
+                    (study_uid, patient_key)).fetchone()
                 if row is not None:
                     old = json.loads(row[3])
                     for k, f in new.items():
@@ -265,7 +337,6 @@ class Worklist:
                     reports = json.loads(row[4])
                     ts = min(ts, row[0])
                     accession = accession or row[1]
-                    patient_key = patient_key or row[2]
                     job_id = job_id or row[5]
                     acq = acq if acq is not None else row[6]
                     reason = "" if new else (reason or row[7])
@@ -280,24 +351,35 @@ class Worklist:
                     "INSERT OR REPLACE INTO studies (study_uid, received_at, accession, patient_key, findings_json,"
                     " reports_json, read_at, updated_at, job_id, acquired_at, reason, demographics_json,"
                     " demographics_until) VALUES (?,?,?,?,?,?,"
-                    " (SELECT read_at FROM studies WHERE study_uid=?),?,?,?,?,?,?)",
+                    " (SELECT read_at FROM studies WHERE study_uid=? AND patient_key=?),?,?,?,?,?,?)",
                     (study_uid, ts, accession, patient_key, json.dumps(new, sort_keys=True), json.dumps(reports),
-                     study_uid, time.time(), job_id, acq, "" if new else reason, demo_json, demo_until))
+                     study_uid, patient_key, time.time(), job_id, acq, "" if new else reason, demo_json, demo_until))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def mark_read(self, study_uid: str, *, at: float | None = None, read: bool = True) -> None:
-        """Take a study off the worklist (it stays in the database); ``read=False`` puts it back."""
-        with self._lock:
-            self._db.execute("UPDATE studies SET read_at=?, updated_at=? WHERE study_uid=?",
-                             (_ts(at) if read else None, time.time(), study_uid))
+    def mark_read(self, study_uid: str, *, patient_key: str | None = None, at: float | None = None,
+                  read: bool = True) -> int:
+        """Take a study off the worklist (it stays in the database); ``read=False`` puts it back.
 
-    def remove_study(self, study_uid: str) -> bool:
-        """Delete a study from the worklist (its results were retracted). True if it was there."""
+        With ``patient_key`` only that patient's entry changes; None changes every entry of the
+        Study Instance UID (one per patient). Returns the number of entries changed.
+        """
+        where, args = _entry_where(study_uid, patient_key)
         with self._lock:
-            return self._db.execute("DELETE FROM studies WHERE study_uid=?", (study_uid,)).rowcount > 0
+            return self._db.execute(f"UPDATE studies SET read_at=?, updated_at=? WHERE {where}",
+                                    (_ts(at) if read else None, time.time(), *args)).rowcount
+
+    def remove_study(self, study_uid: str, *, patient_key: str | None = None) -> bool:
+        """Delete a study from the worklist (its results were retracted). True if it was there.
+
+        With ``patient_key`` only that patient's entry goes; None removes every entry of the
+        Study Instance UID.
+        """
+        where, args = _entry_where(study_uid, patient_key)
+        with self._lock:
+            return self._db.execute(f"DELETE FROM studies WHERE {where}", args).rowcount > 0
 
     def purge_demographics(self, *, now: float | None = None) -> int:
         """Blank the patient demographics whose retention has passed. Returns how many."""
@@ -353,10 +435,10 @@ class Worklist:
         acquired_first = self.policy.wait_from == "acquired"
         parsed = self._parsed
         for uid, received0, acc, pkey, fj, rj, job, acq, why, read_at, upd, demo in self._db.execute(sql, args):
-            hit = parsed.get(uid)
+            hit = parsed.get((uid, pkey))
             if hit is None or hit[0] != upd:  # parse each row's JSON once per change of the row
                 hit = (upd, json.loads(fj), json.loads(rj), json.loads(demo) if demo else {})
-                parsed[uid] = hit
+                parsed[(uid, pkey)] = hit
             _, findings, reports, demographics = hit
             score = max((self.policy.weight(k) * f["probability"] for k, f in findings.items() if f["positive"]),
                         default=0.0)
@@ -366,11 +448,11 @@ class Worklist:
             overdue = wait >= cap_s and read_at is None
             tier = Tier.OVERDUE if overdue else Tier.POSITIVE if score > 0 else Tier.ROUTINE
             if tier is Tier.OVERDUE:
-                key = (tier.value, -wait, -score, uid)
+                key = (tier.value, -wait, -score, uid, pkey)
             elif tier is Tier.POSITIVE:
-                key = (tier.value, -score, received, uid)
+                key = (tier.value, -score, received, uid, pkey)
             else:
-                key = (tier.value, received, -score, uid)
+                key = (tier.value, received, -score, uid, pkey)
             entries.append((key, RankedStudy(0, uid, tier, TIER_PRIORITY[tier], score, wait / 60.0, overdue,
                                              received0, acc, pkey, findings, list(reports), job_id=job,
                                              acquired_at=acq, reason=why, read_at=read_at, updated_at=upd,
@@ -395,32 +477,37 @@ class Worklist:
         return p
 
     def fhir_tasks(self, **kw: Any) -> list[Any]:
-        """One validated R4 Task per unread study (``fhir.resources.R4B`` objects)."""
+        """One validated R4 Task per unread entry (``fhir.resources.R4B`` objects)."""
         return [task_for(r, cap_minutes=self.policy.ageing_cap_minutes) for r in self.ranked(**kw)]
 
     def export_fhir(self, path: str | Path, **kw: Any) -> Path:
-        """A FHIR ``collection`` Bundle of the Tasks, in rank order (JSON)."""
+        """A FHIR ``collection`` Bundle of the Tasks, in rank order (JSON); one per entry."""
         from fhir.resources.R4B.bundle import Bundle
 
-        tasks = self.fhir_tasks(**kw)
+        cap = self.policy.ageing_cap_minutes
         bundle = Bundle.model_validate({
             "resourceType": "Bundle", "type": "collection", "timestamp": _iso(_ts(kw.get("now"))),
-            "entry": [{"fullUrl": f"urn:uuid:{_task_uuid(t.identifier[0].value)}",
-                       "resource": t.model_dump(mode="json", exclude_none=True)} for t in tasks],
+            "entry": [{"fullUrl": f"urn:uuid:{_task_uuid(r.study_uid, patient_key=r.patient_key)}",
+                       "resource": task_for(r, cap_minutes=cap).model_dump(mode="json", exclude_none=True)}
+                      for r in self.ranked(**kw)],
         })
         p = Path(path)
         p.write_text(bundle.model_dump_json(exclude_none=True), encoding="utf-8")
         return p
 
 
-def _task_uuid(study_uid: str) -> str:
+def _task_uuid(study_uid: str, *, patient_key: str = "") -> str:
+    """The uuid of an entry's Task: of the study UID and the patient key (of the UID alone when
+    the entry has no key, as before entries were per patient)."""
     import uuid
 
-    return str(uuid.uuid5(uuid.NAMESPACE_OID, f"cxr-ai-worklist-task:{study_uid}"))
+    name = f"cxr-ai-worklist-task:{study_uid}" + (f":{patient_key}" if patient_key else "")
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, name))
 
 
 def task_for(r: RankedStudy, *, cap_minutes: float) -> Any:
-    """The FHIR R4 Task of a ranked study (validated by ``fhir.resources.R4B``)."""
+    """The FHIR R4 Task of a ranked entry (validated by ``fhir.resources.R4B``); its identifier
+    is per entry (see "FHIR export (choice)" in the module docstring)."""
     from fhir.resources.R4B.task import Task
 
     from cxr_ai.fhir import DICOM_UID_SYSTEM, uid_identifier
@@ -430,7 +517,9 @@ def task_for(r: RankedStudy, *, cap_minutes: float) -> Any:
                    + (f"; waiting {r.wait_minutes:.0f} min, past the {cap_minutes:.0f} min cap" if r.overdue else ""))
     data: dict[str, Any] = {
         "resourceType": "Task",
-        "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{r.study_uid}"}],
+        "identifier": [{"system": "urn:ietf:rfc:3986",
+                        "value": (f"urn:uuid:{_task_uuid(r.study_uid, patient_key=r.patient_key)}"
+                                  if r.patient_key else f"urn:oid:{r.study_uid}")}],
         "status": "requested",
         "intent": "order",
         "priority": r.priority.value,
@@ -470,6 +559,9 @@ def acquisition_time(study_date: Any, study_time: Any = "") -> float | None:
 def load_results_table(worklist: Worklist, table: Any, *, received_at: float | None = None) -> int:
     """Upsert the processed studies of a batch results table (DataFrame or CSV/Parquet path).
 
+    One entry per study and patient (``study_uid`` + ``patient_key`` when the table has that
+    column). Returns the number of entries loaded.
+
     A study's wait starts at its acquisition (the table's ``study_date`` + ``study_time``),
     else at ``received_at``; the load time is used only when neither is known.
     """
@@ -478,11 +570,19 @@ def load_results_table(worklist: Worklist, table: Any, *, received_at: float | N
     if not isinstance(table, pd.DataFrame):
         p = Path(table)
         table = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(
-            p, dtype={"study_uid": str, "sop_uid": str, "report_uid": str, "study_date": str, "study_time": str})
+            p, dtype={"study_uid": str, "sop_uid": str, "report_uid": str, "study_date": str, "study_time": str,
+                      "patient_key": str})
     keys = [c[2:] for c in table.columns if c.startswith("p_")]
     n, undated = 0, 0
     loaded_at = time.time()
-    for study, group in table[table["status"] == "processed"].groupby("study_uid"):
+    processed = table[table["status"] == "processed"]
+    if "patient_key" in processed.columns:  # one entry per study and patient
+        processed = processed.assign(patient_key=processed["patient_key"].fillna("").astype(str))
+        groups = processed.groupby(["study_uid", "patient_key"], sort=True)
+    else:
+        groups = processed.groupby("study_uid", sort=True)
+    for key, group in groups:
+        study, patient_key = key if isinstance(key, tuple) else (key, "")
         findings = []
         for _, row in group.iterrows():
             for k in keys:
@@ -497,10 +597,9 @@ def load_results_table(worklist: Worklist, table: Any, *, received_at: float | N
             undated += 1
         arrival = received_at if received_at is not None else (acquired or loaded_at)
         worklist.upsert_study(str(study), findings, received_at=arrival, acquired_at=acquired,
-                              patient_key=str(group["patient_key"].iloc[0] if "patient_key" in group else "") or "",
-                              report_uid=reports[0] if reports else "")
+                              patient_key=patient_key, report_uid=reports[0] if reports else "")
         for uid in reports[1:]:
-            worklist.upsert_study(str(study), [], received_at=arrival, report_uid=uid)
+            worklist.upsert_study(str(study), [], received_at=arrival, patient_key=patient_key, report_uid=uid)
         n += 1
     if undated:
         logger.warning("%d studies have no study date in the table; their wait starts now", undated)

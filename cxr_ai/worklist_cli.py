@@ -28,8 +28,9 @@ def _fill_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", default=None, help="add the processed studies of a batch results.csv/.parquet")
     p.add_argument("--csv", default=None, help="write the ranked list as CSV")
     p.add_argument("--json", default=None, help="write the ranked list as JSON")
-    p.add_argument("--fhir", default=None, help="write a FHIR R4 Bundle of Tasks (one per study)")
-    p.add_argument("--mark-read", action="append", default=[], help="Study Instance UID read (repeatable)")
+    p.add_argument("--fhir", default=None, help="write a FHIR R4 Bundle of Tasks (one per study and patient)")
+    p.add_argument("--mark-read", action="append", default=[],
+                   help="Study Instance UID read (repeatable): every entry of that UID, one per patient")
     p.add_argument("--limit", type=int, default=20, help="rows to print (default 20)")
 
 
@@ -45,7 +46,11 @@ def _cmd_worklist(args: argparse.Namespace) -> int:
             n = load_results_table(wl, args.load)
             print(f"loaded {n} studies from {args.load}")
         for uid in args.mark_read:
-            wl.mark_read(uid)
+            n = wl.mark_read(uid)
+            if n == 0:
+                print(f"note: no worklist entry has Study Instance UID {uid}; nothing marked read", file=sys.stderr)
+            elif n > 1:
+                print(f"note: Study Instance UID {uid} is shared by {n} patients' entries; all {n} marked read")
         if args.csv:
             wl.export_csv(args.csv)
         if args.json:

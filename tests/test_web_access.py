@@ -202,3 +202,28 @@ def test_further_pages_plug_in_with_the_same_access_rules(tmp_path: Path) -> Non
     assert client.get("/ops/hello").text == "hello radiologist"
     assert client.post("/ops/change", data={"x": "1"}).status_code == 403
     assert client.post("/ops/change", data={"x": "1", "csrf_token": csrf(client, "/")}).text == "1"
+
+
+def test_marking_a_study_read_marks_only_the_patient_shown(tmp_path: Path) -> None:
+    """A sender reused one Study Instance UID for two patients: two jobs, two worklist entries.
+    Marking one read on its study page leaves the other patient's entry unread."""
+    client, ctx = make(tmp_path, users=True)
+    uid = "1.2.826.0.1.7"
+    jobs = {}
+    for key, person, p in (("a1" * 32, "DOE^ANNA", 0.9), ("b2" * 32, "ROE^BORIS", 0.2)):
+        study = ctx.store.record_instance(study_key=f"{uid}-{key[:2]}", study_uid=uid, sop_key=f"i{key[:2]}",
+                                          sop_uid=f"{uid}.{key[:2]}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                                          path=str(tmp_path / key[:2]), size=1)
+        jobs[key] = study.job_id
+        ctx.worklist.upsert_study(uid, [{"key": "cardiomegaly", "probability": p, "threshold": 0.5}],
+                                  patient_key=key, job_id=study.job_id, demographics={"name": person, "id": person[:3], "age": 50.0, "sex": "O"})
+    assert len(set(jobs.values())) == 2
+    assert sign_in(client).status_code == 303
+    page = client.get(f"/study/{jobs['a1' * 32]}")
+    assert page.status_code == 200 and "DOE" in page.text and "ROE" not in page.text
+    token = csrf(client, "/")
+    r = client.post(f"/study/{jobs['a1' * 32]}/feedback", data={"read": "1", "csrf_token": token})
+    assert r.status_code == 303
+    assert ctx.worklist.by_job(jobs["a1" * 32]).read_at is not None
+    assert ctx.worklist.by_job(jobs["b2" * 32]).read_at is None
+    assert [s.job_id for s in ctx.worklist.ranked()] == [jobs["b2" * 32]]

@@ -80,3 +80,42 @@ def test_every_task_references_its_diagnostic_report_on_the_fhir_engine(batch_ru
                 f"{ref['identifier']['system']}|{ref['identifier']['value']}"))
             assert len(found) == 1
             assert found[0]["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{study}"
+
+
+@pytest.mark.slow
+def test_two_patients_under_one_study_uid_get_two_tasks_on_the_fhir_engine(batch_run: Path, fhir_server,  # noqa: F811
+                                                                           tmp_path) -> None:
+    """A sender reused one Study Instance UID for two patients: the second patient's processed
+    rows (another study of the run, its own reports) are relabelled with the first study's UID.
+    Each patient's entry exports its own Task (distinct id and identifier, its own reports),
+    the Bundle validates, and the engine keeps both Tasks apart."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    table = pd.read_csv(batch_run / "results.csv", dtype=str)
+    processed = table[table["status"] == "processed"]
+    first, second = sorted(processed["study_uid"].unique())[:2]
+    reused = processed[processed["study_uid"].isin([first, second])].copy()
+    reused["patient_key"] = ["a" * 64 if s == first else "b" * 64 for s in reused["study_uid"]]
+    reports = {k: set(g["report_uid"]) for k, g in reused.groupby("patient_key")}
+    reused["study_uid"] = first
+    wl = Worklist(tmp_path / "wl.sqlite", policy=TriagePolicy())
+    assert load_results_table(wl, reused, received_at=T0) == 2
+    for path in sorted((batch_run / batch.STUDIES_DIR).rglob("*_fhir.json")):
+        status, response = fhir_server.request("POST", "/", path.read_text())
+        assert status == 200, response
+
+    bundle = json.loads(wl.export_fhir(tmp_path / "tasks.json", now=T0 + 60).read_text())
+    Bundle.model_validate(bundle)
+    assert len(bundle["entry"]) == 2 and len({e["fullUrl"] for e in bundle["entry"]}) == 2
+    tasks = [e["resource"] for e in bundle["entry"]]
+    assert {t["focus"]["identifier"]["value"] for t in tasks} == {f"urn:oid:{first}"}
+    assert len({t["identifier"][0]["value"] for t in tasks}) == 2
+    assert ({frozenset(i["valueReference"]["identifier"]["value"][len("urn:oid:"):] for i in t["input"])
+             for t in tasks} == {frozenset(r) for r in reports.values()})
+    for task in tasks:
+        status, created = fhir_server.request("POST", "/Task", task)
+        assert status == 201, created
+    for task in tasks:
+        ident = task["identifier"][0]
+        found = fhir_server.search("/Task?identifier=" + urllib.parse.quote(f"{ident['system']}|{ident['value']}"))
+        assert len(found) == 1 and found[0]["input"] == task["input"]

@@ -130,7 +130,8 @@ async def study_feedback(request: Request) -> Response:
         given.append(f"{f['key']}={verdict}")
     read = form.get("read")
     if read in ("1", "0") and view.ranked is not None:
-        ctx.worklist.mark_read(view.study_uid, read=read == "1")
+        # only the entry shown: another patient's study under a reused Study UID stays as it was
+        ctx.worklist.mark_read(view.study_uid, patient_key=view.ranked.patient_key, read=read == "1")
         ctx.rows.invalidate()  # the reader sees their own change at once
     ctx.audit.write("feedback", user=user.name, client=client_of(request), job_id=job_id, reader=reader,
                     verdicts=given, read={"1": True, "0": False}.get(read or ""))
