@@ -69,7 +69,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _cmd_retract(args: argparse.Namespace) -> int:
-    from cxr_ai.retract import MSG_NO_STUDY, find_studies, retract_study
+    from cxr_ai.retract import MSG_NO_STUDY, MSG_STUDY_SHARED, find_studies, retract_study
     from cxr_ai.service.web.settings import WebSettings
     from cxr_ai.store.jobs import JobStore
     from cxr_ai.store.spool import Spool
@@ -86,6 +86,11 @@ def _cmd_retract(args: argparse.Namespace) -> int:
                                worklist=worklist, spool=spool)
         if not studies:
             print(f"cxr-ai retract: {MSG_NO_STUDY.format(what=what)}", file=sys.stderr)
+            return 2
+        if args.study and len(studies) > 1:  # one Study UID, several patients: never withdraw them all
+            jobs = ", ".join(s.job_id for s in studies)
+            print(f"cxr-ai retract: {MSG_STUDY_SHARED.format(uid=args.study, n=len(studies), jobs=jobs)}",
+                  file=sys.stderr)
             return 2
         names = {d.name for d in settings.destinations}
         unknown = set(args.destination or []) - names

@@ -223,8 +223,10 @@ def retract_study(study: StudyRecord, *, store: JobStore, spool: Spool, destinat
             key = "pacs" if not isinstance(dest, FhirDestination) else "fhir"
             getattr(result, key)[dest.name] = f"error: {type(exc).__name__}: {exc}"
             logger.error("job %s: retraction at %s failed: %s", study.job_id, dest.name, type(exc).__name__)
-    if worklist is not None:
-        result.worklist_removed = worklist.remove_study(study.study_uid)
+    if worklist is not None:  # this job's entry only: another patient's study may share the Study UID
+        entry = worklist.by_job(study.job_id)
+        result.worklist_removed = entry is not None and worklist.remove_study(entry.study_uid,
+                                                                             patient_key=entry.patient_key)
     store.mark_retracted(study.study_key)
     AuditLog(audit_log).write(
         "retract", user=user or getpass.getuser(), durable=True,

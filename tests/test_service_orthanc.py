@@ -71,7 +71,7 @@ class FixedFindingsPipeline:
             display, _ = display_array(rg.dataset, rg.pixels())
             objects = outputs_for(result, rg.dataset, display_image=display, config=self.config)
             outcome = InstanceOutcome(str(p), rg.sop_instance_uid, rg.study_instance_uid, InstanceStatus.PROCESSED,
-                                      "", "processed", result=result, outputs=objects)
+                                      "", "processed", result=result, radiograph=rg, outputs=objects)
             out.append(outcome)
         return out
 

@@ -19,11 +19,13 @@ import pytest
 from helpers_orthanc import start_orthanc
 from test_service_orthanc import PM, SC, SR_3D, FixedFindingsPipeline, _netns_or_run
 
+from cxr_ai.cli import main as cli_main
 from cxr_ai.config import load_config
 from cxr_ai.net.scu import Peer, send_files
 from cxr_ai.service import Service
 from cxr_ai.service.cli import jobs_main
 from cxr_ai.store import StudyState
+from cxr_ai.worklist import Worklist
 
 
 def _two_patients(rg1: Path, out: Path) -> list[tuple[Path, pydicom.Dataset]]:
@@ -119,10 +121,11 @@ def test_two_patients_with_one_sop_uid_both_reach_orthanc_intact(request, tmp_pa
     _netns_or_run(request, lambda: _reuse(tmp_path, rg1_paths["RG1_J2KI"], caplog))
 
 
-def test_same_study_two_patients_one_sop_uid_keeps_both_files_and_results(tmp_path: Path, rg1_paths) -> None:
-    """The reuse inside one study (the sender mixed two patients under one Study Instance UID):
-    both instances are spooled under their own file names, processed, and get results of
-    their own (delivered here to a folder destination)."""
+def test_same_study_two_patients_one_sop_uid_are_two_jobs_that_never_merge(tmp_path: Path, rg1_paths,
+                                                                           caplog) -> None:
+    """The sender mixed two patients under one Study Instance UID (and one SOP Instance UID):
+    each patient's image is a job of its own, spooled under its own file name, processed, with
+    results, a worklist entry and a study page of its own (delivered here to a folder)."""
     (tmp_path / "in").mkdir()
     files = _two_patients(rg1_paths["RG1_J2KI"], tmp_path / "in")
     second = files[1][1]
@@ -137,20 +140,55 @@ def test_same_study_two_patients_one_sop_uid_keeps_both_files_and_results(tmp_pa
     svc = Service(cfg, pipeline_factory=FixedFindingsPipeline, base_dir=tmp_path)
     try:
         svc.start()
-        for path, _ in files:  # two associations, as two senders would
-            assert send_files([path], Peer(host="127.0.0.1", port=svc.dicom_port, ae_title="CXR_AI",
-                                           calling_ae="TESTSCU")) == [0]
-        assert svc.wait_idle(timeout=240, expected_instances=2)
-        [study] = svc.store.studies()
+        with caplog.at_level(logging.WARNING, logger="cxr_ai.net.scp"):
+            for path, _ in files:  # two associations, as two senders would
+                assert send_files([path], Peer(host="127.0.0.1", port=svc.dicom_port, ae_title="CXR_AI",
+                                               calling_ae="TESTSCU")) == [0]
+            assert svc.wait_idle(timeout=240, expected_instances=2)
+        studies = svc.store.studies()
+        assert len(studies) == 2 and len({s.job_id for s in studies}) == 2
+        assert {s.study_uid for s in studies} == {str(second.StudyInstanceUID)}
         instances = svc.store.instances()
         assert len(instances) == 2 and all(i.uid_reused for i in instances)
         spooled = [Path(i.path) for i in instances]
         assert len(set(spooled)) == 2 and all(p.is_file() for p in spooled)
-        assert sorted(str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) for p in spooled) == [
-            "PAT-A-0001", "PAT-B-0002"]
-        srs = [pydicom.dcmread(p) for p in (tmp_path / "out" / study.job_id).glob("SR-*.dcm")]
-        assert sorted(str(sr.PatientID) for sr in srs) == ["PAT-A-0001", "PAT-B-0002"]
-        assert len({str(sr.SOPInstanceUID) for sr in srs}) == 2
-        assert len(list((tmp_path / "out" / study.job_id).glob("fhir-*.json"))) == 2
+        shared = [r.getMessage() for r in caplog.records if "Study Instance UID was already received" in r.getMessage()]
+        assert len(shared) == 1 and not any(str(ds.PatientID) in shared[0] or str(ds.StudyInstanceUID) in shared[0]
+                                            for _, ds in files)
+        patients = []
+        for study in studies:  # each job: one patient's image, one patient's results
+            [inst] = svc.store.instances(study.study_key)
+            pid = str(pydicom.dcmread(inst.path, stop_before_pixels=True).PatientID)
+            srs = [pydicom.dcmread(p) for p in (tmp_path / "out" / study.job_id).glob("SR-*.dcm")]
+            assert [str(sr.PatientID) for sr in srs] == [pid]
+            assert len(list((tmp_path / "out" / study.job_id).glob("fhir-*.json"))) == 1
+            patients.append(pid)
+        assert sorted(patients) == ["PAT-A-0001", "PAT-B-0002"]
+        # the worklist: an entry per patient, each with its own patient and its own job
+        entries = svc.workers.recorder.worklist.ranked(include_read=True, include_not_applicable=True)
+        assert len(entries) == 2 and {e.job_id for e in entries} == {s.job_id for s in studies}
+        assert {e.demographics["id"] for e in entries} == {"PAT-A-0001", "PAT-B-0002"}
+        assert len({e.patient_key for e in entries}) == 2
+        for e in entries:
+            study = next(s for s in studies if s.job_id == e.job_id)
+            [inst] = svc.store.instances(study.study_key)
+            assert e.demographics["id"] == str(pydicom.dcmread(inst.path, stop_before_pixels=True).PatientID)
+            assert e.findings["cardiomegaly"]["probability"] == pytest.approx(0.81)
     finally:
         svc.stop(grace=5)
+    # retracting by the shared Study UID is refused (it would withdraw both patients'); by job,
+    # only that patient's results and worklist entry go
+    site = tmp_path / "site.toml"
+    site.write_text(f'[store]\nroot = "{tmp_path / "var"}"\n', encoding="utf-8")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli_main(["retract", "--study", str(second.StudyInstanceUID), "--reason", "test",
+                         "--config", str(site)]) == 2
+    assert "was received for 2 patients" in err.getvalue() and all(s.job_id in err.getvalue() for s in studies)
+    assert "PAT-" not in err.getvalue()
+    gone = next(e for e in entries if e.demographics["id"] == "PAT-B-0002")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["retract", "--job", gone.job_id, "--reason", "test", "--config", str(site)]) == 0
+    with Worklist(tmp_path / "var" / "worklist.sqlite3") as wl:
+        left = wl.ranked(include_read=True, include_not_applicable=True)
+    assert [e.demographics["id"] for e in left] == ["PAT-A-0001"]

@@ -211,9 +211,9 @@ def test_marking_a_study_read_marks_only_the_patient_shown(tmp_path: Path) -> No
     uid = "1.2.826.0.1.7"
     jobs = {}
     for key, person, p in (("a1" * 32, "DOE^ANNA", 0.9), ("b2" * 32, "ROE^BORIS", 0.2)):
-        study = ctx.store.record_instance(study_key=f"{uid}-{key[:2]}", study_uid=uid, sop_key=f"i{key[:2]}",
+        study = ctx.store.record_instance(study_key=uid, study_uid=uid, sop_key=f"i{key[:2]}",
                                           sop_uid=f"{uid}.{key[:2]}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-                                          path=str(tmp_path / key[:2]), size=1)
+                                          path=str(tmp_path / key[:2]), size=1, patient_fp=f"fp-{key[:2]}")
         jobs[key] = study.job_id
         ctx.worklist.upsert_study(uid, [{"key": "cardiomegaly", "probability": p, "threshold": 0.5}],
                                   patient_key=key, job_id=study.job_id, demographics={"name": person, "id": person[:3], "age": 50.0, "sex": "O"})

@@ -94,11 +94,14 @@ class ResultRecorder:
         cfg = copy.deepcopy(dict(config))
         cfg.setdefault("store", {})["root"] = str(settings.store_root)
         mon = cfg.get("monitoring", {})
+        # The patient pseudonym names a worklist entry (a study of one patient) whether the
+        # prediction log is on or not, and whether its write succeeds or not.
+        self._pseudonym_key = resolve_pseudonym_key(cfg)
         self.log: Any = None
         if mon.get("enabled", True):
             folder = Path(mon.get("dir") or settings.store_root / "monitoring")
             self.log = PredictionLog(folder / mon.get("prediction_log", "predictions.jsonl"),
-                                     key=resolve_pseudonym_key(cfg))
+                                     key=self._pseudonym_key)
         self.worklist = Worklist(settings.worklist_path, policy=TriagePolicy.from_config(cfg))
         keep = float(cfg.get("worklist", {}).get("demographics_keep_hours", 720))
         self.demographics_keep_seconds = None if keep < 0 else keep * 3600.0
@@ -118,6 +121,7 @@ class ResultRecorder:
                study_uid: str = "") -> None:
         """Log the predictions and put the study on the worklist (a study without findings
         goes on it too, with the reason it is not applicable)."""
+        from cxr_ai.monitoring.log import patient_key
         from cxr_ai.worklist import acquisition_time
 
         findings: list[Any] = []
@@ -129,6 +133,7 @@ class ResultRecorder:
             # The radiograph is optional in the contract: a site's pipeline may not keep it.
             rg, result = getattr(o, "radiograph", None), o.result
             if rg is not None and not demographics:
+                pkey = patient_key(self._pseudonym_key, rg.issuer_of_patient_id, rg.patient_id)
                 acquired = acquisition_time(rg.dataset.get("StudyDate", ""), rg.study_time)
                 demographics = {"name": str(rg.dataset.get("PatientName", "") or ""), "id": rg.patient_id,
                                 "age": rg.age_years, "sex": rg.sex or ""}
@@ -142,8 +147,7 @@ class ResultRecorder:
                 continue
             try:
                 if self.log is not None:
-                    record = self.log.log_prediction(rg, result, source="listener")
-                    pkey = pkey or record.get("patient_key", "")
+                    self.log.log_prediction(rg, result, source="listener")
             except (OSError, ValueError, TypeError) as exc:
                 self.errors += 1
                 logger.error("prediction log write failed (%s); the study's results are unaffected", type(exc).__name__)
