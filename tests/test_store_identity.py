@@ -84,7 +84,10 @@ def test_a_reused_sop_uid_keeps_both_instances(tmp_path, second):
         uid_of = {s.study_key: s.study_uid for s in store.studies()}
         assert {(uid_of[r.study_key], r.patient_fp) for r in rows} == {("1.2.9.1", "fp-a"), second}
         assert len({r.study_key for r in rows}) == 2
-        assert store.counts()["identity"] == {"sop_uid_reused_instances": 2, "sop_uid_reused_uids": 1}
+        same_study = second[0] == "1.2.9.1"  # the same Study UID for another patient: two studies share it
+        assert store.counts()["identity"] == {"sop_uid_reused_instances": 2, "sop_uid_reused_uids": 1,
+                                              "study_uid_shared_studies": 2 if same_study else 0}
+        assert len(store.shared_study_uid_studies()) == (2 if same_study else 0)
         # a re-send of either replaces it (same key), and adds no instance
         assert _record(store, study=second[0], sop="1.2.9.0.7", fp=second[1]) == other
         assert _record(store, study="1.2.9.1", sop="1.2.9.0.7", fp="fp-a") == first

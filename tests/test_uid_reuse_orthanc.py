@@ -152,6 +152,9 @@ def test_same_study_two_patients_one_sop_uid_are_two_jobs_that_never_merge(tmp_p
         assert len(instances) == 2 and all(i.uid_reused for i in instances)
         spooled = [Path(i.path) for i in instances]
         assert len(set(spooled)) == 2 and all(p.is_file() for p in spooled)
+        # operators see it: /status, /metrics (counted in the job store), the jobs listing below
+        assert {r["job_id"] for r in svc.status()["study_uid_shared"]} == {s.job_id for s in studies}
+        assert "cxr_ai_study_uid_shared_studies 2.0" in svc.metrics.render().decode()
         shared = [r.getMessage() for r in caplog.records if "Study Instance UID was already received" in r.getMessage()]
         assert len(shared) == 1 and not any(str(ds.PatientID) in shared[0] or str(ds.StudyInstanceUID) in shared[0]
                                             for _, ds in files)
@@ -176,10 +179,15 @@ def test_same_study_two_patients_one_sop_uid_are_two_jobs_that_never_merge(tmp_p
             assert e.findings["cardiomegaly"]["probability"] == pytest.approx(0.81)
     finally:
         svc.stop(grace=5)
-    # retracting by the shared Study UID is refused (it would withdraw both patients'); by job,
-    # only that patient's results and worklist entry go
     site = tmp_path / "site.toml"
     site.write_text(f'[store]\nroot = "{tmp_path / "var"}"\n', encoding="utf-8")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert jobs_main(["--config", str(site)]) == 0
+    assert "Study Instance UID received for several patients: 2 studies" in out.getvalue()
+    assert all(s.job_id in out.getvalue() for s in studies) and "PAT-" not in out.getvalue()
+    # retracting by the shared Study UID is refused (it would withdraw both patients'); by job,
+    # only that patient's results and worklist entry go
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert cli_main(["retract", "--study", str(second.StudyInstanceUID), "--reason", "test",

@@ -18,7 +18,7 @@ from cxr_ai.errors import ConfigError
 from cxr_ai.results import format_probability
 from cxr_ai.service.wiring import JsonLogFormatter, Service, configure_logging, run_service, validate_config
 from cxr_ai.store.jobs import DeliveryState, InstanceState, JobStore, StudyState
-from cxr_ai.store.listing import reused_uid_counts, study_listing
+from cxr_ai.store.listing import reused_uid_counts, shared_study_jobs, study_listing
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +146,11 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         for d in store.deliveries(state=DeliveryState.DEAD):
             print(f"DEAD job {d.job_id} -> {d.destination}: {d.attempts} attempts; last error: {d.last_error}")
         reused = reused_uid_counts(store)
+        shared = shared_study_jobs(store)
         if args.state or args.since is not None:
             states = [StudyState(s) for s in args.state] if args.state else None
             for study in store.studies(state=states, since=args.since):
-                row = study_listing(study, reused=reused.get(study.study_key, 0))
+                row = study_listing(study, reused=reused.get(study.study_key, 0), shared=study.job_id in shared)
                 row["study_uid"] = study.study_uid
                 if args.json:
                     print(json.dumps(row))
@@ -157,11 +158,17 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
                     print(f"{row['state'].upper():<15} job {row['job_id']}  {row['updated']}  study {study.study_uid}"
                           + (f"  [{row['reason_code']}] {row['reason']}" if row["reason_code"] or row["reason"] else "")
                           + (f"  ({reused[study.study_key]} instance(s) with a reused SOP Instance UID)"
-                             if study.study_key in reused else ""))
-        elif reused:
-            jobs = {s.study_key: s.job_id for s in store.studies()}
-            print(f"SOP Instance UID reused across studies or patients: {sum(reused.values())} instances in jobs "
-                  + ", ".join(sorted(jobs.get(k, k) for k in reused)) + " (each kept and processed separately)")
+                             if study.study_key in reused else "")
+                          + ("  (Study Instance UID also received for another patient)" if study.job_id in shared
+                             else ""))
+        else:
+            if reused:
+                jobs = {s.study_key: s.job_id for s in store.studies()}
+                print(f"SOP Instance UID reused across studies or patients: {sum(reused.values())} instances in "
+                      "jobs " + ", ".join(sorted(jobs.get(k, k) for k in reused)) + " (each kept and processed separately)")
+            if shared:
+                print(f"Study Instance UID received for several patients: {len(shared)} studies, jobs "
+                      + ", ".join(sorted(shared)) + " (each patient's images a job of its own)")
     finally:
         store.close()
     return 0

@@ -44,6 +44,9 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily("cxr_ai_sop_uid_reused_instances", "Instances in the job store whose SOP Instance "
                                 "UID is shared with another study or patient",
                                 value=identity.get("sop_uid_reused_instances", 0))
+        yield GaugeMetricFamily("cxr_ai_study_uid_shared_studies", "Studies in the job store whose Study Instance "
+                                "UID was also received for another patient (each a job of its own)",
+                                value=identity.get("study_uid_shared_studies", 0))
         if self._spool_root is not None:
             yield GaugeMetricFamily("cxr_ai_spool_free_bytes", "Free bytes on the spool file system",
                                     value=shutil.disk_usage(self._spool_root).free)

@@ -61,6 +61,14 @@ class JobQueries:
         rows = self._conn().execute("SELECT * FROM instances WHERE uid_reused=1 ORDER BY sop_uid, received_at")
         return [InstanceRecord.from_row(r) for r in rows.fetchall()]
 
+    def shared_study_uid_studies(self) -> list[StudyRecord]:
+        """Studies whose Study Instance UID was also received for another patient (each
+        patient's images are a study of their own), by UID then creation."""
+        rows = self._conn().execute(
+            "SELECT * FROM studies WHERE study_uid IN (SELECT study_uid FROM studies GROUP BY study_uid"
+            " HAVING COUNT(*) > 1) ORDER BY study_uid, created_at").fetchall()
+        return [StudyRecord.from_row(r) for r in rows]
+
     def job_states(self) -> dict[str, tuple[str, str, float]]:
         """job id → (state, reason, created_at) of every study (one light query, for the pages)."""
         cur = self._conn().cursor()
@@ -94,7 +102,10 @@ class JobQueries:
             got = {r["state"]: r["n"] for r in conn.execute(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
             out[table] = {s.value: int(got.get(s.value, 0)) for s in enum_}
         row = conn.execute("SELECT COUNT(*) AS n, COUNT(DISTINCT sop_uid) AS u FROM instances WHERE uid_reused=1").fetchone()
-        out["identity"] = {"sop_uid_reused_instances": int(row["n"]), "sop_uid_reused_uids": int(row["u"])}
+        shared = conn.execute("SELECT COALESCE(SUM(n), 0) AS n FROM (SELECT COUNT(*) AS n FROM studies"
+                              " GROUP BY study_uid HAVING COUNT(*) > 1)").fetchone()
+        out["identity"] = {"sop_uid_reused_instances": int(row["n"]), "sop_uid_reused_uids": int(row["u"]),
+                           "study_uid_shared_studies": int(shared["n"])}
         return out
 
     def unrecorded_paths(self, paths: Iterable[str | os.PathLike]) -> list[str]:
