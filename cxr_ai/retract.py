@@ -15,9 +15,11 @@ pulls back what it sent, everywhere it sent it:
   where); no patient data.
 - **Job store**: the study is marked retracted (``cxr-ai jobs`` shows it).
 
-The result objects are read from the job's result folder in the spool (``results/<job>``):
-a study whose files were removed by retention (``[store] keep_hours``) cannot be retracted by
-this command; its objects must then be rejected at the PACS by hand.
+The result objects are read from the job's result folder in the spool (``results/<job>``).
+Past ``[store] keep_hours`` they are kept there as headers (no pixel data), with the FHIR
+bundles, for ``[store] retract_keep_hours`` more (30 days by default), which is all a rejection
+note and the FHIR updates need; after that this command cannot name them, and they must be
+rejected at the PACS by hand.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ MSG_NO_STUDY = "no study in the job store matches {what}; check it with cxr-ai j
 MSG_STUDY_SHARED = ("Study Instance UID {uid} was received for {n} patients, each a job of its own ({jobs}); "
                     "retract the one concerned with --job JOB (cxr-ai jobs shows them)")
 MSG_NO_RESULTS = ("job {job}: its result objects are no longer in the spool ({folder}; removed by retention, "
-                  "[store] keep_hours), so cxr-ai cannot name them; reject them at the PACS by hand")
+                  "[store] keep_hours + retract_keep_hours), so cxr-ai cannot name them; reject them at the "
+                  "PACS by hand")
 MSG_NOTHING_SENT = ("job {job}: cxr-ai made no SR, SC, Parametric Map or Segmentation for this study; nothing "
                     "to retract at a PACS")
 MSG_FHIR_HTTP = "FHIR server {url} answered HTTP {status} to {action}"

@@ -26,19 +26,6 @@ from cxr_ai.worklist import Worklist
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
-class RecordedPipeline(FixedFindingsPipeline):
-    """The fixed-findings pipeline with the radiograph on each outcome, as the real pipeline
-    hands it over (the worklist and prediction log are filled from it)."""
-
-    def process_study(self, paths, *, on_results=None):
-        from cxr_ai.dicom.gate import check_applicability
-
-        outcomes = super().process_study(paths, on_results=on_results)
-        for path, outcome in zip(paths, outcomes):
-            outcome.radiograph = check_applicability(path)[1]
-        return outcomes
-
-
 def _retract(tmp_path: Path, rg1: Path, dciodvfy) -> None:
     fhir = start_fhir_server()
     orthanc = start_orthanc(tmp_path / "orthanc", cxr_ai_port=None, senders={"cxr-ai": "CXR_AI"})
@@ -54,7 +41,7 @@ def _retract(tmp_path: Path, rg1: Path, dciodvfy) -> None:
             f' {{name = "pacs", kind = "dicom", host = "127.0.0.1", port = {orthanc.dicom_port}, ae_title = "ORTHANC"}},\n'
             f' {{name = "ehr", kind = "fhir", url = "{fhir.base_url}"}},\n]\n', encoding="utf-8")
         cfg = load_config(site, env={})
-        svc = Service(cfg, pipeline_factory=RecordedPipeline, base_dir=tmp_path)
+        svc = Service(cfg, pipeline_factory=FixedFindingsPipeline, base_dir=tmp_path)
         src = pydicom.dcmread(rg1, stop_before_pixels=True)
         try:
             svc.start()
@@ -181,3 +168,46 @@ def test_rejection_note_names_every_result_object_kind_segmentations_included(tm
     path = tmp_path / "kos.dcm"
     note.save_as(path, enforce_file_format=True)
     assert dciodvfy(path).errors == []
+
+
+def test_retract_after_retention_withdraws_the_objects_from_their_headers(tmp_path: Path, rg1_paths) -> None:
+    """Past [store] keep_hours the received image and the results' pixel data are gone; the
+    headers kept for retract_keep_hours still let retract name every SR, SC and PM in the
+    rejection note it sends to the PACS (a real C-STORE SCP here)."""
+    from test_service import base_config, start_pacs, wait_for
+
+    pacs = start_pacs(tmp_path)
+    dest = {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
+    cfg = base_config(tmp_path, [dest], store={"keep_hours": 0.0})
+    cfg["outputs"].update(heatmaps_for="all")
+    svc = Service(cfg, pipeline_factory=FixedFindingsPipeline, base_dir=tmp_path)
+    try:
+        svc.start()
+        assert send_files([rg1_paths["RG1_J2KI"]], Peer(host="127.0.0.1", port=svc.dicom_port, ae_title="CXR_AI",
+                                                        calling_ae="TESTSCU")) == [0]
+        assert svc.wait_idle(timeout=120, expected_instances=1)
+        wait_for(lambda: all(s.files_removed for s in svc.store.studies()), what="retention")
+        [study] = svc.store.studies()
+        kept = [pydicom.dcmread(p) for p in (svc.spool.results / study.job_id).glob("*.dcm")]
+        assert kept and not any("PixelData" in ds for ds in kept)
+        sent = {str(i.sop_uid) for i in pacs.store.instances()}
+        assert {str(ds.SOPInstanceUID) for ds in kept} == sent and len(sent) == 5  # SR, 2 SC, 2 PM
+    finally:
+        svc.stop(grace=5)
+    site = tmp_path / "site.toml"
+    site.write_text(f'[store]\nroot = "{tmp_path / "var"}"\n\n[[routing.destinations]]\nname = "pacs"\n'
+                    f'kind = "dicom"\nhost = "127.0.0.1"\nport = {pacs.port}\nae_title = "PACS"\n', encoding="utf-8")
+    try:
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert cli_main(["retract", "--job", study.job_id, "--reason", "wrong patient (test)",
+                             "--config", str(site)]) == 0
+        summary = json.loads(out.getvalue().strip().splitlines()[-1])
+        assert summary["pacs"] == {"pacs": "sent"} and summary["rejected_objects"] == 5
+        [note] = [i for i in pacs.store.instances() if i.sop_class_uid == KOS]
+        kos = pydicom.dcmread(note.path)
+        referenced = {str(item.ReferencedSOPInstanceUID) for series in kos.CurrentRequestedProcedureEvidenceSequence[0]
+                      .ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+        assert referenced == sent
+    finally:
+        pacs.stop()

@@ -601,15 +601,29 @@ def test_spool_reconciliation_re_records_instances_the_database_lost(tmp_path: P
         svc.stop(grace=2)
 
 
-def test_retention_removes_spool_files_of_done_studies(tmp_path: Path, rg1_paths) -> None:
+def test_retention_removes_received_files_and_keeps_result_headers_for_retraction(tmp_path: Path, rg1_paths) -> None:
     cfg = base_config(tmp_path, [{"name": "files", "kind": "folder", "path": "out"}], store={"keep_hours": 0.0})
     svc = Service(cfg, pipeline_factory=StubPipeline, base_dir=tmp_path).start()
     try:
         assert send(svc.dicom_port, [rg1_paths["RG1_J2KI"], ct_path()]) == [0, 0]
         assert svc.wait_idle(timeout=60, expected_instances=2)
         wait_for(lambda: all(s.files_removed for s in svc.store.studies()), what="retention")
-        assert list(svc.spool.instance_files()) == [] and list(svc.spool.results.iterdir()) == []
-        assert len(list((tmp_path / "out").rglob("*.dcm"))) == 1      # results stay where they were sent
+        assert list(svc.spool.instance_files()) == []
+        [sent] = list((tmp_path / "out").rglob("*.dcm"))  # results stay where they were sent, whole
+        [kept] = list(svc.spool.results.rglob("*.dcm"))  # and here as a header, for cxr-ai retract
+        whole, header = pydicom.dcmread(sent), pydicom.dcmread(kept)
+        assert "PixelData" in whole and "PixelData" not in header
+        assert kept.stat().st_size < sent.stat().st_size
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID"):
+            assert header[keyword].value == whole[keyword].value
+    finally:
+        svc.stop(grace=2)
+    # retract_keep_hours later (0 here) the headers go too
+    cfg["store"]["retract_keep_hours"] = 0.0
+    svc = Service(cfg, pipeline_factory=StubPipeline, base_dir=tmp_path).start()
+    try:
+        wait_for(lambda: not list(svc.spool.results.iterdir()), what="the result headers' retention")
+        assert all(s.files_removed for s in svc.store.studies())
     finally:
         svc.stop(grace=2)
 

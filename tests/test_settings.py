@@ -43,6 +43,7 @@ def test_every_key_of_the_service_sections_has_a_type_and_says_what_it_must_be()
     ("http", "enabled", 1, "true or false"),
     ("store", "sqlite_synchronous", "off", "'full' or 'normal'"),
     ("store", "keep_hours", -2.0, "hours >= 0, or -1 to keep files forever"),
+    ("store", "retract_keep_hours", -0.5, "hours >= 0, or -1 to keep result headers forever"),
     ("listener", "max_pdu", 1024, "0 (unlimited) or a PDU size >= 4096"),
     ("listener", "allowed_calling_aes", [], 'a non-empty list of AE titles (or ["*"] for any)'),
     ("routing", "destinations", {"name": "x"}, "a list of destination tables"),

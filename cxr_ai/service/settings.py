@@ -116,6 +116,8 @@ class StoreSection(_Section):
     db: str = Field("", description="a file path ('' = <root>/jobs.sqlite3)")
     keep_hours: Annotated[float, _check(lambda v: v >= 0 or v == -1)] = Field(
         description="hours >= 0, or -1 to keep files forever")
+    retract_keep_hours: Annotated[float, _check(lambda v: v >= 0 or v == -1)] = Field(
+        description="hours >= 0, or -1 to keep result headers forever")
     quiet_seconds: SecondsOrZero
     max_open_seconds: Seconds
     sqlite_synchronous: Annotated[str, _lower_one_of("full", "normal")] = Field(description="'full' or 'normal'")
@@ -194,6 +196,7 @@ class ServiceSettings:
     quiet_seconds: float
     max_open_seconds: float
     keep_seconds: float | None  # None keeps spool files forever
+    retract_keep_seconds: float | None  # result headers after keep_seconds; None: forever
     sqlite_synchronous: str
     workers: int
     max_batch_studies: int
@@ -262,6 +265,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir: str | os.PathLike | 
         quiet_seconds=st.quiet_seconds,
         max_open_seconds=st.max_open_seconds,
         keep_seconds=None if st.keep_hours == -1 else st.keep_hours * 3600.0,
+        retract_keep_seconds=None if st.retract_keep_hours == -1 else st.retract_keep_hours * 3600.0,
         sqlite_synchronous=st.sqlite_synchronous,
         workers=wk.count,
         max_batch_studies=wk.max_batch_studies,

@@ -278,7 +278,9 @@ class Service:
             logger.info("blanked the demographics of %d worklist studies past their retention", purged)
 
     def housekeeping(self) -> None:
-        """Release stale studies, finish sent ones, apply spool retention."""
+        """Release stale studies, finish sent ones, apply spool retention (``[store] keep_hours``:
+        received files go and results are cut down to headers; ``retract_keep_hours`` later
+        the headers go too)."""
         s = self.settings
         if self.store.release_stale(max_open_seconds=s.max_open_seconds, quiet_seconds=s.quiet_seconds):
             self.workers.wake()
@@ -288,8 +290,12 @@ class Service:
         if s.keep_seconds is not None:
             for study in self.store.expired_files(keep_seconds=s.keep_seconds):
                 self.spool.remove_instance_files(i.path for i in self.store.instances(study.study_key))
-                self.spool.remove_results(study.job_id)
+                self.spool.strip_results(study.job_id)  # headers and FHIR bundles stay, for retract
                 self.store.mark_files_removed(study.study_key)
+            if s.retract_keep_seconds is not None:
+                for study in self.store.expired_results(keep_seconds=s.keep_seconds + s.retract_keep_seconds):
+                    self.spool.remove_results(study.job_id)
+                    self.store.mark_results_removed(study.study_key)
 
     def health_check(self) -> tuple[bool, list[str]]:
         """(ok, reasons) of the listener's own conditions: today the spool's free space

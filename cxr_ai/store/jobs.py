@@ -549,8 +549,24 @@ class JobStore(JobQueries):
         return [StudyRecord.from_row(r) for r in rows]
 
     def mark_files_removed(self, study_key: str) -> None:
+        """The study's received files are gone and its results cut down to headers."""
         with self._tx() as conn:
             conn.execute("UPDATE studies SET files_removed=1 WHERE study_key=?", (study_key,))
+
+    def expired_results(self, *, keep_seconds: float) -> list[StudyRecord]:
+        """Studies whose files were removed and whose result headers are older than
+        ``keep_seconds`` (from the study's last change)."""
+        cutoff = self._clock() - keep_seconds
+        rows = self._conn().execute(
+            "SELECT * FROM studies WHERE state IN (?,?) AND files_removed=1 AND updated_at<=?",
+            (StudyState.DONE.value, StudyState.NOT_APPLICABLE.value, cutoff),
+        ).fetchall()
+        return [StudyRecord.from_row(r) for r in rows]
+
+    def mark_results_removed(self, study_key: str) -> None:
+        """The study's result headers are gone too (``files_removed`` 2)."""
+        with self._tx() as conn:
+            conn.execute("UPDATE studies SET files_removed=2 WHERE study_key=?", (study_key,))
 
     # -- results withdrawn ----------------------------------------------------------------
     def mark_retracted(self, study_key: str) -> None:
