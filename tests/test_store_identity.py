@@ -134,6 +134,31 @@ def test_a_study_recorded_before_fingerprints_becomes_its_next_patients(tmp_path
         store.close()
 
 
+def test_a_version_2_store_gives_its_studies_their_first_instances_fingerprint(tmp_path):
+    """Migrated to version 3, a study recorded by version 2 is its patient's: another patient's
+    image under the same Study UID becomes a study of its own, not part of it."""
+    import cxr_ai.store.job_schema as schema
+
+    db = tmp_path / "jobs.sqlite3"
+    con = sqlite3.connect(db)
+    con.executescript(V1_DUMP.read_text())
+    for stmt in schema.MIGRATIONS[2]:
+        con.execute(stmt)
+    con.execute("UPDATE instances SET patient_fp='fp-a' WHERE study_key='1.2.3.1'")
+    con.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    con.execute("PRAGMA user_version=2")
+    con.commit()
+    con.close()
+    store = JobStore(db)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION
+        _record(store, study="1.2.3.1", sop="1.2.3.1.7", fp="fp-b")
+        studies = store.find_studies(study_uid="1.2.3.1")
+        assert len(studies) == 2 and [i.patient_fp for i in store.instances("1.2.3.1")] == ["fp-a"]
+    finally:
+        store.close()
+
+
 def test_a_resend_for_the_same_patient_and_study_is_no_reuse(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite3")
     try:

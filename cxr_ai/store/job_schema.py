@@ -90,8 +90,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # 3: a study is one patient's: the patient/study fingerprint on studies, so a Study
     # Instance UID shared by two patients makes two studies (two jobs) that never merge.
+    # A study recorded since version 2 takes the fingerprint of its first instance that has one.
     3: (
         "ALTER TABLE studies ADD COLUMN patient_fp TEXT NOT NULL DEFAULT ''",
+        "UPDATE studies SET patient_fp = COALESCE((SELECT i.patient_fp FROM instances i"
+        " WHERE i.study_key = studies.study_key AND i.patient_fp != '' ORDER BY i.received_at LIMIT 1), '')",
         "CREATE INDEX IF NOT EXISTS studies_uid ON studies(study_uid)",
     ),
 }
