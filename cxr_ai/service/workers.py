@@ -40,7 +40,7 @@ from cxr_ai.outputs import listener_fhir_name, listener_name
 from cxr_ai.store.spool import Spool, safe_key
 
 if TYPE_CHECKING:
-    from cxr_ai.service.wiring import ServiceSettings
+    from cxr_ai.service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
