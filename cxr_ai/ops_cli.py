@@ -87,11 +87,14 @@ def _cmd_retract(args: argparse.Namespace) -> int:
         if not studies:
             print(f"cxr-ai retract: {MSG_NO_STUDY.format(what=what)}", file=sys.stderr)
             return 2
-        if args.study and len(studies) > 1:  # one Study UID, several patients: never withdraw them all
-            jobs = ", ".join(s.job_id for s in studies)
-            print(f"cxr-ai retract: {MSG_STUDY_SHARED.format(uid=args.study, n=len(studies), jobs=jobs)}",
-                  file=sys.stderr)
-            return 2
+        by_uid: dict[str, list[str]] = {}
+        for s in studies:
+            by_uid.setdefault(s.study_uid, []).append(s.job_id)
+        for uid, jobs in by_uid.items():  # one Study UID, several patients: never withdraw them all
+            if len(jobs) > 1 and not args.job:
+                print(f"cxr-ai retract: {MSG_STUDY_SHARED.format(uid=uid, n=len(jobs), jobs=', '.join(jobs))}",
+                      file=sys.stderr)
+                return 2
         names = {d.name for d in settings.destinations}
         unknown = set(args.destination or []) - names
         if unknown:

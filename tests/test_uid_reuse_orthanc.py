@@ -194,6 +194,11 @@ def test_same_study_two_patients_one_sop_uid_are_two_jobs_that_never_merge(tmp_p
                          "--config", str(site)]) == 2
     assert "was received for 2 patients" in err.getvalue() and all(s.job_id in err.getvalue() for s in studies)
     assert "PAT-" not in err.getvalue()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # the accession leads to the same Study UID: refused too
+        assert cli_main(["retract", "--accession", str(files[0][1].AccessionNumber), "--reason", "test",
+                         "--config", str(site)]) == 2
+    assert "was received for 2 patients" in err.getvalue()
     gone = next(e for e in entries if e.demographics["id"] == "PAT-B-0002")
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli_main(["retract", "--job", gone.job_id, "--reason", "test", "--config", str(site)]) == 0
