@@ -282,3 +282,35 @@ def test_jobs_command_lists_failed_and_not_applicable_with_reasons(tmp_path, cap
     with _pytest.raises(SystemExit):
         cli_main(["jobs", "--config", str(site), "--since", "yesterday"])
     assert "neither an ISO date/time" in capsys.readouterr().err
+
+
+def test_any_arrival_order_keeps_one_study_per_study_uid_and_patient(tmp_path_factory):
+    """Whatever order images of a few Study UIDs and patients arrive in, and whether the
+    listener's key lookup raced another sender (the proposed key is stale), every (Study UID,
+    patient) pair is exactly one study, and no study holds two patients' images."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    arrivals = st.lists(st.tuples(st.sampled_from(["1.2.5.1", "1.2.5.2"]), st.sampled_from(["fp-a", "fp-b", "fp-c"]),
+                                  st.booleans()), min_size=1, max_size=12)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(arrivals)
+    def check(seq):
+        store = JobStore(tmp_path_factory.mktemp("order") / "jobs.sqlite3")
+        try:
+            for n, (uid, fp, stale) in enumerate(seq):
+                proposed = uid if stale else store.study_key(study_uid=uid, patient_fp=fp, proposed=uid)[0]
+                key, _ = store.instance_key(study_key=proposed, sop_key=f"{uid}.{n}", sop_uid=f"{uid}.{n}", patient_fp=fp)
+                store.record_instance(study_key=proposed, study_uid=uid, sop_key=key, sop_uid=f"{uid}.{n}",
+                                      sop_class_uid=CT, path=f"/spool/{uid}/{n}.dcm", size=1, patient_fp=fp)
+            studies = store.studies()
+            assert len(studies) == len({(uid, fp) for uid, fp, _ in seq})
+            for s in studies:
+                fps = {i.patient_fp for i in store.instances(s.study_key)}
+                assert len(fps) == 1
+            assert len(store.instances()) == len(seq)
+        finally:
+            store.close()
+
+    check()
