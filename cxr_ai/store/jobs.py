@@ -536,37 +536,38 @@ class JobStore(JobQueries):
                          (StudyState.DONE.value, now, StudyState.RESULTS_SENT.value))
         return [StudyRecord.from_row(r) for r in rows]
 
+    # studies.files_removed: 0 all kept; 1 received files gone and results cut down to
+    # headers; 2 the headers gone too.
     def expired_files(self, *, keep_seconds: float) -> list[StudyRecord]:
         """Done / not-applicable studies whose spool files are older than ``keep_seconds``.
 
         Failed studies keep their files so an operator can fix the cause and retry.
         """
-        cutoff = self._clock() - keep_seconds
-        rows = self._conn().execute(
-            "SELECT * FROM studies WHERE state IN (?,?) AND files_removed=0 AND updated_at<=?",
-            (StudyState.DONE.value, StudyState.NOT_APPLICABLE.value, cutoff),
-        ).fetchall()
-        return [StudyRecord.from_row(r) for r in rows]
+        return self._retention_due(files_removed=0, keep_seconds=keep_seconds)
 
     def mark_files_removed(self, study_key: str) -> None:
         """The study's received files are gone and its results cut down to headers."""
-        with self._tx() as conn:
-            conn.execute("UPDATE studies SET files_removed=1 WHERE study_key=?", (study_key,))
+        self._set_files_removed(study_key, 1)
 
     def expired_results(self, *, keep_seconds: float) -> list[StudyRecord]:
         """Studies whose files were removed and whose result headers are older than
         ``keep_seconds`` (from the study's last change)."""
-        cutoff = self._clock() - keep_seconds
+        return self._retention_due(files_removed=1, keep_seconds=keep_seconds)
+
+    def mark_results_removed(self, study_key: str) -> None:
+        """The study's result headers are gone too."""
+        self._set_files_removed(study_key, 2)
+
+    def _retention_due(self, *, files_removed: int, keep_seconds: float) -> list[StudyRecord]:
         rows = self._conn().execute(
-            "SELECT * FROM studies WHERE state IN (?,?) AND files_removed=1 AND updated_at<=?",
-            (StudyState.DONE.value, StudyState.NOT_APPLICABLE.value, cutoff),
+            "SELECT * FROM studies WHERE state IN (?,?) AND files_removed=? AND updated_at<=?",
+            (StudyState.DONE.value, StudyState.NOT_APPLICABLE.value, files_removed, self._clock() - keep_seconds),
         ).fetchall()
         return [StudyRecord.from_row(r) for r in rows]
 
-    def mark_results_removed(self, study_key: str) -> None:
-        """The study's result headers are gone too (``files_removed`` 2)."""
+    def _set_files_removed(self, study_key: str, value: int) -> None:
         with self._tx() as conn:
-            conn.execute("UPDATE studies SET files_removed=2 WHERE study_key=?", (study_key,))
+            conn.execute("UPDATE studies SET files_removed=? WHERE study_key=?", (value, study_key))
 
     # -- results withdrawn ----------------------------------------------------------------
     def mark_retracted(self, study_key: str) -> None:
