@@ -196,6 +196,7 @@ def test_radiologist_worklist_study_feedback_in_chromium(service, browser, phant
                             for f in (i.result or {}).get("findings", []))), first_job)
     d.get(f"{base}/study/{positive}")
     assert "/study/" in d.current_url and "1.2." not in d.current_url  # opaque id, no UID or PHI in the URL
+    assert not d.find_elements("id", "shared-uid")  # its Study UID is this patient's alone
     img = d.find_element("id", "radiograph")
     wait_for(lambda: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img),
              what="the radiograph image")

@@ -196,6 +196,8 @@ class StudyView:
     heatmaps: list[str]
     files_removed: bool
     frontal_path: str = ""  # the spooled file of the frontal image
+    #: other patients' studies (jobs) received under this Study Instance UID
+    shared_uid_jobs: int = 0
 
 
 _KIND_NAMES = {"SR": "Structured Report (SR)", "SC": "Heatmap capture (SC)", "PM": "Parametric Map (PM)",
@@ -235,4 +237,5 @@ def study_view(*, job_id: str, store: JobStore, worklist: Worklist, results_dir:
                      ranked=ranked, instances=instances, findings=findings, model=model,
                      not_for_clinical_use=nfcu, intended_use=intended, results=results, deliveries=deliveries,
                      frontal_sop_key=frontal, heatmaps=heatmaps, files_removed=study.files_removed,
-                     frontal_path=frontal_path)
+                     frontal_path=frontal_path,
+                     shared_uid_jobs=len(store.find_studies(study_uid=study.study_uid)) - 1)
