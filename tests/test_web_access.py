@@ -222,6 +222,7 @@ def test_marking_a_study_read_marks_only_the_patient_shown(tmp_path: Path) -> No
     page = client.get(f"/study/{jobs['a1' * 32]}")
     assert page.status_code == 200 and "DOE" in page.text and "ROE" not in page.text
     assert 'id="shared-uid"' in page.text and "also received for 1 other patient." in page.text
+    assert not (ctx.spool.results / jobs["a1" * 32]).exists()  # a page view writes nothing
     token = csrf(client, "/")
     r = client.post(f"/study/{jobs['a1' * 32]}/feedback", data={"read": "1", "csrf_token": token})
     assert r.status_code == 303

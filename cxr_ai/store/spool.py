@@ -175,10 +175,15 @@ class Spool:
         return n
 
     # -- results ---------------------------------------------------------------------------
-    def results_dir(self, job_id: str) -> Path:
+    def results_path(self, job_id: str) -> Path:
+        """A job's result folder, to read (it may not exist: nothing made yet, or removed)."""
         if not JOB_ID_RE.match(job_id):
             raise ValueError(MSG_BAD_JOB_ID.format(job_id=job_id))
-        d = self.results / job_id
+        return self.results / job_id
+
+    def results_dir(self, job_id: str) -> Path:
+        """A job's result folder, to write in (created)."""
+        d = self.results_path(job_id)
         d.mkdir(parents=True, exist_ok=True)
         return d
 

@@ -28,7 +28,7 @@ MSG_NO_IMAGE = "The images of this study are no longer kept on this server (spoo
 
 def load_study(ctx: WebContext, job_id: str):  # noqa: ANN201
     view = study_view(job_id=job_id, store=ctx.store, worklist=ctx.worklist,
-                      results_dir=ctx.spool.results_dir(job_id)) if job_id.isalnum() else None
+                      results_dir=ctx.spool.results_path(job_id)) if job_id.isalnum() else None
     if view is None:
         raise HTTPException(404, MSG_UNKNOWN_STUDY)
     return view
@@ -85,7 +85,7 @@ async def study_heatmap(request: Request) -> Response:
     from cxr_ai.outputs import OutputKind, listener_glob  # the writers load only when a map is asked for
 
     pm = None
-    folder = ctx.spool.results_dir(job_id)
+    folder = ctx.spool.results_path(job_id)
     for f in sorted(folder.glob(listener_glob(OutputKind.PM))) if folder.is_dir() else []:
         if pm_finding(f) == finding:
             pm = f
