@@ -129,9 +129,29 @@ def test_patient_key_time_window_matching():
     truth = truth_from_fhir(_fhir_lvef(30.0, patient=("HOSP", "777"), when="2026-01-20T00:00:00Z"), key=key)
     out, rep = match_truth(preds, truth, findings=("low_ef",), window_days=30)
     assert out["low_ef"].tolist()[0] == 1.0 and np.isnan(out["low_ef"].tolist()[1:]).all()
-    assert rep["low_ef"] == {"n_truth": 1, "by_study": 0, "by_patient_window": 1, "unmatched_truth": 0}
+    assert rep["low_ef"] == {"n_truth": 1, "by_study": 0, "by_patient_window": 1, "unmatched_truth": 0,
+                             "ambiguous_truth": 0}
     out, rep = match_truth(preds, truth, findings=("low_ef",), window_days=5)
     assert out["low_ef"].isna().all() and rep["low_ef"]["unmatched_truth"] == 1
+
+
+def test_truth_never_lands_on_another_patients_prediction_under_a_shared_study_uid():
+    """A sender reused Study UID s1 for patients A and B. Truth for A (with A's key) matches A's
+    prediction only; truth for s1 without a patient key matches neither (it is ambiguous); an
+    ordinary study still matches by its UID alone."""
+    pa, pb, pc = "key-a", "key-b", "key-c"
+    preds = pd.DataFrame({"sop_uid": ["a", "b", "c"], "study_uid": ["s1", "s1", "s2"], "patient_key": [pa, pb, pc],
+                          "study_date": ["2026-01-01"] * 3,
+                          "logged_at": pd.to_datetime(["2026-01-01"] * 3, utc=True)})
+    truth = [{"finding": "cardiomegaly", "value": 1, "study_uid": "s1", "patient_key": pa, "observed_at": None},
+             {"finding": "cardiomegaly", "value": 0, "study_uid": "s1", "patient_key": None, "observed_at": None},
+             {"finding": "cardiomegaly", "value": 1, "study_uid": "s2", "patient_key": None, "observed_at": None},
+             {"finding": "cardiomegaly", "value": 1, "study_uid": "s1", "patient_key": "key-z", "observed_at": None}]
+    out, rep = match_truth(preds, truth, findings=("cardiomegaly",))
+    assert out["cardiomegaly"].tolist()[0] == 1.0 and np.isnan(out["cardiomegaly"].tolist()[1])
+    assert out["cardiomegaly"].tolist()[2] == 1.0
+    assert rep["cardiomegaly"] == {"n_truth": 4, "by_study": 2, "by_patient_window": 0, "unmatched_truth": 1,
+                                   "ambiguous_truth": 1}
 
 
 def _run_live(phantom_dir, log: PredictionLog, *, random_state: int = 0):

@@ -116,7 +116,9 @@ def format_alerts(record: dict[str, Any]) -> list[str]:
     for f, m in sorted(record.get("truth_match", {}).items()):
         lines.append(f"  truth {f}: {m['by_study'] + m['by_patient_window']} matched "
                      f"({m['by_study']} by study, {m['by_patient_window']} by patient within the window), "
-                     f"{m['unmatched_truth']} unmatched")
+                     f"{m['unmatched_truth']} unmatched"
+                     + (f", {m['ambiguous_truth']} left out (a Study UID of several patients, no patient key)"
+                        if m.get("ambiguous_truth") else ""))
     gaps = [a for a in record.get("alerts", []) if a["kind"] == "gap"]
     drift = [a for a in record.get("alerts", []) if a["kind"] == "drift"]
     lines.append(f"flagged gaps: {len(gaps)}")

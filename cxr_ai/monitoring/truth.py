@@ -190,26 +190,31 @@ def match_truth(predictions: pd.DataFrame, truth: Sequence[Mapping[str, Any]], *
                 window_days: float = 30.0) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Add one truth column per finding to logged predictions.
 
-    A truth record with a study UID matches that study's predictions; one without matches the
-    same patient key's predictions whose study date (else log time) lies within
-    ``window_days`` of ``observed_at`` (the nearest wins). Returns the frame and match counts.
+    A truth record with a study UID matches that study's predictions. When the predictions
+    hold that Study UID for more than one patient (a sender reused it), the record matches
+    only the predictions of its own patient key, and a record without one matches none
+    (counted as ``ambiguous_truth``): truth never lands on another patient's prediction. A
+    record without a study UID matches the same patient key's predictions whose study date
+    (else log time) lies within ``window_days`` of ``observed_at`` (the nearest wins).
+    Returns the frame and match counts.
     """
     out = predictions.copy()
     report: dict[str, Any] = {}
     tframe = pd.DataFrame(list(truth))
     when = pd.to_datetime(out["study_date"].fillna(out["logged_at"].astype(str).str[:10]),
                           errors="coerce", utc=True) if len(out) else pd.Series(dtype="datetime64[ns, UTC]")
+    patients = out.groupby("study_uid")["patient_key"].nunique(dropna=False) if len(out) else pd.Series(dtype=int)
+    shared = set(patients[patients > 1].index)
     for f in findings:
         out[f] = np.nan
         if tframe.empty:
-            report[f] = {"n_truth": 0, "by_study": 0, "by_patient_window": 0, "unmatched_truth": 0}
+            report[f] = {"n_truth": 0, "by_study": 0, "by_patient_window": 0, "unmatched_truth": 0,
+                         "ambiguous_truth": 0}
             continue
         tf = tframe[tframe["finding"] == f]
-        by_study = tf[tf["study_uid"].notna()].drop_duplicates("study_uid", keep="last")
-        m = out["study_uid"].map(by_study.set_index("study_uid")["value"])
+        m, unmatched, ambiguous = _by_study(out, tf[tf["study_uid"].notna()], shared)
         out[f] = m.astype(float)
         n_study = int(m.notna().sum())
-        unmatched = int((~by_study["study_uid"].isin(out["study_uid"])).sum())
         by_pt = tf[tf["study_uid"].isna() & tf["patient_key"].notna()]
         n_pt = 0
         if not by_pt.empty and len(out):
@@ -226,5 +231,22 @@ def match_truth(predictions: pd.DataFrame, truth: Sequence[Mapping[str, Any]], *
             matched_keys = set(out.loc[out[f].notna(), "patient_key"])
             unmatched += int((~by_pt["patient_key"].isin(matched_keys)).sum())
         report[f] = {"n_truth": len(tf), "by_study": n_study, "by_patient_window": n_pt,
-                     "unmatched_truth": unmatched}
+                     "unmatched_truth": unmatched, "ambiguous_truth": ambiguous}
     return out, report
+
+
+def _by_study(out: pd.DataFrame, records: pd.DataFrame, shared: set[str]) -> tuple[pd.Series, int, int]:
+    """(value per prediction matched by study, unmatched records, ambiguous records) for truth
+    records with a study UID; ``shared``: Study UIDs the predictions hold for several patients."""
+    plain = records[~records["study_uid"].isin(shared)].drop_duplicates("study_uid", keep="last")
+    m = out["study_uid"].map(plain.set_index("study_uid")["value"])
+    unmatched = int((~plain["study_uid"].isin(out["study_uid"])).sum())
+    keyed = records[records["study_uid"].isin(shared)]
+    ambiguous = int(keyed["patient_key"].isna().sum())
+    keyed = keyed[keyed["patient_key"].notna()].drop_duplicates(["study_uid", "patient_key"], keep="last")
+    if not keyed.empty:
+        value = {(r.study_uid, r.patient_key): r.value for r in keyed.itertuples(index=False)}
+        pairs = list(zip(out["study_uid"], out["patient_key"]))
+        m = m.where(m.notna(), pd.Series([value.get(p, np.nan) for p in pairs], index=out.index, dtype=float))
+        unmatched += len(set(value) - set(pairs))
+    return m, unmatched, ambiguous
