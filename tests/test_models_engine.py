@@ -142,7 +142,13 @@ def test_smoothgrad_option_is_reproducible(bundle, images) -> None:
     a = engine.explain(images[:1])
     b = engine.explain(images[:1])
     assert a.shape == (1, 2, SIZE, SIZE)
-    np.testing.assert_array_equal(a, b)
+    # the same seeded noise samples: equal up to the order of multi-threaded float sums in
+    # the backward pass (seen to differ by 3e-4 relative on 2 threads); other noise moves the
+    # maps by tenths
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
+    other = InferenceEngine(bundle, device="cpu", explain_method="smoothgrad", smoothgrad_samples=3, seed=6)
+    diff = float(np.abs(other.explain(images[:1]) - a).max())
+    assert diff > 1e-2, diff
     assert 0.0 <= a.min() and a.max() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="explain method 'lime' is not supported"):
         engine.explain(images[:1], method="lime")
