@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS studies (
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies(state, ready_at);
 CREATE INDEX IF NOT EXISTS studies_uid ON studies(study_uid);
+CREATE INDEX IF NOT EXISTS studies_retention ON studies(files_removed, state, updated_at);
 CREATE TABLE IF NOT EXISTS instances (
     sop_key       TEXT PRIMARY KEY,
     sop_uid       TEXT NOT NULL,
@@ -96,6 +97,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "UPDATE studies SET patient_fp = COALESCE((SELECT i.patient_fp FROM instances i"
         " WHERE i.study_key = studies.study_key AND i.patient_fp != '' ORDER BY i.received_at LIMIT 1), '')",
         "CREATE INDEX IF NOT EXISTS studies_uid ON studies(study_uid)",
+        # the two retention steps, looked for every housekeeping round
+        "CREATE INDEX IF NOT EXISTS studies_retention ON studies(files_removed, state, updated_at)",
     ),
 }
 
