@@ -213,6 +213,15 @@ def _ts(value: float | dt.datetime | None) -> float:
     return float(value)
 
 
+def _keep_highest(into: dict[str, dict[str, Any]], findings: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``into`` with each finding of ``findings`` whose probability is higher than the one
+    it has for that key (or that it lacks)."""
+    for f in findings:
+        if f["key"] not in into or f["probability"] > into[f["key"]]["probability"]:
+            into[f["key"]] = f
+    return into
+
+
 def _finding_dict(f: Any, study: str) -> dict[str, Any]:
     if isinstance(f, Mapping):
         missing = [k for k in ("key", "probability", "threshold") if k not in f]
@@ -313,10 +322,7 @@ class Worklist:
         ``demographics`` (patient name, ID, age, sex: shown on signed-in pages only, kept for
         ``demographics_keep_seconds``; None keeps them) are optional.
         """
-        new: dict[str, dict[str, Any]] = {}
-        for f in (_finding_dict(f, study_uid) for f in findings):  # several instances: the highest
-            if f["key"] not in new or f["probability"] > new[f["key"]]["probability"]:
-                new[f["key"]] = f
+        new = _keep_highest({}, (_finding_dict(f, study_uid) for f in findings))  # several instances
         ts = _ts(received_at)
         acq = None if acquired_at is None else _ts(acquired_at)
         demo_json = json.dumps(dict(demographics), sort_keys=True) if demographics else ""
@@ -326,23 +332,19 @@ class Worklist:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(
-                    "SELECT received_at, accession, patient_key, findings_json, reports_json, job_id, acquired_at,"
+                    "SELECT received_at, accession, findings_json, reports_json, job_id, acquired_at,"
                     " reason, demographics_json, demographics_until FROM studies WHERE study_uid=? AND patient_key=?",
                     (study_uid, patient_key)).fetchone()
                 if row is not None:
-                    old = json.loads(row[3])
-                    for k, f in new.items():
-                        if k not in old or f["probability"] > old[k]["probability"]:
-                            old[k] = f
-                    reports = json.loads(row[4])
+                    reports = json.loads(row[3])
                     ts = min(ts, row[0])
                     accession = accession or row[1]
-                    job_id = job_id or row[5]
-                    acq = acq if acq is not None else row[6]
-                    reason = "" if new else (reason or row[7])
+                    job_id = job_id or row[4]
+                    acq = acq if acq is not None else row[5]
+                    reason = "" if new else (reason or row[6])
                     if not demo_json:
-                        demo_json, demo_until = row[8], row[9]
-                    new = old
+                        demo_json, demo_until = row[7], row[8]
+                    new = _keep_highest(json.loads(row[2]), new.values())
                 else:
                     reports = []
                 if report_uid and report_uid not in reports:
