@@ -15,7 +15,7 @@ from starlette.responses import HTMLResponse
 from cxr_ai.monitoring.truth import TruthStore
 from cxr_ai.store.jobs import JobStore
 from cxr_ai.store.spool import Spool
-from cxr_ai.service.web.audit import AuditLog
+from cxr_ai.audit import AuditLog
 from cxr_ai.service.web.auth import Lockout, User, UserStore
 from cxr_ai.service.web.data import RowCache
 from cxr_ai.service.web.feedback import FeedbackStore
