@@ -37,8 +37,6 @@ class DeliveryState(str, enum.Enum):
     DEAD = "dead"
 
 
-
-
 class ReasonCode(str, enum.Enum):
     """Why a study is failed or not applicable (stable strings; logged and listed, never PHI).
 
